@@ -1,0 +1,1 @@
+"""Tasks, tokenizers, grain input pipelines and reward functions."""

@@ -1,0 +1,130 @@
+"""`ModelConfig`: the frozen, self-validating description of a Qwen3-MoE-style model."""
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MOE_IMPLS = ("blocks", "ragged_dot")
+
+
+def _fail(field, message):
+  raise ValueError(f"model.{field} {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyper-parameters of the decoder. Field names follow Hugging Face's Qwen3MoeConfig.
+
+  Attributes:
+    moe_layers_skip: indices of layers with a dense SwiGLU FFN instead of experts
+      (Hugging Face's `mlp_only_layers`).
+    norm_topk_prob: renormalise the top-k gate weights to sum to one.
+    moe_impl: grouped-matmul kernel for the experts: "blocks" (block-padded groups,
+      batched matmul; fast everywhere) or "ragged_dot" (`jax.lax.ragged_dot`, the TPU/GPU
+      grouped-matmul kernel; on CPU it lowers to a dense masked matmul). Pick by measuring
+      (scripts/bench_moe.py), never by platform.
+    moe_block_size: upper bound on the rows per block of the "blocks" kernel.
+  """
+  vocab_size: int = 32
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  num_experts: int = 4
+  top_k: int = 2
+  expert_ffn_dim: int = 128
+  dense_ffn_dim: int = 256
+  moe_layers_skip: tuple[int, ...] = ()
+  norm_topk_prob: bool = True
+  rope_theta: float = 10_000.0
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  load_balance_coef: float = 0.0
+  router_z_coef: float = 0.0
+  moe_impl: str = "blocks"
+  moe_block_size: int = 128
+  init_std: Optional[float] = None  # None: 1/sqrt(fan_in)
+
+  def __post_init__(self):
+    object.__setattr__(self, "moe_layers_skip", tuple(int(i) for i in self.moe_layers_skip))
+    for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "num_experts", "top_k", "expert_ffn_dim", "dense_ffn_dim",
+                  "moe_block_size"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value < 1:
+        _fail(field, f"must be a positive integer, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      _fail("num_heads", f"({self.num_heads}) must be divisible by num_kv_heads "
+            f"({self.num_kv_heads})")
+    if self.head_dim % 2:
+      _fail("head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
+    if self.top_k > self.num_experts:
+      _fail("top_k", f"({self.top_k}) must be <= num_experts ({self.num_experts})")
+    if self.num_experts > 32_767:
+      _fail("num_experts", f"must fit int16 routing ids, got {self.num_experts}")
+    bad = [i for i in self.moe_layers_skip if not 0 <= i < self.num_layers]
+    if bad:
+      _fail("moe_layers_skip", f"has indices outside [0, {self.num_layers}): {bad}")
+    for field in ("param_dtype", "compute_dtype"):
+      if getattr(self, field) not in DTYPES:
+        _fail(field, f"must be one of {sorted(DTYPES)}, got {getattr(self, field)!r}")
+    if self.moe_impl not in MOE_IMPLS:
+      _fail("moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+    for field in ("rope_theta", "rms_norm_eps"):
+      if getattr(self, field) <= 0:
+        _fail(field, f"must be > 0, got {getattr(self, field)}")
+    for field in ("load_balance_coef", "router_z_coef"):
+      if getattr(self, field) < 0:
+        _fail(field, f"must be >= 0, got {getattr(self, field)}")
+
+  @property
+  def moe_layer_ids(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.num_layers) if i not in self.moe_layers_skip)
+
+  @property
+  def dense_layer_ids(self) -> tuple[int, ...]:
+    return tuple(sorted(self.moe_layers_skip))
+
+  @property
+  def num_moe_layers(self) -> int:
+    return len(self.moe_layer_ids)
+
+  @property
+  def routing_dtype(self):
+    """Compact integer dtype for expert ids (and -1 for "route live")."""
+    return jnp.int8 if self.num_experts <= 127 else jnp.int16
+
+  @property
+  def dtype(self):
+    return DTYPES[self.compute_dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def segments(self) -> list[tuple[str, int, int]]:
+    """Runs of consecutive same-kind layers: (kind, first layer, end layer)."""
+    runs = []
+    for i in range(self.num_layers):
+      kind = "dense" if i in self.moe_layers_skip else "moe"
+      if runs and runs[-1][0] == kind:
+        runs[-1] = (kind, runs[-1][1], i + 1)
+      else:
+        runs.append((kind, i, i + 1))
+    return runs
+
+
+def from_dict(section) -> ModelConfig:
+  """Builds a ModelConfig from a mapping (e.g. `config.model`), naming unknown keys."""
+  values = dict(section)
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"model has unknown fields {unknown}; known: {sorted(known)}")
+  if "moe_layers_skip" in values:
+    values["moe_layers_skip"] = tuple(values["moe_layers_skip"])
+  return ModelConfig(**values)

@@ -1,0 +1,243 @@
+"""The decoder: `init_params`, `param_axes` and `forward`, numerically Qwen3-MoE.
+
+Params are a nested dict; per-layer weights are stacked on a leading layer axis and run
+under `jax.lax.scan`. Attention weights are stacked over all L layers, MoE weights over the
+MoE layers and dense-FFN weights over the `moe_layers_skip` layers; runs of consecutive
+layers of one kind are scanned together.
+"""
+from typing import Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from minirl_jax.models import layers
+from minirl_jax.models import linear
+from minirl_jax.models import moe
+from minirl_jax.models.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for the tokens seen so far (the sampler's state)."""
+  k_LBSGK: jax.Array
+  v_LBSGK: jax.Array
+  valid_BS: jax.Array  # bool: slot holds a real (non-pad) token
+  end: jax.Array       # [] int32: slots written so far; the next write starts here
+
+
+@flax.struct.dataclass
+class ForwardAux:
+  """What the forward reports besides logits. L counts MoE layers only."""
+  routing: jax.Array             # [L, B, T, k] experts that ran (routing dtype)
+  router_logits: jax.Array       # [L, B, T, E] float32
+  router_probs: jax.Array        # [L, B, T, E] float32
+  expert_load: jax.Array         # [L, E] fraction of assignments per expert
+  load_balance_loss: jax.Array   # [] mean over MoE layers
+  router_z_loss: jax.Array       # [] mean over MoE layers
+  aux_loss: jax.Array            # [] coefficient-weighted sum, add to the training loss
+  kv_cache: Optional[KVCache] = None
+
+
+def _shapes(cfg: ModelConfig):
+  """Shape and logical axes of every parameter."""
+  d, h, g, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  e, f, fd, v = cfg.num_experts, cfg.expert_ffn_dim, cfg.dense_ffn_dim, cfg.vocab_size
+  nl, nm, nd = cfg.num_layers, cfg.num_moe_layers, len(cfg.dense_layer_ids)
+  spec = {
+      "embed": ((v, d), ("vocab", "embed")),
+      "final_norm": ((d,), ("norm",)),
+      "attn": {
+          "norm": ((nl, d), ("layers", "norm")),
+          "wq": ((nl, d, h, hd), ("layers", "embed", "heads", "head_dim")),
+          "wk": ((nl, d, g, hd), ("layers", "embed", "kv_heads", "head_dim")),
+          "wv": ((nl, d, g, hd), ("layers", "embed", "kv_heads", "head_dim")),
+          "wo": ((nl, h, hd, d), ("layers", "heads", "head_dim", "embed")),
+          "q_norm": ((nl, hd), ("layers", "norm")),
+          "k_norm": ((nl, hd), ("layers", "norm")),
+      },
+  }
+  if nm:
+    spec["moe"] = {
+        "norm": ((nm, d), ("layers", "norm")),
+        "router": ((nm, d, e), ("layers", "embed", "router")),
+        "w_gate": ((nm, e, d, f), ("layers", "expert", "embed", "mlp")),
+        "w_up": ((nm, e, d, f), ("layers", "expert", "embed", "mlp")),
+        "w_down": ((nm, e, f, d), ("layers", "expert", "mlp", "embed")),
+    }
+  if nd:
+    spec["mlp"] = {
+        "norm": ((nd, d), ("layers", "norm")),
+        "w_gate": ((nd, d, fd), ("layers", "embed", "mlp")),
+        "w_up": ((nd, d, fd), ("layers", "embed", "mlp")),
+        "w_down": ((nd, fd, d), ("layers", "mlp", "embed")),
+    }
+  if not cfg.tie_embeddings:
+    spec["lm_head"] = ((d, v), ("embed", "vocab"))
+  return spec
+
+
+def _is_spec(x):
+  return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+
+
+def param_axes(cfg: ModelConfig):
+  """Pytree parallel to the params: a tuple of logical axis names per leaf."""
+  return jax.tree.map(lambda s: s[1], _shapes(cfg), is_leaf=_is_spec)
+
+
+def _fan_in(name, shape, axes):
+  """Product of the contracted (input) dims of a weight."""
+  inputs = {"wo": ("heads", "head_dim"), "w_down": ("mlp",)}.get(name, ("embed",))
+  fan_in = 1
+  for n, axis in zip(shape, axes):
+    fan_in *= n if axis in inputs else 1
+  return fan_in
+
+
+def init_params(cfg: ModelConfig, key: jax.Array):
+  """Random params: norms at one, embeddings N(0, 1), other weights N(0, 1/fan_in)."""
+  flat = flax.traverse_util.flatten_dict(_shapes(cfg), is_leaf=lambda _, x: _is_spec(x))
+  keys = jax.random.split(key, len(flat))
+  params = {}
+  for k, (path, (shape, axes)) in zip(keys, sorted(flat.items())):
+    if axes[-1] == "norm":
+      params[path] = jnp.ones(shape, cfg.weight_dtype)
+      continue
+    std = 1.0 if path == ("embed",) else _fan_in(path[-1], shape, axes) ** -0.5
+    if cfg.init_std is not None:
+      std = cfg.init_std
+    params[path] = (std * jax.random.normal(k, shape, jnp.float32)).astype(cfg.weight_dtype)
+  return flax.traverse_util.unflatten_dict(params)
+
+
+def init_kv_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+  """An empty cache for `length` slots."""
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  dtype = dtype or cfg.dtype
+  return KVCache(k_LBSGK=jnp.zeros(shape, dtype), v_LBSGK=jnp.zeros(shape, dtype),
+                 valid_BS=jnp.zeros((batch, length), bool), end=jnp.zeros((), jnp.int32))
+
+
+def _attention(p, x_BTD, positions_BT, mask_BTS, cfg, kv, end):
+  """Self-attention sublayer; with a cache (`kv`), writes this chunk's keys at `end`."""
+  q, k, v = layers.qkv(p, x_BTD, positions_BT, cfg)
+  if kv is not None:
+    k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, end, 0, 0))
+    v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, end, 0, 0))
+    kv = (k, v)
+  out = layers.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS)
+  return linear.einsum("bthk,hkd->btd", out, p["wo"]), kv
+
+
+def _layer_fn(kind, cfg, positions_BT, mask_BTS, valid_BT, end):
+  """Scan body for one layer of `kind` ("moe" or "dense")."""
+  def body(x_BTD, xs):
+    attn_p, ffn_p, replay_BTk, kv = xs
+    h = layers.rms_norm(x_BTD, attn_p["norm"], cfg.rms_norm_eps)
+    attn_out, kv = _attention(attn_p, h, positions_BT, mask_BTS, cfg, kv, end)
+    x_BTD = x_BTD + attn_out
+    h = layers.rms_norm(x_BTD, ffn_p["norm"], cfg.rms_norm_eps)
+    if kind == "moe":
+      ffn_out, routing = moe.moe_ffn(ffn_p, h, cfg, valid_BT=valid_BT, replay_BTk=replay_BTk)
+    else:
+      ffn_out, routing = layers.swiglu(ffn_p, h), None
+    return x_BTD + ffn_out, (routing, kv)
+  return body
+
+
+def _cast(tree, dtype):
+  """Casts float weights to the compute dtype; quantised records are left alone."""
+  return jax.tree.map(lambda w: w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating)
+                      and w.dtype != dtype else w, tree)
+
+
+def forward(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
+            attn_mask_BT: Optional[jax.Array] = None, routing: Optional[jax.Array] = None,
+            kv_cache: Optional[KVCache] = None):
+  """Runs the decoder.
+
+  Args:
+    params: from `init_params` (or `sampling.quantize`).
+    tokens_BT: int token ids; prompts are left-padded.
+    cfg: ModelConfig.
+    attn_mask_BT: False on padding; default all True.
+    routing: [L, B, T, k] experts to replay in the MoE layers (L = MoE layers); rows whose
+      first entry is -1 route live. None routes every token live.
+    kv_cache: if given, `tokens_BT` continue the cached sequence: keys/values are written at
+      `kv_cache.end` and queries attend to every valid cached slot (the sampler's path).
+
+  Returns:
+    (logits_BTV float32, ForwardAux).
+  """
+  b, t = tokens_BT.shape
+  if attn_mask_BT is None:
+    attn_mask_BT = jnp.ones((b, t), bool)
+  attn_mask_BT = attn_mask_BT.astype(bool)
+  positions_BT = layers.positions_from_mask(attn_mask_BT)
+  end = None
+  if kv_cache is None:
+    mask_BTS = layers.causal_mask(attn_mask_BT)
+  else:
+    end = kv_cache.end
+    positions_BT = positions_BT + jnp.sum(kv_cache.valid_BS, axis=1, keepdims=True)
+    valid_BS = jax.lax.dynamic_update_slice(kv_cache.valid_BS, attn_mask_BT, (0, end))
+    slots_S = jnp.arange(valid_BS.shape[1])
+    mask_BTS = valid_BS[:, None, :] & (slots_S[None, None, :] <= end + jnp.arange(t)[None, :, None])
+  x_BTD = jnp.take(params["embed"], tokens_BT, axis=0).astype(cfg.dtype)
+
+  routings, kvs = [], []
+  moe_at = dense_at = 0
+  for kind, start, stop in cfg.segments():
+    n = stop - start
+    attn_p = jax.tree.map(lambda w: w[start:stop], _cast(params["attn"], cfg.dtype))
+    if kind == "moe":
+      ffn_p = jax.tree.map(lambda w: w[moe_at:moe_at + n], params["moe"])
+      ffn_p = {**_cast(ffn_p, cfg.dtype), "router": ffn_p["router"]}
+      replay = None if routing is None else routing[moe_at:moe_at + n]
+      moe_at += n
+    else:
+      ffn_p = jax.tree.map(lambda w: w[dense_at:dense_at + n], _cast(params["mlp"], cfg.dtype))
+      replay = None
+      dense_at += n
+    kv = None if kv_cache is None else (kv_cache.k_LBSGK[start:stop], kv_cache.v_LBSGK[start:stop])
+    body = _layer_fn(kind, cfg, positions_BT, mask_BTS, attn_mask_BT, end)
+    x_BTD, (seg_routing, seg_kv) = jax.lax.scan(body, x_BTD, (attn_p, ffn_p, replay, kv))
+    if seg_routing is not None:
+      routings.append(seg_routing)
+    kvs.append(seg_kv)
+
+  x_BTD = layers.rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps)
+  head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head.astype(cfg.dtype),
+                          preferred_element_type=jnp.float32)
+
+  new_cache = None
+  if kv_cache is not None:
+    new_cache = KVCache(k_LBSGK=jnp.concatenate([kv[0] for kv in kvs]),
+                        v_LBSGK=jnp.concatenate([kv[1] for kv in kvs]),
+                        valid_BS=valid_BS, end=end + t)
+  return logits_BTV, _collect_aux(routings, cfg, b, t, new_cache)
+
+
+def _collect_aux(routings, cfg, b, t, kv_cache):
+  if routings:
+    r = jax.tree.map(lambda *xs: jnp.concatenate(xs), *routings)
+    lb, z = jnp.mean(r.load_balance_loss), jnp.mean(r.router_z_loss)
+  else:  # a dense model
+    e, k = cfg.num_experts, cfg.top_k
+    r = moe.Routing(ids_BTk=jnp.zeros((0, b, t, k), cfg.routing_dtype),
+                    logits_BTE=jnp.zeros((0, b, t, e)), probs_BTE=jnp.zeros((0, b, t, e)),
+                    load_E=jnp.zeros((0, e)), load_balance_loss=None, router_z_loss=None)
+    lb = z = jnp.zeros(())
+  return ForwardAux(
+      routing=r.ids_BTk, router_logits=r.logits_BTE, router_probs=r.probs_BTE,
+      expert_load=r.load_E, load_balance_loss=lb, router_z_loss=z,
+      aux_loss=cfg.load_balance_coef * lb + cfg.router_z_coef * z, kv_cache=kv_cache)
+
+
+def token_logp(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+  """logp[b, t] = log p(tokens[b, t] | tokens[b, :t]); position 0 (no context) is 0."""
+  logp_all = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+  logp = jnp.take_along_axis(logp_all, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+  return jnp.pad(logp, ((0, 0), (1, 0)))

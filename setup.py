@@ -1,0 +1,35 @@
+"""minirl_jax: stable RL for Mixture-of-Experts language models in JAX (MiniRL)."""
+import setuptools
+
+setuptools.setup(
+    name="minirl_jax",
+    version="0.1.0",
+    description="MiniRL, GRPO and CISPO for Qwen3-MoE-style models in pure JAX.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["minirl_jax", "minirl_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "ml-collections>=1.1.0",
+        "chex>=0.1.92",
+        "absl-py>=2.5.1",
+        "numpy>=2.0",
+        # TensorBoard event files without TensorFlow.
+        "tensorboardX>=2.6.5",
+        "matplotlib>=3.9",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "hypothesis>=6.100", "safetensors>=0.4.5",
+                 "tokenizers>=0.20"],
+        # Real checkpoints and tokenizers (Hugging Face formats, read without torch).
+        "hf": ["safetensors>=0.4.5", "tokenizers>=0.20"],
+        "math": ["math-verify>=0.7"],
+        "parquet": ["pyarrow>=15"],
+    },
+)

@@ -1,0 +1,92 @@
+"""The typed, self-validating knobs of every RL objective."""
+import dataclasses
+from typing import Optional
+
+NAMES = ("minirl", "grpo", "cispo")
+TIS_TARGETS = ("pi_theta_mu", "pi_old_mu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """Which objective to optimise, and its ablation switches.
+
+  Switches left at `None` take the paper's setting for the chosen objective (read them
+  through the `use_*` properties), so `--config.objective.name=grpo` alone gives the
+  paper's GRPO:
+
+    field            minirl   grpo     cispo
+    train_infer_is   True     False    False
+    length_norm      False    True     True  (GRPO: 1/|y_i|; CISPO: 1/sum_i |y_i|)
+    normalize_std    False    True     True  (advantages z-scored within the group)
+
+  `tis_target` chooses what the TIS cap truncates. MiniRL's weight is the single token IS
+  ratio sg[pi_theta/mu_old] of Eq. 7, and the paper says "the token-level IS weight is
+  truncated", so the default "pi_theta_mu" caps that whole weight: min(pi_theta/mu_old, C).
+  This bounds every token's gradient by C * |A| whatever the staleness, whereas capping
+  only the train-infer factor ("pi_old_mu": min(pi_old/mu_old, C) * pi_theta/pi_old)
+  leaves pi_theta/pi_old unbounded on the tokens M_t keeps (A < 0 with r > 1 + eps_high,
+  A > 0 with r < 1 - eps_low). On-policy (first mini-batch, pi_theta = pi_old) the two
+  coincide. GRPO and CISPO already carry pi_theta/pi_old in their clipped ratio, so their
+  optional train-infer factor is always min(pi_old/mu_old, C) and ignores `tis_target`.
+
+  Attributes:
+    name: "minirl" (Eq. 7), "grpo" or "cispo" (paper appendix).
+    eps_low: lower trust-region width: r_t < 1 - eps_low is clipped (A < 0).
+    eps_high: upper trust-region width: r_t > 1 + eps_high is clipped (A > 0).
+    tis_cap: truncation C of the token IS weight; None disables truncation.
+    tis_target: "pi_theta_mu" or "pi_old_mu", see above (MiniRL only).
+    train_infer_is: multiply by the train-infer IS weight; None = paper default.
+    length_norm: normalise by response length; None = paper default.
+    clip: False sets M_t = 1 (MiniRL), drops the PPO min-clip (GRPO) or the weight clip
+      (CISPO).
+    normalize_std: divide group-centred advantages by the group std; None = paper default.
+    grad_cosine_every: the trainer logs `is/grad_cosine_token_seq` every this many steps;
+      0 never.
+  """
+  name: str = "minirl"
+  eps_low: float = 0.2
+  eps_high: float = 0.27
+  tis_cap: Optional[float] = 5.0
+  tis_target: str = "pi_theta_mu"
+  train_infer_is: Optional[bool] = None
+  length_norm: Optional[bool] = None
+  clip: bool = True
+  normalize_std: Optional[bool] = None
+  grad_cosine_every: int = 0
+
+  def __post_init__(self):
+    _check(self.name in NAMES, "name", f"must be one of {NAMES}", self.name)
+    _check(0.0 <= self.eps_low < 1.0, "eps_low", "must be in [0, 1)", self.eps_low)
+    _check(self.eps_high >= 0.0, "eps_high", "must be >= 0", self.eps_high)
+    _check(self.tis_cap is None or self.tis_cap > 0.0, "tis_cap", "must be None or > 0",
+           self.tis_cap)
+    _check(self.tis_target in TIS_TARGETS, "tis_target", f"must be one of {TIS_TARGETS}",
+           self.tis_target)
+    for field in ("train_infer_is", "length_norm", "normalize_std"):
+      value = getattr(self, field)
+      _check(value is None or isinstance(value, bool), field, "must be None or a bool", value)
+    _check(isinstance(self.clip, bool), "clip", "must be a bool", self.clip)
+    every = self.grad_cosine_every
+    _check(isinstance(every, int) and not isinstance(every, bool) and every >= 0,
+           "grad_cosine_every", "must be an int >= 0", self.grad_cosine_every)
+
+  @property
+  def use_train_infer_is(self) -> bool:
+    return _or(self.train_infer_is, self.name == "minirl")
+
+  @property
+  def use_length_norm(self) -> bool:
+    return _or(self.length_norm, self.name != "minirl")
+
+  @property
+  def use_normalize_std(self) -> bool:
+    return _or(self.normalize_std, self.name != "minirl")
+
+
+def _or(value: Optional[bool], default: bool) -> bool:
+  return default if value is None else value
+
+
+def _check(ok: bool, field: str, rule: str, value) -> None:
+  if not ok:
+    raise ValueError(f"objective.{field} {rule}, got {value!r}")

@@ -1,0 +1,67 @@
+"""MiniRL (Eq. 7): IS-weighted token REINFORCE under a decoupled-PPO trust-region mask."""
+import jax
+import jax.numpy as jnp
+
+from minirl_jax import batch as batch_lib
+from minirl_jax.objectives import config as config_lib
+from minirl_jax.objectives import diagnostics
+from minirl_jax.objectives import tokens
+
+
+def clipped(ratio_BT: jax.Array, adv_B1: jax.Array, cfg: config_lib.ObjectiveConfig):
+  """Tokens the trust region clips (M_t = 0 in Eq. 7; PPO's min picks the clipped term).
+
+  Args:
+    ratio_BT: r_t = pi_theta / pi_old.
+    adv_B1: per-sequence advantages, broadcastable to [B, T].
+    cfg: supplies eps_low and eps_high.
+
+  Returns:
+    (high_BT, low_BT): A > 0 and r > 1 + eps_high; A < 0 and r < 1 - eps_low.
+  """
+  high_BT = (adv_B1 > 0) & (ratio_BT > 1.0 + cfg.eps_high)
+  low_BT = (adv_B1 < 0) & (ratio_BT < 1.0 - cfg.eps_low)
+  return high_BT, low_BT
+
+
+def is_weight(logp_BT, old_logp_BT, mu_logp_BT, cfg: config_lib.ObjectiveConfig):
+  """The stop-gradient token weight sg[pi_theta/mu_old] of Eq. 7, TIS-truncated.
+
+  Returns:
+    (weight_BT, truncated_BT); which factor the cap truncates is `cfg.tis_target`.
+  """
+  if cfg.tis_target == "pi_theta_mu":
+    return tokens.truncate(logp_BT - mu_logp_BT, cfg.tis_cap)
+  weight_BT, truncated_BT = tokens.truncate(old_logp_BT - mu_logp_BT, cfg.tis_cap)
+  staleness_BT = jax.lax.stop_gradient(tokens.clamped_exp(logp_BT - old_logp_BT))
+  return weight_BT * staleness_BT, truncated_BT
+
+
+def loss(logp_BT: jax.Array, batch: batch_lib.TrainBatch, cfg: config_lib.ObjectiveConfig):
+  """Negated MiniRL objective and its metrics.
+
+  J = (1/num_sequences) sum_i sum_t M_t sg[pi_theta/mu_old] A_i log pi_theta   (Eq. 7)
+  with 1/|y_i| inside when length_norm, the weight dropped when not train_infer_is, and
+  M_t = 1 when not clip.
+
+  Args:
+    logp_BT: log pi_theta of each token (the only input gradients flow to).
+    batch: old_logp, mu_logp, loss_mask, advantages and the global counts.
+    cfg: the objective config.
+
+  Returns:
+    (loss, metrics): loss = -J, metrics a flat dict (see `diagnostics.token_metrics`).
+  """
+  logp_BT, old_BT, mu_BT, adv_B1 = tokens.inputs(logp_BT, batch)
+  ratio_BT = jax.lax.stop_gradient(tokens.clamped_exp(logp_BT - old_BT))
+  high_BT, low_BT = clipped(ratio_BT, adv_B1, cfg)
+  keep_BT = ~(high_BT | low_BT) if cfg.clip else jnp.ones_like(high_BT)
+  weight_BT, truncated_BT = is_weight(logp_BT, old_BT, mu_BT, cfg)
+  applied_BT = weight_BT if cfg.use_train_infer_is else 1.0
+  term_BT = keep_BT * applied_BT * adv_B1 * logp_BT  # Eq. 7
+  how = tokens.SEQ_MEAN if cfg.use_length_norm else tokens.SEQ_SUM
+  objective = tokens.normalize(term_BT, batch, how)
+  metrics = diagnostics.token_metrics(
+      logp_BT, batch, ratio_BT=ratio_BT, is_weight_BT=weight_BT,
+      is_truncated_BT=truncated_BT, clip_high_BT=high_BT, clip_low_BT=low_BT)
+  return -objective, metrics

@@ -25,10 +25,10 @@ setuptools.setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "hypothesis>=6.100", "safetensors>=0.4.5",
+        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "hypothesis>=6.100", "safetensors>=0.8.0",
                  "tokenizers>=0.20"],
         # Real checkpoints and tokenizers (Hugging Face formats, read without torch).
-        "hf": ["safetensors>=0.4.5", "tokenizers>=0.20"],
+        "hf": ["safetensors>=0.8.0", "tokenizers>=0.20"],
         "math": ["math-verify>=0.7"],
         "parquet": ["pyarrow>=15"],
     },

@@ -1,23 +1,54 @@
-"""The base experiment config: every key the code reads, with tiny-model defaults.
+"""The base experiment config: every key the code reads, with tiny-CPU defaults.
 
-`configs/*.py` start from `get_base_config()` and override; scripts turn each section into
-the frozen dataclass the library takes (e.g. `models.config.from_dict(config.model)`).
+`configs/*.py` start from `get_base_config()` and override; `minirl_jax.rl.settings` turns
+each section into the frozen dataclass the library takes, validating it before anything
+compiles.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def model_section() -> ml_collections.ConfigDict:
-  """The tiny default model: ~170k parameters, 2 MoE layers of 4 experts, top-2."""
+  """The tiny default model: ~226k parameters, 2 MoE layers of 4 experts, top-2."""
   return ml_collections.ConfigDict(dict(
       vocab_size=32, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
       num_experts=4, top_k=2, expert_ffn_dim=128, dense_ffn_dim=256, moe_layers_skip=(),
       norm_topk_prob=True, rope_theta=10_000.0, rms_norm_eps=1e-6, tie_embeddings=False,
       param_dtype="float32", compute_dtype="float32", load_balance_coef=0.0,
-      router_z_coef=0.0, moe_impl="blocks", moe_block_size=128, init_std=None))
+      router_z_coef=0.0, moe_impl="blocks", moe_block_size=128,
+      init_std=config_dict.placeholder(float)))
 
 
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = model_section()
-  return config
+  # Mesh axis sizes; -1 takes the remaining devices. Batches shard over data x fsdp.
+  config.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
+  config.data = dict(
+      path=config_dict.placeholder(str),  # JSONL/Parquet {prompt, answer[, solution]}; unset: synthetic
+      eval_path=config_dict.placeholder(str),  # held-out set for a real data path
+      num_operands=2, max_value=100, operators="+-",  # the synthetic task
+      max_prompt_len=8, eval_size=256,
+      tokenizer=config_dict.placeholder(str))  # tokenizer.json for real data; unset: characters
+  config.sampler = dict(dtype="int8", temperature=1.0, top_p=1.0, top_k=0,
+                        max_new_tokens=16, prompt_bucket=8)
+  config.objective = dict(
+      name="minirl", eps_low=0.2, eps_high=0.27, tis_cap=config_dict.placeholder(float),
+      tis_target="pi_theta_mu", train_infer_is=config_dict.placeholder(bool),
+      length_norm=config_dict.placeholder(bool), clip=True,
+      normalize_std=config_dict.placeholder(bool), grad_cosine_every=10)
+  config.objective.tis_cap = 5.0
+  config.rl = dict(
+      steps=150, prompts_per_step=64, group_size=8,
+      mini_batch_size=512,  # sequences per optimizer update: N = 64 * 8 / 512 = 1
+      routing_replay="none",  # "none" | "r2" | "r3"
+      eval_every=25, learning_rate=1e-4, warmup_steps=0)
+  config.sft = dict(
+      max_steps=2000, batch_size=64, learning_rate=3e-3, warmup_steps=50,
+      eval_every=50, eval_size=128,  # a cheap held-out check that stops SFT early
+      target_accuracy=0.3)
+  config.optim = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
+  config.checkpoint = dict(every=50, keep=2)
+  config.log = dict(progress=True, plots=True)
+  return ml_collections.ConfigDict(config)

@@ -1,0 +1,78 @@
+"""Metric writers (JSONL + TensorBoard event files) and the end-of-run plots."""
+import json
+import os
+from typing import Callable, Mapping
+
+import numpy as np
+
+PLOTS = (("reward/mean", "training reward"), ("eval/accuracy", "held-out accuracy"),
+         ("policy/entropy", "token entropy"), ("mismatch/kl_mu_pi_old", "train-infer KL"))
+
+
+def to_python(metrics: Mapping) -> dict:
+  """Fetches device scalars into plain floats (one transfer per dict)."""
+  import jax  # local: keeps this module importable for plotting without a backend
+  return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+class MetricWriter:
+  """Appends `{"step", "stage", **metrics}` lines to DIR/metrics.jsonl and TensorBoard."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._file = open(self.path, "a", encoding="utf-8")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, stage: str, metrics: Mapping[str, float]) -> None:
+    record = {"step": int(step), "stage": stage, **{k: float(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for name, value in metrics.items():
+        self._tb.add_scalar(f"{stage}/{name}", float(value), int(step))
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def keep_only(path: str, keep: Callable[[dict], bool]) -> None:
+  """Rewrites a JSONL file keeping the records `keep` accepts (used on resume)."""
+  if not os.path.exists(path):
+    return
+  records = [r for r in read_jsonl(path) if keep(r)]
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def plot(path: str, out_dir: str, stage: str = "rl") -> list[str]:
+  """Writes one PNG per tracked metric of `stage`; returns the file names."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  records = [r for r in read_jsonl(path) if r["stage"] == stage]
+  written = []
+  for key, title in PLOTS:
+    points = np.array([(r["step"], r[key]) for r in records if key in r])
+    if not len(points):
+      continue
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(points[:, 0], points[:, 1], marker="." if len(points) < 30 else None)
+    ax.set(xlabel=f"{stage} step", ylabel=key, title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    name = os.path.join(out_dir, key.replace("/", "_") + ".png")
+    fig.savefig(name, dpi=100)
+    plt.close(fig)
+    written.append(name)
+  return written

@@ -1,0 +1,131 @@
+"""What the loop needs from data: tokenizer, records, iterators, sampling, scoring, eval."""
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from minirl_jax.data import hf_tokenizer
+from minirl_jax.data import pipeline
+from minirl_jax.data import rewards as rewards_lib
+from minirl_jax.data import sources
+from minirl_jax.data import tasks
+from minirl_jax.data import tokenizer as tokenizer_lib
+from minirl_jax.sampling import sampler
+
+# Evaluation batches have one fixed size, so evaluation compiles the sampler once.
+EVAL_BATCH = 128
+
+
+def host(x) -> np.ndarray:
+  """A global array as numpy on every process."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+@dataclasses.dataclass
+class RunData:
+  """Records, tokenizer and reward of one run."""
+  tokenizer: Any
+  train_records: Any            # sequence of {prompt, answer, solution?}
+  eval_records: list            # the fixed held-out split
+  reward_fn: Callable[[str, str, str], float]
+  format_prompt: Optional[Callable[[str], str]]
+  max_solution_tokens: Optional[int]  # known bound (synthetic task), else checked per record
+  scorer: Optional[rewards_lib.RewardScorer] = None
+
+  def sft_iterator(self, s):
+    if s.sft.max_steps and "solution" not in self.train_records[0]:
+      raise ValueError("sft.max_steps > 0 needs a 'solution' field in every data.path row; "
+                       "set --config.sft.max_steps=0 to start RL from the initial weights")
+    self._check_solution_fits(s)
+    return iter(pipeline.sft_dataset(
+        self.train_records, self.tokenizer, global_batch_size=s.sft.batch_size,
+        max_prompt_len=s.data.max_prompt_len,
+        max_len=s.data.max_prompt_len + s.sampler.max_new_tokens, seed=s.seed,
+        format_prompt=self.format_prompt, check_lengths=self.max_solution_tokens is None))
+
+  def rl_iterator(self, s):
+    return iter(pipeline.rl_prompt_dataset(
+        self.train_records, self.tokenizer, global_batch_size=s.rl.prompts_per_step,
+        max_prompt_len=s.data.max_prompt_len, seed=s.seed + 1,
+        format_prompt=self.format_prompt, check_lengths=self.max_solution_tokens is None))
+
+  def _check_solution_fits(self, s):
+    if self.max_solution_tokens is not None and (
+        self.max_solution_tokens + 1 > s.sampler.max_new_tokens):
+      raise ValueError(f"sampler.max_new_tokens ({s.sampler.max_new_tokens}) is shorter than "
+                       f"the longest worked solution + EOS ({self.max_solution_tokens + 1})")
+
+  def sample(self, sampler_params, prompts, key, s, group_size=None):
+    """Generates `group_size` responses per prompt; a prompt's group is contiguous."""
+    g = s.rl.group_size if group_size is None else group_size
+    tokens = np.repeat(prompts["prompt_tokens"], g, axis=0)
+    lengths = np.repeat(prompts["prompt_mask"].sum(axis=1), g, axis=0)
+    return sampler.generate(sampler_params, jnp.asarray(tokens), jnp.asarray(lengths), key,
+                            model_cfg=s.model, sampler_cfg=s.sampler)
+
+  def completions(self, rollout, s) -> list[str]:
+    tokens, mask = host(rollout.tokens), host(rollout.completion_mask) > 0
+    return [self.tokenizer.decode(tokenizer_lib.trim_at_eos(row[m], s.sampler.eos_ids))
+            for row, m in zip(tokens, mask)]
+
+  def score(self, rollout, prompts, s, group_size=None):
+    """Rewards [B*G] and counts of reward errors/timeouts."""
+    g = s.rl.group_size if group_size is None else group_size
+    if self.scorer is None:
+      self.scorer = rewards_lib.RewardScorer(self.reward_fn)
+    texts = self.completions(rollout, s)
+    return self.scorer.score(list(np.repeat(prompts["prompt"], g)), texts,
+                             list(np.repeat(prompts["answer"], g)))
+
+  def evaluate(self, sampler_params, *, size, key, s, samples=1) -> dict[str, float]:
+    """avg@k and pass@k (k = `samples` at the sampler's temperature) on `size` held-out
+    problems."""
+    records = self.eval_records[:size]
+    batches = pipeline.eval_prompt_dataset(
+        records, self.tokenizer, global_batch_size=min(EVAL_BATCH, len(records)),
+        max_prompt_len=s.data.max_prompt_len, format_prompt=self.format_prompt)
+    avg = passed = total = 0.0
+    for i, batch in enumerate(batches):
+      rollout = self.sample(sampler_params, batch, jax.random.fold_in(key, i), s,
+                            group_size=samples)
+      rewards, _ = self.score(rollout, batch, s, group_size=samples)
+      rewards = rewards.reshape(-1, samples)
+      avg += float(np.sum(rewards.mean(axis=1) * batch["valid"]))
+      passed += float(np.sum(rewards.max(axis=1) * batch["valid"]))
+      total += float(np.sum(batch["valid"]))
+    return {f"avg@{samples}": avg / total, f"pass@{samples}": passed / total}
+
+  def close(self):
+    if self.scorer is not None:
+      self.scorer.close()
+
+
+def build(config) -> RunData:
+  """Loads (real) or generates (synthetic) the data a config names, validating it."""
+  data = config.data
+  eval_size = max(int(data.eval_size), int(config.sft.eval_size))
+  if data.path:
+    if not data.tokenizer:
+      raise ValueError("data.tokenizer must name a tokenizer.json when data.path is set")
+    if not data.eval_path:
+      raise ValueError("data.eval_path must be set with data.path (held-out accuracy)")
+    tok = hf_tokenizer.load_hf_tokenizer(data.tokenizer)
+    return RunData(tokenizer=tok, train_records=sources.load_records(data.path),
+                   eval_records=sources.load_records(data.eval_path)[:eval_size],
+                   reward_fn=rewards_lib.math_reward,
+                   format_prompt=hf_tokenizer.math_chat_prompt, max_solution_tokens=None)
+  task = tasks.ArithmeticTask(num_operands=data.num_operands, max_value=data.max_value,
+                              operators=data.operators)
+  if task.max_prompt_chars > data.max_prompt_len:
+    raise ValueError(f"data.max_prompt_len ({data.max_prompt_len}) is shorter than the "
+                     f"task's longest prompt ({task.max_prompt_chars} tokens)")
+  return RunData(tokenizer=tokenizer_lib.CharTokenizer(),
+                 train_records=tasks.TrainSource(task, seed=int(config.seed)),
+                 eval_records=tasks.heldout_records(task, eval_size),
+                 reward_fn=rewards_lib.exact_match, format_prompt=None,
+                 max_solution_tokens=task.max_solution_chars)

@@ -1,0 +1,308 @@
+"""The main job: cold-start SFT, then synchronous RL (PAPER.md "Training loop").
+
+One RL step: sample B prompts x G responses with the sampler (mu_logp, routing_mu) -> score
+-> advantages -> pi_old by the trainer (routing_old for R2; replays routing_mu under R3) ->
+N mini-batch updates -> re-quantise for the sampler. Every step's metrics go to
+DIR/metrics.jsonl and TensorBoard; orbax checkpoints make a rerun resume where it stopped.
+"""
+import dataclasses
+import functools
+import os
+import time
+from typing import Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from minirl_jax import batch as batch_lib
+from minirl_jax import metrics as metrics_lib
+from minirl_jax import objectives
+from minirl_jax import sharding
+from minirl_jax.models import transformer
+from minirl_jax.rl import checkpointing
+from minirl_jax.rl import data as rl_data
+from minirl_jax.rl import settings as settings_lib
+from minirl_jax.rl import train_step
+from minirl_jax.sampling import quantize as quantize_lib
+from minirl_jax.sampling import sampler
+
+_TIME_KEYS = ("time/", "throughput/")
+
+
+@dataclasses.dataclass
+class Engines:
+  """The compiled functions of one run, closed over its configs and shardings."""
+  sft_step: callable
+  rl_step: callable
+  old_policy: callable
+  grad_cosine: callable
+  quantize: callable
+
+
+def _engines(s: settings_lib.Settings, mesh, state_sharding) -> Engines:
+  sft_opt, rl_opt = train_step.make_optimizer(s.sft_optim()), train_step.make_optimizer(
+      s.rl_optim())
+  step_kw = dict(out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  return Engines(
+      sft_step=jax.jit(functools.partial(train_step.sft_step, model_cfg=s.model,
+                                         optimizer=sft_opt), **step_kw),
+      rl_step=jax.jit(functools.partial(train_step.rl_step, model_cfg=s.model,
+                                        obj_cfg=s.objective, optimizer=rl_opt), **step_kw),
+      old_policy=jax.jit(functools.partial(train_step.old_policy, model_cfg=s.model)),
+      grad_cosine=jax.jit(functools.partial(train_step.grad_cosine_token_seq,
+                                            model_cfg=s.model, obj_cfg=s.objective)),
+      quantize=lambda params: quantize_lib.quantize(params, s.sampler.dtype))
+
+
+def _init_state(s, mesh, optimizer, key):
+  """Creates params and optimizer state directly in their shardings."""
+  def init(key):
+    return train_step.init_state(transformer.init_params(s.model, key), optimizer)
+  abstract = jax.eval_shape(init, key)
+  shardings = state_shardings(s, mesh, abstract)
+  return jax.jit(init, out_shardings=shardings)(key), shardings
+
+
+def state_shardings(s, mesh, abstract_state):
+  """Params by logical axes; optimizer moments like their params; the rest replicated."""
+  param_sh = sharding.tree_shardings(abstract_state.params, transformer.param_axes(s.model),
+                                     mesh)
+  by_shape = {}
+  for leaf, sh in zip(jax.tree.leaves(abstract_state.params), jax.tree.leaves(param_sh)):
+    by_shape.setdefault(leaf.shape, sh)
+  rep = sharding.replicated(mesh)
+  opt_sh = jax.tree.map(lambda x: by_shape.get(x.shape, rep) if x.ndim else rep,
+                        abstract_state.opt_state)
+  return train_step.TrainState(step=rep, params=param_sh, opt_state=opt_sh)
+
+
+def _mean_metrics(metric_dicts):
+  """Averages per-mini-batch metrics; `*_max` keys take the max."""
+  out = {}
+  for key in metric_dicts[0]:
+    values = np.array([m[key] for m in metric_dicts])
+    out[key] = float(values.max() if key.endswith("_max") else values.mean())
+  return out
+
+
+class Run:
+  """One experiment in one workdir: build, resume, SFT, RL, plots."""
+
+  def __init__(self, config, workdir: str):
+    self.workdir = workdir
+    self.data = rl_data.build(config)  # validates data before anything compiles
+    self.s = settings_lib.from_config(config, self.data.tokenizer)
+    self.mesh = sharding.make_mesh(self.s.mesh)
+    multiple = sharding.batch_size_multiple(self.mesh)
+    for field, value in (("rl.mini_batch_size", self.s.rl.mini_batch_size),
+                         ("sft.batch_size", self.s.sft.batch_size)):
+      if value % multiple:
+        raise ValueError(f"{field} ({value}) must be a multiple of the data-parallel size "
+                         f"({multiple} = mesh data x fsdp)")
+    self.key = jax.random.key(self.s.seed)
+    rl_opt = train_step.make_optimizer(self.s.rl_optim())
+    self.state, self.state_sharding = _init_state(self.s, self.mesh, rl_opt,
+                                                  jax.random.fold_in(self.key, 0))
+    self.engines = _engines(self.s, self.mesh, self.state_sharding)
+    self.sft_iter = self.data.sft_iterator(self.s)
+    self.rl_iter = self.data.rl_iterator(self.s)
+    self.progress = checkpointing.Progress()
+    self.ckpt = checkpointing.Manager(os.path.join(workdir, "checkpoints"), self.s.checkpoint)
+    self.writer: Optional[metrics_lib.MetricWriter] = None
+
+  # --- stages ------------------------------------------------------------------------------
+
+  def run(self) -> dict:
+    if self.restore():
+      logging.info("Resumed from %s at %s", self.ckpt.directory, self.progress)
+    metrics_lib.keep_only(os.path.join(self.workdir, "metrics.jsonl"), self._logged_before)
+    self.writer = metrics_lib.MetricWriter(self.workdir)
+    try:
+      if not self.progress.sft_done:
+        self._sft()
+      summary = self._rl()
+    finally:
+      self.close()
+    if self.s.log.plots:
+      summary["plots"] = metrics_lib.plot(self.writer.path, self.workdir)
+    return summary
+
+  def close(self):
+    """Waits for checkpoint writes and stops the reward workers."""
+    self.ckpt.close()
+    if self.writer is not None:
+      self.writer.close()
+    self.data.close()
+
+  def progress_dict(self) -> dict:
+    return dataclasses.asdict(self.progress)
+
+  def _logged_before(self, record) -> bool:
+    """Whether a metrics record precedes the restored checkpoint (else it is redone)."""
+    if record["stage"] == "sft":
+      return record["step"] <= self.progress.sft_step
+    return 0 < self.progress.rl_step and record["step"] <= self.progress.rl_step
+
+  def _evaluate(self, size, key, samples=1) -> dict[str, float]:
+    """Held-out sampled accuracy (avg@1 unless `samples` > 1)."""
+    params = self.engines.quantize(self.state.params)
+    return self.data.evaluate(params, size=size, key=key, s=self.s, samples=samples)
+
+  def restore(self) -> bool:
+    """Loads the latest checkpoint of the workdir, if any."""
+    restored = self.ckpt.restore_latest(self.state, self.sft_iter, self.rl_iter)
+    if restored is not None:
+      self.state, self.progress = restored
+    return restored is not None
+
+  def evaluate(self, samples: int, size: int, seed: int) -> dict[str, float]:
+    """avg@k and pass@k of the current params on the held-out split."""
+    return self._evaluate(size, jax.random.key(seed), samples)
+
+  def _sft(self):
+    cfg = self.s.sft
+    bar = self._bar(cfg.max_steps, self.progress.sft_step, "sft")
+    while self.progress.sft_step < cfg.max_steps:
+      start = time.perf_counter()
+      batch = sharding.shard_batch(next(self.sft_iter), self.mesh)
+      self.state, m = self.engines.sft_step(self.state, batch)
+      self.progress.sft_step += 1
+      step = self.progress.sft_step
+      m = metrics_lib.to_python(m)
+      m["time/step_s"] = time.perf_counter() - start
+      if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        m["eval/accuracy"] = self._evaluate(cfg.eval_size,
+                                            jax.random.fold_in(self.key, step))["avg@1"]
+        if m["eval/accuracy"] >= cfg.target_accuracy:
+          self.progress.sft_done = True
+      self.writer.write(step, "sft", m)
+      self._advance(bar, m, ("sft/loss", "eval/accuracy"))
+      if self.progress.sft_done:
+        break
+      if step % self.s.checkpoint.every == 0 and step < cfg.max_steps:
+        self.ckpt.save(self.progress, self.state, self.sft_iter, self.rl_iter)
+    self.progress.sft_done = True
+    bar.close()
+    # RL starts with a fresh optimizer from the cold-start weights.
+    rl_opt = train_step.make_optimizer(self.s.rl_optim())
+    self.state = jax.jit(lambda p: train_step.init_state(p, rl_opt),
+                         out_shardings=self.state_sharding)(self.state.params)
+    self.ckpt.save(self.progress, self.state, self.sft_iter, self.rl_iter, force=True)
+
+  def _rl(self) -> dict:
+    cfg = self.s.rl
+    eval_key = jax.random.fold_in(self.key, 1)
+    if self.progress.rl_step == 0:
+      acc = self._evaluate(self.s.data.eval_size, eval_key)["avg@1"]
+      self.writer.write(0, "rl", {"eval/accuracy": acc})
+      self.progress.start_accuracy = acc
+    sampler_params = self.engines.quantize(self.state.params)
+    bar = self._bar(cfg.steps, self.progress.rl_step, "rl")
+    acc = None
+    while self.progress.rl_step < cfg.steps:
+      step = self.progress.rl_step + 1
+      m, sampler_params = self._rl_step(step, sampler_params)
+      if step % cfg.eval_every == 0 or step == cfg.steps:
+        acc = self._evaluate(self.s.data.eval_size, eval_key)["avg@1"]
+        m["eval/accuracy"] = acc
+      self.progress.rl_step = step
+      self.writer.write(step, "rl", m)
+      self._advance(bar, m, ("reward/mean", "eval/accuracy", "policy/entropy",
+                             "mismatch/kl_mu_pi_old"))
+      if step % self.s.checkpoint.every == 0 or step == cfg.steps:
+        self.ckpt.save(self.progress, self.state, self.sft_iter, self.rl_iter)
+    bar.close()
+    if acc is None:
+      acc = self._evaluate(self.s.data.eval_size, eval_key)["avg@1"]
+    return {"sft_steps": self.progress.sft_step, "rl_steps": self.progress.rl_step,
+            "accuracy_after_sft": self.progress.start_accuracy, "accuracy_after_rl": acc,
+            "metrics": self.writer.path}
+
+  def _rl_step(self, step, sampler_params):
+    s, cfg = self.s, self.s.rl
+    t0 = time.perf_counter()
+    prompts = next(self.rl_iter)
+    rollout = self.data.sample(sampler_params, prompts, jax.random.fold_in(self.key,
+                                                                            1000 + step), s)
+    rollout = jax.block_until_ready(rollout)
+    t1 = time.perf_counter()
+    rewards, reward_metrics = self.data.score(rollout, prompts, s)
+    advantages = objectives.group_advantages(jnp.asarray(rewards), cfg.group_size,
+                                             s.objective.use_normalize_std)
+    replay_old = rollout.routing_mu if cfg.routing_replay == "r3" else None
+    old_logp, routing_old, live_topk = self.engines.old_policy(
+        self.state.params, rollout.tokens, rollout.attn_mask, replay_old)
+    replay = {"none": None, "r2": routing_old, "r3": rollout.routing_mu}[cfg.routing_replay]
+    full = batch_lib.TrainBatch(
+        tokens=rollout.tokens, attn_mask=rollout.attn_mask, loss_mask=rollout.completion_mask,
+        advantages=advantages, old_logp=old_logp, mu_logp=rollout.mu_logp,
+        num_sequences=jnp.float32(cfg.mini_batch_size), num_tokens=jnp.float32(0), routing=replay)
+    m = {**reward_metrics, **_rollout_metrics(rollout, rewards, full, live_topk)}
+    t2 = time.perf_counter()
+    mb_metrics = []
+    perm = np.random.default_rng([s.seed, step]).permutation(cfg.global_batch)
+    for i in range(cfg.num_minibatches):
+      mb = _minibatch(full, perm[i * cfg.mini_batch_size:(i + 1) * cfg.mini_batch_size])
+      mb = sharding.shard_batch(mb, self.mesh)
+      if i == 0 and s.objective.grad_cosine_every and step % s.objective.grad_cosine_every == 0:
+        m["is/grad_cosine_token_seq"] = self.engines.grad_cosine(self.state.params, mb)
+      self.state, mbm = self.engines.rl_step(self.state, mb)
+      mb_metrics.append(mbm)
+    m.update(_mean_metrics([metrics_lib.to_python(x) for x in mb_metrics]))
+    sampler_params = self.engines.quantize(self.state.params)
+    jax.block_until_ready(sampler_params)
+    t3 = time.perf_counter()
+    m = metrics_lib.to_python(m)
+    tokens = float(np.sum(rollout.completion_mask))
+    m.update({"time/sample_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
+              "time/step_s": t3 - t0, "throughput/tok_s": tokens / (t3 - t0)})
+    return m, sampler_params
+
+  # --- progress display ----------------------------------------------------------------------
+
+  def _bar(self, total, initial, stage):
+    return tqdm.tqdm(total=total, initial=initial, desc=stage, dynamic_ncols=True,
+                     disable=not self.s.log.progress, mininterval=1.0)
+
+  def _advance(self, bar, m, keys):
+    bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in keys if k in m}, refresh=False)
+    bar.update(1)
+
+
+def _minibatch(full: batch_lib.TrainBatch, rows: np.ndarray) -> batch_lib.TrainBatch:
+  """Rows `rows` of the global batch, with its GLOBAL token count as the normaliser."""
+  take = lambda x: None if x is None else jnp.asarray(x)[rows]
+  mb = batch_lib.TrainBatch(
+      tokens=take(full.tokens), attn_mask=take(full.attn_mask), loss_mask=take(full.loss_mask),
+      advantages=take(full.advantages), old_logp=take(full.old_logp),
+      mu_logp=take(full.mu_logp), num_sequences=full.num_sequences, num_tokens=jnp.float32(0),
+      routing=None if full.routing is None else jnp.asarray(full.routing)[:, rows])
+  return mb.replace(num_tokens=jnp.maximum(jnp.sum(mb.loss_mask), 1.0))
+
+
+def _rollout_metrics(rollout, rewards, full, live_topk):
+  """What the paper tracks per step, computed once on the whole global batch."""
+  mask = rollout.completion_mask
+  full = full.replace(num_sequences=jnp.float32(mask.shape[0]),
+                      num_tokens=jnp.maximum(jnp.sum(mask), 1.0))
+  m = dict(objectives.diagnostics.mismatch_metrics(full))
+  m["reward/mean"] = float(np.mean(rewards))
+  m["reward/std"] = float(np.std(rewards))
+  m["rollout/length_mean"] = jnp.mean(jnp.sum(mask, axis=1))
+  m["moe/routing_disagreement"] = routing_disagreement(rollout.routing_mu, live_topk,
+                                                       rollout.attn_mask)
+  return m
+
+
+def routing_disagreement(routing_a, routing_b, valid_BT):
+  """Fraction of (layer, token) top-k expert SETS that differ; -1 entries are skipped."""
+  if routing_a.shape[0] == 0:
+    return jnp.float32(0.0)
+  a = jnp.sort(routing_a.astype(jnp.int32), axis=-1)
+  b = jnp.sort(routing_b.astype(jnp.int32), axis=-1)
+  counted = (routing_a[..., 0] >= 0) & (routing_b[..., 0] >= 0) & valid_BT[None]
+  differ = jnp.any(a != b, axis=-1) & counted
+  return jnp.sum(differ) / jnp.maximum(jnp.sum(counted), 1)

@@ -1,0 +1,141 @@
+"""The training engine: train state, optimizer, and the pure SFT / RL update steps."""
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from minirl_jax import batch as batch_lib
+from minirl_jax import objectives
+from minirl_jax.models import transformer
+from minirl_jax.models.config import ModelConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32, optimizer updates so far
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with global-norm clipping, linear warmup then constant, non-finite guard."""
+  learning_rate: float
+  warmup_steps: int = 0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0
+
+  def __post_init__(self):
+    for field in ("learning_rate", "eps", "grad_clip"):
+      if not getattr(self, field) > 0:
+        raise ValueError(f"optim.{field} must be > 0, got {getattr(self, field)}")
+    for field in ("b1", "b2"):
+      if not 0 <= getattr(self, field) < 1:
+        raise ValueError(f"optim.{field} must be in [0, 1), got {getattr(self, field)}")
+    if self.warmup_steps < 0 or self.weight_decay < 0:
+      raise ValueError("optim.warmup_steps and optim.weight_decay must be >= 0")
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  schedule = optax.schedules.join_schedules(
+      [optax.schedules.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
+       optax.schedules.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+  # Decay matrices only, never norms.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1 and p.shape[-1] > 1, params)
+  inner = optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                  weight_decay=cfg.weight_decay, mask=decay_mask))
+  # A non-finite gradient skips the update instead of poisoning the weights.
+  return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
+
+
+def init_state(params, optimizer) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params))
+
+
+def _apply(state: TrainState, grads, optimizer) -> tuple[TrainState, dict]:
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"optim/grad_norm": optax.tree.norm(grads),
+             "optim/update_norm": optax.tree.norm(updates),
+             "optim/skipped": 1.0 - opt_state.last_finite.astype(jnp.float32)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def sft_loss(params, batch: dict, model_cfg: ModelConfig):
+  """Teacher-forced token cross-entropy on the solution tokens (cold start)."""
+  logits, aux = transformer.forward(params, batch["tokens"], cfg=model_cfg,
+                                    attn_mask_BT=batch["attn_mask"])
+  logp = transformer.token_logp(logits, batch["tokens"])
+  mask = batch["loss_mask"].astype(jnp.float32)
+  nll = -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return nll + aux.aux_loss, {"sft/loss": nll, "moe/load_balance_loss": aux.load_balance_loss,
+                              "moe/load_max": jnp.max(aux.expert_load, initial=0.0)}
+
+
+def sft_step(state: TrainState, batch: dict, *, model_cfg, optimizer):
+  grads, metrics = jax.grad(sft_loss, has_aux=True)(state.params, batch, model_cfg)
+  state, opt_metrics = _apply(state, grads, optimizer)
+  return state, {**metrics, **opt_metrics}
+
+
+def _policy_logp(params, batch: batch_lib.TrainBatch, model_cfg: ModelConfig):
+  """Teacher-forced log pi_theta, replaying `batch.routing` if set."""
+  logits, aux = transformer.forward(params, batch.tokens, cfg=model_cfg,
+                                    attn_mask_BT=batch.attn_mask, routing=batch.routing)
+  return transformer.token_logp(logits, batch.tokens), logits, aux
+
+
+def policy_loss(params, batch: batch_lib.TrainBatch, model_cfg: ModelConfig,
+                obj_cfg: objectives.ObjectiveConfig, loss_fn: Callable):
+  """The objective plus the MoE aux loss, with the objective's metrics and the entropy."""
+  logp, logits, aux = _policy_logp(params, batch, model_cfg)
+  loss, metrics = loss_fn(logp, batch, obj_cfg)
+  entropy = jnp.sum(objectives.token_entropy(logits) * batch.loss_mask) / batch.num_tokens
+  metrics = {**metrics, "policy/entropy": entropy, "policy/loss": loss,
+             "moe/load_balance_loss": aux.load_balance_loss,
+             "moe/load_max": jnp.max(aux.expert_load, initial=0.0)}
+  return loss + aux.aux_loss, metrics
+
+
+def rl_step(state: TrainState, batch: batch_lib.TrainBatch, *, model_cfg, obj_cfg, optimizer):
+  """One optimizer update on one mini-batch of the objective `obj_cfg.name`."""
+  loss_fn = objectives.OBJECTIVES[obj_cfg.name]
+  grads, metrics = jax.grad(policy_loss, has_aux=True)(
+      state.params, batch, model_cfg, obj_cfg, loss_fn)
+  state, opt_metrics = _apply(state, grads, optimizer)
+  return state, {**metrics, **opt_metrics}
+
+
+def grad_cosine_token_seq(params, batch: batch_lib.TrainBatch, *, model_cfg, obj_cfg):
+  """Cosine between the parameter gradients of J_token (the objective) and J_seq (Eq. 1).
+
+  Near 1 while the first-order approximation holds: the paper's thesis, measured. The MoE
+  aux loss is left out, since a term shared by both would pull the cosine towards 1.
+  """
+  def grad_of(loss_fn):
+    objective = lambda p: loss_fn(_policy_logp(p, batch, model_cfg)[0], batch, obj_cfg)[0]
+    return jax.grad(objective)(params)
+  return objectives.grad_cosine(grad_of(objectives.OBJECTIVES[obj_cfg.name]),
+                                grad_of(objectives.sequence_loss))
+
+
+def old_policy(params, tokens, attn_mask, routing, *, model_cfg):
+  """pi_old by the training engine (no gradient), its routing, and its own top-k choice.
+
+  Returns:
+    (old_logp_BT, routing_LBTk: experts that ran, live_topk_LBTk: the trainer router's own
+    top-k at every layer, which equals the routing when nothing is replayed).
+  """
+  logits, aux = transformer.forward(params, tokens, cfg=model_cfg, attn_mask_BT=attn_mask,
+                                    routing=routing)
+  live = jax.lax.top_k(aux.router_probs, model_cfg.top_k)[1].astype(aux.routing.dtype)
+  return transformer.token_logp(logits, tokens), aux.routing, live

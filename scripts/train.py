@@ -1,0 +1,32 @@
+"""The main job: cold-start SFT, then synchronous MiniRL, with metrics, plots, checkpoints.
+
+  python scripts/train.py --workdir=runs/tiny                 # the embedded tiny default
+  python scripts/train.py --config=configs/small.py --workdir=runs/small --config.rl.steps=50
+Re-running with the same --workdir resumes from its latest checkpoint.
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from minirl_jax.rl import loop
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), os.pardir, "configs", "tiny.py"),
+    "Experiment config file; override fields with --config.section.field=value.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (metrics, plots, "
+                               "checkpoints); an existing one is resumed.", required=True)
+
+
+def main(argv):
+  del argv
+  summary = loop.Run(_CONFIG.value, _WORKDIR.value).run()
+  print("plots:", *summary.pop("plots", []), sep="\n  ")
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)

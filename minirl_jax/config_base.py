@@ -19,9 +19,20 @@ def model_section() -> ml_collections.ConfigDict:
       init_std=config_dict.placeholder(float)))
 
 
+# Qwen3-30B-A3B exactly (Hugging Face config.json of Qwen/Qwen3-30B-A3B-Base).
+QWEN3_30B_A3B = dict(
+    vocab_size=151_936, d_model=2048, num_layers=48, num_heads=32, num_kv_heads=4,
+    head_dim=128, num_experts=128, top_k=8, expert_ffn_dim=768, dense_ffn_dim=6144,
+    moe_layers_skip=(), norm_topk_prob=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    tie_embeddings=False, param_dtype="bfloat16", compute_dtype="bfloat16",
+    load_balance_coef=0.001, router_z_coef=0.0)
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Start from converted weights (scripts/convert_hf.py --out=DIR) instead of a random init.
+  config.init_from = config_dict.placeholder(str)
   config.model = model_section()
   # Mesh axis sizes; -1 takes the remaining devices. Batches shard over data x fsdp.
   config.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)

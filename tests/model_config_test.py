@@ -4,7 +4,9 @@ import pathlib
 
 import pytest
 
+from minirl_jax.data import tokenizer
 from minirl_jax.models import config as model_config
+from minirl_jax.rl import settings
 from minirl_jax.models.config import ModelConfig
 
 CONFIG_DIR = pathlib.Path(__file__).parents[1] / "configs"
@@ -46,3 +48,4 @@ def test_every_config_file_loads_and_validates(path):
   config = module.get_config()
   assert (module.__doc__ or "").strip(), f"{path.name} needs a docstring with its command"
   model_config.from_dict(config.model)
+  settings.from_config(config, tokenizer.CharTokenizer())  # every section validates

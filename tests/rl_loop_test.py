@@ -21,8 +21,11 @@ def smoke_config(**overrides):
   spec.loader.exec_module(module)
   config = module.get_config()
   for key, value in overrides.items():
-    section, field = key.split(".")
-    config[section][field] = value
+    if "." in key:
+      section, field = key.split(".")
+      config[section][field] = value
+    else:
+      config[key] = value
   return config
 
 
@@ -78,3 +81,21 @@ def test_bad_config_raises_before_compiling(tmp_path, monkeypatch, overrides, fi
   monkeypatch.setattr(loop, "_init_state", compiled)
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     loop.Run(config, str(tmp_path))
+
+
+def test_init_from_converted_hf_checkpoint(tmp_path):
+  import dataclasses
+  import chex
+  from minirl_jax.models import hf
+  fixture = CONFIGS.parent / "tests" / "fixtures" / "qwen3_moe_tiny"
+  out = str(tmp_path / "orbax")
+  cfg = hf.hf_to_orbax(str(fixture), out)
+  _, expected = hf.load_hf(str(fixture))
+  config = smoke_config(init_from=out)
+  config.model.update({k: v for k, v in dataclasses.asdict(cfg).items()})
+  run = loop.Run(config, str(tmp_path / "run"))
+  chex.assert_trees_all_close(run.state.params, expected)
+  run.close()
+  config.model.d_model = cfg.d_model * 2
+  with pytest.raises(ValueError, match=r"model\.d_model"):
+    loop.Run(config, str(tmp_path / "run2"))

@@ -18,9 +18,11 @@ import numpy as np
 import tqdm
 
 from minirl_jax import batch as batch_lib
+from minirl_jax import checkpoint
 from minirl_jax import metrics as metrics_lib
 from minirl_jax import objectives
 from minirl_jax import sharding
+from minirl_jax.models import hf
 from minirl_jax.models import transformer
 from minirl_jax.rl import checkpointing
 from minirl_jax.rl import data as rl_data
@@ -57,13 +59,33 @@ def _engines(s: settings_lib.Settings, mesh, state_sharding) -> Engines:
       quantize=lambda params: quantize_lib.quantize(params, s.sampler.dtype))
 
 
-def _init_state(s, mesh, optimizer, key):
-  """Creates params and optimizer state directly in their shardings."""
+def _init_state(s, mesh, optimizer, key, init_from=None):
+  """Creates params (random, or read from `init_from`) and optimizer state in place."""
   def init(key):
     return train_step.init_state(transformer.init_params(s.model, key), optimizer)
   abstract = jax.eval_shape(init, key)
   shardings = state_shardings(s, mesh, abstract)
-  return jax.jit(init, out_shardings=shardings)(key), shardings
+  if not init_from:
+    return jax.jit(init, out_shardings=shardings)(key), shardings
+  _check_same_model(hf.read_model_config(init_from), s.model, init_from)
+  params = checkpoint.restore_params(
+      os.path.join(init_from, "params"),
+      checkpoint.abstract_like(abstract.params, shardings.params))
+  state = jax.jit(lambda p: train_step.init_state(p, optimizer),
+                  out_shardings=shardings)(params)
+  return state, shardings
+
+
+_ARCHITECTURE = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "num_experts", "top_k", "expert_ffn_dim", "dense_ffn_dim",
+                 "moe_layers_skip", "norm_topk_prob", "rope_theta", "tie_embeddings")
+
+
+def _check_same_model(saved, wanted, where):
+  for field in _ARCHITECTURE:
+    if getattr(saved, field) != getattr(wanted, field):
+      raise ValueError(f"model.{field} ({getattr(wanted, field)!r}) differs from the "
+                       f"checkpoint's ({getattr(saved, field)!r}) in init_from={where}")
 
 
 def state_shardings(s, mesh, abstract_state):
@@ -105,7 +127,8 @@ class Run:
     self.key = jax.random.key(self.s.seed)
     rl_opt = train_step.make_optimizer(self.s.rl_optim())
     self.state, self.state_sharding = _init_state(self.s, self.mesh, rl_opt,
-                                                  jax.random.fold_in(self.key, 0))
+                                                  jax.random.fold_in(self.key, 0),
+                                                  config.init_from)
     self.engines = _engines(self.s, self.mesh, self.state_sharding)
     self.sft_iter = self.data.sft_iterator(self.s)
     self.rl_iter = self.data.rl_iterator(self.s)

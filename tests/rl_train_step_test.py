@@ -42,16 +42,23 @@ def setup():
   return params, rollout, routing_old, batch
 
 
+OPTIMIZER = train_step.make_optimizer(OPTIM)
+
+
+@functools.cache
+def jitted_rl_step(objective):
+  """One compiled step per objective, shared by the replay modes (R2 and R3 share a trace)."""
+  return jax.jit(functools.partial(train_step.rl_step, model_cfg=MODEL, optimizer=OPTIMIZER,
+                                   obj_cfg=objectives.ObjectiveConfig(name=objective)))
+
+
 @pytest.mark.parametrize("objective", ["minirl", "grpo", "cispo"])
 @pytest.mark.parametrize("replay", ["none", "r2", "r3"])
 def test_rl_step_every_objective_and_replay_mode(setup, objective, replay):
   params, rollout, routing_old, batch = setup
   routing = {"none": None, "r2": routing_old, "r3": rollout.routing_mu}[replay]
-  obj_cfg = objectives.ObjectiveConfig(name=objective)
-  optimizer = train_step.make_optimizer(OPTIM)
-  step = jax.jit(functools.partial(train_step.rl_step, model_cfg=MODEL, obj_cfg=obj_cfg,
-                                   optimizer=optimizer))
-  state = train_step.init_state(params, optimizer)
+  step = jitted_rl_step(objective)
+  state = train_step.init_state(params, OPTIMIZER)
   new_state, metrics = step(state, batch.replace(routing=routing))
   chex.assert_tree_all_finite(metrics)
   assert int(new_state.step) == 1 and float(metrics["optim/update_norm"]) > 0
@@ -102,10 +109,8 @@ def test_sft_loss_decreases():
 
 def test_nonfinite_gradient_skips_the_update(setup):
   params, _, _, batch = setup
-  optimizer = train_step.make_optimizer(OPTIM)
-  step = jax.jit(functools.partial(train_step.rl_step, model_cfg=MODEL,
-                                   obj_cfg=objectives.ObjectiveConfig(), optimizer=optimizer))
-  state = train_step.init_state(params, optimizer)
+  step = jitted_rl_step("minirl")
+  state = train_step.init_state(params, OPTIMIZER)
   bad = batch.replace(advantages=batch.advantages.at[0].set(jnp.nan))
   new_state, metrics = step(state, bad)
   assert float(metrics["optim/skipped"]) == 1.0

@@ -41,7 +41,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       eval_path=config_dict.placeholder(str),  # held-out set for a real data path
       num_operands=2, max_value=100, operators="+-",  # the synthetic task
       max_prompt_len=8, eval_size=256,
-      tokenizer=config_dict.placeholder(str))  # tokenizer.json for real data; unset: characters
+      tokenizer=config_dict.placeholder(str),  # tokenizer.json for real data; unset: characters
+      # "package.module:function" computing R(prompt, completion, answer) in [0, 1];
+      # unset: exact match (synthetic task) or math_reward (data.path).
+      reward=config_dict.placeholder(str))
   config.sampler = dict(dtype="int8", temperature=1.0, top_p=1.0, top_k=0,
                         max_new_tokens=16, prompt_bucket=8)
   config.objective = dict(

@@ -99,3 +99,17 @@ def test_init_from_converted_hf_checkpoint(tmp_path):
   config.model.d_model = cfg.d_model * 2
   with pytest.raises(ValueError, match=r"model\.d_model"):
     loop.Run(config, str(tmp_path / "run2"))
+
+
+def always_one(prompt, completion, answer):
+  del prompt, completion, answer
+  return 1.0
+
+
+def test_user_reward_function_is_plugged_in_by_name():
+  from minirl_jax.rl import data
+  config = smoke_config(**{"data.reward": f"{__name__}:always_one"})
+  assert data.build(config).reward_fn is always_one
+  for bad in ("no_colon", f"{__name__}:missing", "no_such_module_xyz:f"):
+    with pytest.raises(ValueError, match="data.reward"):
+      data.build(smoke_config(**{"data.reward": bad}))

@@ -1,5 +1,6 @@
 """What the loop needs from data: tokenizer, records, iterators, sampling, scoring, eval."""
 import dataclasses
+import importlib
 from typing import Any, Callable, Optional
 
 import jax
@@ -105,8 +106,29 @@ class RunData:
       self.scorer.close()
 
 
+def load_reward(name: str) -> Callable[[str, str, str], float]:
+  """Imports a user reward `package.module:function` (picklable: it runs in workers)."""
+  module_name, sep, attr = name.partition(":")
+  if not sep or not module_name or not attr:
+    raise ValueError(f"data.reward must look like 'package.module:function', got {name!r}")
+  try:
+    fn = getattr(importlib.import_module(module_name), attr)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"data.reward {name!r} cannot be imported: {e}") from e
+  if not callable(fn):
+    raise ValueError(f"data.reward {name!r} is not callable")
+  return fn
+
+
 def build(config) -> RunData:
   """Loads (real) or generates (synthetic) the data a config names, validating it."""
+  data = _build(config)
+  if config.data.reward:
+    data.reward_fn = load_reward(config.data.reward)
+  return data
+
+
+def _build(config) -> RunData:
   data = config.data
   eval_size = max(int(data.eval_size), int(config.sft.eval_size))
   if data.path:

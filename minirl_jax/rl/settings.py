@@ -27,6 +27,7 @@ class DataConfig:
   max_prompt_len: int = 8
   eval_size: int = 256
   tokenizer: Optional[str] = None
+  reward: Optional[str] = None
 
   def __post_init__(self):
     if self.max_prompt_len < 1 or self.eval_size < 1:

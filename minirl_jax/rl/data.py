@@ -6,8 +6,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
+from minirl_jax import sharding
 from minirl_jax.data import hf_tokenizer
 from minirl_jax.data import pipeline
 from minirl_jax.data import rewards as rewards_lib
@@ -20,11 +20,19 @@ from minirl_jax.sampling import sampler
 EVAL_BATCH = 128
 
 
-def host(x) -> np.ndarray:
-  """A global array as numpy on every process."""
-  if jax.process_count() > 1:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
+def local_rows(x: jax.Array) -> np.ndarray:
+  """The rows (leading axis) of a batch-sharded global array that this process holds, in
+  order: on one process, the whole array. Each process scores its own rows."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def to_global(local: np.ndarray, mesh) -> jax.Array:
+  """This process's rows of a batch as one batch-sharded global array."""
+  return jax.make_array_from_process_local_data(
+      sharding.batch_sharding(mesh, np.ndim(local)), np.asarray(local))
 
 
 @dataclasses.dataclass
@@ -61,29 +69,31 @@ class RunData:
       raise ValueError(f"sampler.max_new_tokens ({s.sampler.max_new_tokens}) is shorter than "
                        f"the longest worked solution + EOS ({self.max_solution_tokens + 1})")
 
-  def sample(self, sampler_params, prompts, key, s, group_size=None):
+  def sample(self, sampler_params, prompts, key, s, mesh, group_size=None):
     """Generates `group_size` responses per prompt; a prompt's group is contiguous."""
     g = s.rl.group_size if group_size is None else group_size
-    tokens = np.repeat(prompts["prompt_tokens"], g, axis=0)
-    lengths = np.repeat(prompts["prompt_mask"].sum(axis=1), g, axis=0)
-    return sampler.generate(sampler_params, jnp.asarray(tokens), jnp.asarray(lengths), key,
-                            model_cfg=s.model, sampler_cfg=s.sampler)
+    tokens = to_global(np.repeat(prompts["prompt_tokens"], g, axis=0), mesh)
+    lengths = to_global(np.repeat(prompts["prompt_mask"].sum(axis=1), g, axis=0), mesh)
+    return sampler.generate(sampler_params, tokens, lengths, key, model_cfg=s.model,
+                            sampler_cfg=s.sampler)
 
   def completions(self, rollout, s) -> list[str]:
-    tokens, mask = host(rollout.tokens), host(rollout.completion_mask) > 0
+    """This process's completions as text, cut at the first EOS."""
+    tokens, mask = local_rows(rollout.tokens), local_rows(rollout.completion_mask) > 0
     return [self.tokenizer.decode(tokenizer_lib.trim_at_eos(row[m], s.sampler.eos_ids))
             for row, m in zip(tokens, mask)]
 
-  def score(self, rollout, prompts, s, group_size=None):
-    """Rewards [B*G] and counts of reward errors/timeouts."""
+  def score(self, rollout, prompts, s, mesh, group_size=None):
+    """Rewards [B*G] as a global array, and counts of reward errors/timeouts."""
     g = s.rl.group_size if group_size is None else group_size
     if self.scorer is None:
       self.scorer = rewards_lib.RewardScorer(self.reward_fn)
     texts = self.completions(rollout, s)
-    return self.scorer.score(list(np.repeat(prompts["prompt"], g)), texts,
-                             list(np.repeat(prompts["answer"], g)))
+    rewards, counts = self.scorer.score(list(np.repeat(prompts["prompt"], g)), texts,
+                                        list(np.repeat(prompts["answer"], g)))
+    return to_global(rewards, mesh), counts
 
-  def evaluate(self, sampler_params, *, size, key, s, samples=1) -> dict[str, float]:
+  def evaluate(self, sampler_params, *, size, key, s, mesh, samples=1) -> dict[str, float]:
     """avg@k and pass@k (k = `samples` at the sampler's temperature) on `size` held-out
     problems."""
     records = self.eval_records[:size]
@@ -92,13 +102,14 @@ class RunData:
         max_prompt_len=s.data.max_prompt_len, format_prompt=self.format_prompt)
     avg = passed = total = 0.0
     for i, batch in enumerate(batches):
-      rollout = self.sample(sampler_params, batch, jax.random.fold_in(key, i), s,
+      rollout = self.sample(sampler_params, batch, jax.random.fold_in(key, i), s, mesh,
                             group_size=samples)
-      rewards, _ = self.score(rollout, batch, s, group_size=samples)
+      rewards, _ = self.score(rollout, batch, s, mesh, group_size=samples)
       rewards = rewards.reshape(-1, samples)
-      avg += float(np.sum(rewards.mean(axis=1) * batch["valid"]))
-      passed += float(np.sum(rewards.max(axis=1) * batch["valid"]))
-      total += float(np.sum(batch["valid"]))
+      valid = to_global(batch["valid"].astype(np.float32), mesh)
+      avg += float(jnp.sum(rewards.mean(axis=1) * valid))
+      passed += float(jnp.sum(rewards.max(axis=1) * valid))
+      total += float(jnp.sum(valid))
     return {f"avg@{samples}": avg / total, f"pass@{samples}": passed / total}
 
   def close(self):

@@ -172,7 +172,8 @@ class Run:
   def _evaluate(self, size, key, samples=1) -> dict[str, float]:
     """Held-out sampled accuracy (avg@1 unless `samples` > 1)."""
     params = self.engines.quantize(self.state.params)
-    return self.data.evaluate(params, size=size, key=key, s=self.s, samples=samples)
+    return self.data.evaluate(params, size=size, key=key, s=self.s, mesh=self.mesh,
+                              samples=samples)
 
   def restore(self) -> bool:
     """Loads the latest checkpoint of the workdir, if any."""
@@ -248,12 +249,12 @@ class Run:
     s, cfg = self.s, self.s.rl
     t0 = time.perf_counter()
     prompts = next(self.rl_iter)
-    rollout = self.data.sample(sampler_params, prompts, jax.random.fold_in(self.key,
-                                                                            1000 + step), s)
+    rollout = self.data.sample(sampler_params, prompts,
+                               jax.random.fold_in(self.key, 1000 + step), s, self.mesh)
     rollout = jax.block_until_ready(rollout)
     t1 = time.perf_counter()
-    rewards, reward_metrics = self.data.score(rollout, prompts, s)
-    advantages = objectives.group_advantages(jnp.asarray(rewards), cfg.group_size,
+    rewards, reward_metrics = self.data.score(rollout, prompts, s, self.mesh)
+    advantages = objectives.group_advantages(rewards, cfg.group_size,
                                              s.objective.use_normalize_std)
     replay_old = rollout.routing_mu if cfg.routing_replay == "r3" else None
     old_logp, routing_old, live_topk = self.engines.old_policy(
@@ -312,8 +313,8 @@ def _rollout_metrics(rollout, rewards, full, live_topk):
   full = full.replace(num_sequences=jnp.float32(mask.shape[0]),
                       num_tokens=jnp.maximum(jnp.sum(mask), 1.0))
   m = dict(objectives.diagnostics.mismatch_metrics(full))
-  m["reward/mean"] = float(np.mean(rewards))
-  m["reward/std"] = float(np.std(rewards))
+  m["reward/mean"] = jnp.mean(rewards)
+  m["reward/std"] = jnp.std(rewards)
   m["rollout/length_mean"] = jnp.mean(jnp.sum(mask, axis=1))
   m["moe/routing_disagreement"] = routing_disagreement(rollout.routing_mu, live_topk,
                                                        rollout.attn_mask)

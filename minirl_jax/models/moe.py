@@ -90,8 +90,7 @@ def _blocks_ffn(x_AD, e_A, group_sizes_E, p, max_block):
 
 
 def _ragged_ffn(x_AD, group_sizes_E, p):
-  def dot(x, w):
-    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes_E)
+  dot = lambda x, w: linear.ragged_dot(x, w, group_sizes_E)
   h = jax.nn.silu(dot(x_AD, p["w_gate"])) * dot(x_AD, p["w_up"])
   return dot(h, p["w_down"])
 

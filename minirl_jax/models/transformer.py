@@ -147,9 +147,10 @@ def _layer_fn(kind, cfg, positions_BT, mask_BTS, valid_BT, end):
 
 
 def _cast(tree, dtype):
-  """Casts float weights to the compute dtype; quantised records are left alone."""
-  return jax.tree.map(lambda w: w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating)
-                      and w.dtype != dtype else w, tree)
+  """Casts float weights to the compute dtype; quantised records keep float32 scales."""
+  return jax.tree.map(lambda w: w.astype(dtype) if not linear.is_quantized(w)
+                      and jnp.issubdtype(w.dtype, jnp.floating) and w.dtype != dtype else w,
+                      tree, is_leaf=linear.is_quantized)
 
 
 def forward(params, tokens_BT: jax.Array, *, cfg: ModelConfig,

@@ -1,0 +1,70 @@
+"""`SamplerConfig`: the frozen, self-validating knobs of the inference engine."""
+import dataclasses
+from typing import Optional
+
+from minirl_jax.sampling import quantize
+
+
+def _fail(field, message):
+  raise ValueError(f"sampler.{field} {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """How the inference engine samples.
+
+  Attributes:
+    dtype: "float32", "bfloat16" or "int8" (W8A8). The params passed to `generate` must
+      come from `quantize(params, dtype)`.
+    activation_dtype: dtype of the residual stream, attention and KV cache; None = bfloat16
+      for dtype "bfloat16", else float32 (int8 matmuls quantise their inputs per token
+      either way). "bfloat16" with int8 is the usual accelerator setup; on CPU, XLA
+      emulates bfloat16 arithmetic and it halves int8 decode speed (docs/sampling.md).
+    temperature: logits are divided by it before sampling; 0 samples greedily (argmax).
+    top_p: nucleus sampling mass in (0, 1]; 1 disables it.
+    top_k: keep the k most likely tokens; 0 disables it.
+    max_new_tokens: completion length budget.
+    eos_ids: ids that end a completion (may be empty: always generate max_new_tokens).
+    pad_id: written after a row's EOS.
+    prompt_bucket: prompts are left-padded to a multiple of this, so many prompt lengths
+      share one compiled program.
+  """
+  dtype: str = "float32"
+  activation_dtype: Optional[str] = None
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  max_new_tokens: int = 32
+  eos_ids: tuple[int, ...] = (1,)
+  pad_id: int = 0
+  prompt_bucket: int = 16
+
+  def __post_init__(self):
+    object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+    if self.dtype not in quantize.DTYPES:
+      _fail("dtype", f"must be one of {quantize.DTYPES}, got {self.dtype!r}")
+    if self.activation_dtype not in (None, "float32", "bfloat16"):
+      _fail("activation_dtype", f"must be None, 'float32' or 'bfloat16', got "
+            f"{self.activation_dtype!r}")
+    if not self.temperature >= 0:
+      _fail("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      _fail("top_p", f"must be in (0, 1], got {self.top_p}")
+    for field, low in (("top_k", 0), ("max_new_tokens", 1), ("pad_id", 0),
+                       ("prompt_bucket", 1)):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value < low:
+        _fail(field, f"must be an integer >= {low}, got {value!r}")
+    if any(i < 0 for i in self.eos_ids):
+      _fail("eos_ids", f"must be non-negative token ids, got {self.eos_ids}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+  @property
+  def compute_dtype(self) -> str:
+    if self.activation_dtype:
+      return self.activation_dtype
+    return "bfloat16" if self.dtype == "bfloat16" else "float32"
+

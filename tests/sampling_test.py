@@ -1,0 +1,240 @@
+"""The inference engine: sampler log-probs, routing and tokens against the teacher-forced model."""
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minirl_jax.models import transformer
+from minirl_jax.models.config import ModelConfig
+from minirl_jax.sampling import quantize
+from minirl_jax.sampling import sampler
+from minirl_jax.sampling.config import SamplerConfig
+
+CFG = ModelConfig()  # tiny: vocab 32, d 64, 2 MoE layers of 4 experts, top-2
+SAMPLE = SamplerConfig(max_new_tokens=10, eos_ids=(1, 2, 3), pad_id=0, prompt_bucket=8)
+GREEDY = dataclasses.replace(SAMPLE, temperature=0.0)
+LENGTHS = np.array([6, 3, 5, 1, 6, 2, 4, 6])
+B, P0, P = len(LENGTHS), 6, 8  # P0 prompt width, P bucketed
+
+
+@pytest.fixture(scope="module")
+def params():
+  # An "rbg" key compiles the initialisers ~3x faster than threefry on CPU.
+  return transformer.init_params(CFG, jax.random.key(0, impl="rbg"))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  tokens = jax.random.randint(jax.random.key(1), (B, P0), 4, CFG.vocab_size)
+  return jnp.where(np.arange(P0)[None] >= P0 - LENGTHS[:, None], tokens, 0)
+
+
+@pytest.fixture(scope="module")
+def fwd():
+  return jax.jit(transformer.forward, static_argnames="cfg")
+
+
+def _live(rollout):
+  """All -1: route every token live (one compiled forward serves replay and live runs)."""
+  return jnp.full_like(rollout.routing_mu, -1)
+
+
+def _generate(params, prompts, scfg, seed=2, lengths=LENGTHS):
+  return sampler.generate(params, prompts, lengths, jax.random.key(seed), model_cfg=CFG,
+                          sampler_cfg=scfg)
+
+
+@pytest.fixture(scope="module")
+def rollout(params, prompts):
+  return _generate(params, prompts, SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def teacher(params, rollout, fwd):
+  """The trainer's teacher-forced float32 forward over the rollout."""
+  return fwd(params, rollout.tokens, cfg=CFG, attn_mask_BT=rollout.attn_mask,
+             routing=_live(rollout))
+
+
+def _np(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def test_shapes_and_dtypes(rollout):
+  t = P + SAMPLE.max_new_tokens
+  chex.assert_shape([rollout.tokens, rollout.attn_mask, rollout.completion_mask,
+                     rollout.mu_logp, rollout.sample_logp], (B, t))
+  chex.assert_shape(rollout.routing_mu, (CFG.num_moe_layers, B, t, CFG.top_k))
+  assert rollout.routing_mu.dtype == CFG.routing_dtype == jnp.int8
+  assert rollout.completion_mask.dtype == jnp.float32 and rollout.attn_mask.dtype == bool
+  chex.assert_shape(rollout.num_generated, (B,))
+
+
+def test_mu_logp_equals_teacher_forced_logp(rollout, teacher):
+  r = _np(rollout)
+  logp = np.asarray(transformer.token_logp(teacher[0], rollout.tokens))
+  m = r.completion_mask > 0
+  np.testing.assert_allclose(r.mu_logp[m], logp[m], atol=1e-4)
+  np.testing.assert_array_equal(r.mu_logp[~m], 0)
+  # Temperature 1, no truncation: the processed distribution is mu itself.
+  np.testing.assert_allclose(r.sample_logp, r.mu_logp, atol=1e-6)
+
+
+def test_routing_mu_matches_teacher_forced_routing(rollout, teacher):
+  r, routing = _np(rollout), np.asarray(teacher[1].routing)
+  ran = r.routing_mu[..., 0] >= 0  # [L, B, T]
+  np.testing.assert_array_equal(ran, np.all(r.routing_mu >= 0, -1))
+  np.testing.assert_array_equal(r.routing_mu[ran], routing[ran])
+  prompt = r.attn_mask & (r.completion_mask == 0)
+  last = P + r.num_generated - 1  # the final sampled token of each row
+  before_last = (r.completion_mask > 0) & (np.arange(r.tokens.shape[1]) < last[:, None])
+  assert np.all(ran[:, prompt]) and np.all(ran[:, before_last])
+  assert not np.any(ran[:, ~r.attn_mask])
+  assert not np.all(ran[:, np.arange(B), last])  # the loop stops before running them all
+
+
+def test_r3_forward_on_rollout_replays_sampler_routing(params, rollout, teacher, fwd):
+  logits, aux = fwd(params, rollout.tokens, cfg=CFG, attn_mask_BT=rollout.attn_mask,
+                    routing=rollout.routing_mu)
+  np.testing.assert_array_equal(logits, teacher[0])
+  np.testing.assert_array_equal(aux.routing, teacher[1].routing)
+
+
+def test_masks_after_eos(rollout):
+  r = _np(rollout)
+  ended = 0
+  for b in range(B):
+    completion = r.tokens[b, P:]
+    eos = np.flatnonzero(np.isin(completion, SAMPLE.eos_ids))
+    n = eos[0] + 1 if eos.size else SAMPLE.max_new_tokens
+    ended += n < SAMPLE.max_new_tokens
+    assert r.num_generated[b] == n
+    np.testing.assert_array_equal(r.completion_mask[b, P:], np.arange(10) < n)
+    np.testing.assert_array_equal(r.completion_mask[b, :P], 0)
+    np.testing.assert_array_equal(completion[n:], SAMPLE.pad_id)
+    np.testing.assert_array_equal(r.attn_mask[b], np.arange(P + 10) >= P - LENGTHS[b]
+                                  if n == 10 else (np.arange(P + 10) >= P - LENGTHS[b])
+                                  & (np.arange(P + 10) < P + n))
+  assert 0 < ended < B  # the seed exercises both early EOS and the length budget
+
+
+def test_greedy_equals_teacher_forced_argmax(params, prompts, fwd):
+  r = _generate(params, prompts, GREEDY)
+  logits, _ = fwd(params, r.tokens, cfg=CFG, attn_mask_BT=r.attn_mask, routing=_live(r))
+  r = _np(r)
+  argmax = np.asarray(jnp.argmax(logits, -1))
+  m = r.completion_mask[:, 1:] > 0
+  np.testing.assert_array_equal(r.tokens[:, 1:][m], argmax[:, :-1][m])
+  np.testing.assert_array_equal(r.sample_logp, 0)
+
+
+def test_more_left_padding_changes_nothing(params, prompts, rollout):
+  wide = jnp.pad(prompts, ((0, 0), (5, 0)))  # buckets to 16 instead of 8
+  r = _np(_generate(params, wide, SAMPLE))
+  ref = _np(rollout)
+  np.testing.assert_array_equal(r.tokens[:, 16:], ref.tokens[:, P:])
+  np.testing.assert_array_equal(r.num_generated, ref.num_generated)
+  np.testing.assert_allclose(r.mu_logp[:, 16:], ref.mu_logp[:, P:], atol=1e-5)
+  np.testing.assert_array_equal(r.routing_mu[:, :, 16:], ref.routing_mu[:, :, P:])
+
+
+def test_same_rng_same_rollout_and_one_compilation_per_bucket(params, prompts, rollout):
+  traces = dict(sampler.TRACES)
+  again = _generate(params, prompts[:, 1:], SAMPLE, lengths=np.minimum(LENGTHS, 5))
+  same = _generate(params, prompts, SAMPLE)
+  assert dict(sampler.TRACES) == traces  # widths 5 and 6 share the bucket of 8
+  chex.assert_trees_all_equal(same, rollout)
+  other = _generate(params, prompts, SAMPLE, seed=3)
+  assert not np.array_equal(other.tokens, rollout.tokens)
+  assert again.tokens.shape == rollout.tokens.shape
+
+
+def test_decode_step_traced_once_and_equals_the_loop(params, prompts, rollout):
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, state):
+    return sampler.decode_step(params, state, model_cfg=CFG, sampler_cfg=SAMPLE)
+
+  tokens, mask = sampler.bucket_prompts(prompts, LENGTHS, SAMPLE)
+  state = sampler.prefill_jit(params, tokens, mask, jax.random.key(2), model_cfg=CFG,
+                              sampler_cfg=SAMPLE)
+  for _ in range(SAMPLE.max_new_tokens - 1):
+    state = step(params, state)
+  stepped = sampler.to_rollout(state)
+  for field in ("tokens", "attn_mask", "completion_mask", "num_generated"):
+    np.testing.assert_array_equal(getattr(stepped, field), getattr(rollout, field))
+  np.testing.assert_allclose(stepped.mu_logp, rollout.mu_logp, atol=1e-6)
+
+
+def test_low_precision_engines_differ_by_a_small_kl(params, rollout, teacher, fwd):
+  """KL(mu || float32) over the vocabulary at the completion positions of a rollout."""
+  logp_pi = jax.nn.log_softmax(teacher[0])
+  m = np.asarray(rollout.completion_mask[:, 1:]) > 0
+  for scfg in (dataclasses.replace(SAMPLE, dtype="bfloat16"),
+               dataclasses.replace(SAMPLE, dtype="int8")):
+    logits_mu, _ = fwd(quantize.quantize(params, scfg.dtype), rollout.tokens,
+                       cfg=sampler.engine_config(CFG, scfg), attn_mask_BT=rollout.attn_mask,
+                       routing=_live(rollout))
+    logp_mu = jax.nn.log_softmax(logits_mu)
+    kl = np.asarray(jnp.sum(jnp.exp(logp_mu) * (logp_mu - logp_pi), -1))[:, :-1][m].mean()
+    print(f"{scfg.dtype} weights, {scfg.compute_dtype} activations: "
+          f"KL(mu || float32) = {kl:.2e} per completion token")
+    assert 0 < kl < 1e-2
+
+
+def test_int8_engine_records_its_own_logp_and_routing(params, prompts, fwd):
+  scfg = dataclasses.replace(SAMPLE, dtype="int8")
+  qparams = quantize.quantize(params, "int8")
+  r = _generate(qparams, prompts, scfg)
+  logits, aux = fwd(qparams, r.tokens, cfg=sampler.engine_config(CFG, scfg),
+                    attn_mask_BT=r.attn_mask, routing=_live(r))
+  r = _np(r)
+  m = r.completion_mask > 0
+  # int8 dots are exact and activation scales are per token, so the cached engine matches
+  # its own teacher-forced forward to float32 rounding.
+  np.testing.assert_allclose(r.mu_logp[m], np.asarray(transformer.token_logp(
+      logits, r.tokens))[m], atol=1e-4)
+  ran = r.routing_mu[..., 0] >= 0
+  np.testing.assert_array_equal(r.routing_mu[ran], np.asarray(aux.routing)[ran])
+  assert 0 < r.num_generated.min() and r.num_generated.max() <= SAMPLE.max_new_tokens
+
+
+def test_params_must_match_the_sampler_dtype(params, prompts):
+  with pytest.raises(ValueError, match=r"sampler\.dtype is 'int8'"):
+    _generate(params, prompts, dataclasses.replace(SAMPLE, dtype="int8"))
+
+
+def _sample(logits, cfg, num=256):
+  keys = jax.random.split(jax.random.key(0), num)
+  fn = jax.jit(jax.vmap(lambda k: sampler.sample_token(logits, k, cfg)))
+  return _np(fn(keys))
+
+
+def test_top_k_top_p_and_temperature():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  tok, mu, sample = _sample(logits, SamplerConfig(top_k=2))
+  assert set(tok.ravel()) == {0, 1}
+  np.testing.assert_allclose(mu, np.log(np.array([0.5, 0.3, 0.15, 0.05]))[tok], rtol=1e-6)
+  np.testing.assert_allclose(sample, np.log(np.array([0.625, 0.375]))[tok], rtol=1e-5)
+  tok, _, sample = _sample(logits, SamplerConfig(top_p=0.7))
+  assert set(tok.ravel()) == {0, 1}
+  tok, _, sample = _sample(logits, SamplerConfig(top_p=0.01))
+  assert set(tok.ravel()) == {0} and np.allclose(sample, 0)
+  tok, mu, sample = _sample(logits, SamplerConfig(temperature=2.0))
+  np.testing.assert_allclose(sample, np.asarray(jax.nn.log_softmax(logits / 2))[0][tok],
+                             rtol=1e-5)
+  assert set(tok.ravel()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(dtype="fp8"), "dtype"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(pad_id=-1), "pad_id"),
+    (dict(prompt_bucket=0), "prompt_bucket"), (dict(eos_ids=(-2,)), "eos_ids"),
+])
+def test_invalid_sampler_fields_are_named(kwargs, field):
+  with pytest.raises(ValueError, match=rf"sampler\.{field}"):
+    SamplerConfig(**kwargs)

@@ -151,3 +151,13 @@ def test_int8_forward_through_the_same_model(params, int8_params):
 def test_unknown_dtype_is_named(params):
   with pytest.raises(ValueError, match=r"sampler\.dtype"):
     quantize.quantize(params, "fp8")
+
+
+def test_int8_forward_is_the_same_with_either_moe_kernel():
+  cfg = ModelConfig()
+  params = quantize.quantize(transformer.init_params(cfg, jax.random.key(0)), "int8")
+  tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, cfg.vocab_size)
+  blocks, _ = transformer.forward(params, tokens, cfg=cfg)
+  ragged_cfg = dataclasses.replace(cfg, moe_impl="ragged_dot")
+  ragged, _ = transformer.forward(params, tokens, cfg=ragged_cfg)
+  np.testing.assert_allclose(ragged, blocks, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ def model_section() -> ml_collections.ConfigDict:
       norm_topk_prob=True, rope_theta=10_000.0, rms_norm_eps=1e-6, tie_embeddings=False,
       param_dtype="float32", compute_dtype="float32", load_balance_coef=0.0,
       router_z_coef=0.0, moe_impl="blocks", moe_block_size=128,
-      init_std=config_dict.placeholder(float)))
+      init_std=config_dict.placeholder(float), remat=False))
 
 
 # Qwen3-30B-A3B exactly (Hugging Face config.json of Qwen/Qwen3-30B-A3B-Base).
@@ -25,7 +25,7 @@ QWEN3_30B_A3B = dict(
     head_dim=128, num_experts=128, top_k=8, expert_ffn_dim=768, dense_ffn_dim=6144,
     moe_layers_skip=(), norm_topk_prob=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
     tie_embeddings=False, param_dtype="bfloat16", compute_dtype="bfloat16",
-    load_balance_coef=0.001, router_z_coef=0.0)
+    load_balance_coef=0.001, router_z_coef=0.0, remat=True)
 
 
 def get_base_config() -> ml_collections.ConfigDict:

@@ -107,6 +107,19 @@ def test_router_gradient_under_replay(params, tokens):
   assert float(jnp.min(jnp.linalg.norm(g["moe"]["router"].reshape(2, -1), axis=-1))) > 1e-6
 
 
+def test_remat_gives_the_same_gradients(params, tokens):
+  import dataclasses
+  def grads(cfg):
+    loss = lambda p: jnp.mean(transformer.token_logp(
+        transformer.forward(p, tokens, cfg=cfg)[0], tokens))
+    return jax.jit(jax.grad(loss))(params)
+  remat_cfg = dataclasses.replace(CFG, remat=True)
+  chex.assert_trees_all_close(grads(remat_cfg), grads(CFG), rtol=1e-5, atol=1e-6)
+  jaxpr = lambda cfg: str(jax.make_jaxpr(lambda p: transformer.forward(p, tokens, cfg=cfg))(
+      params))
+  assert "remat" in jaxpr(remat_cfg) and "remat" not in jaxpr(CFG)
+
+
 def test_token_logp_alignment():
   logits = jnp.log(jnp.array([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
   logp = transformer.token_logp(logits, jnp.array([[1, 0, 1]]))

@@ -25,6 +25,8 @@ class ModelConfig:
       grouped-matmul kernel; on CPU it lowers to a dense masked matmul). Pick by measuring
       (scripts/bench_moe.py), never by platform.
     moe_block_size: upper bound on the rows per block of the "blocks" kernel.
+    remat: recompute each layer's activations in the backward pass (`jax.checkpoint`)
+      instead of storing them: memory for compute, what large models train with.
   """
   vocab_size: int = 32
   d_model: int = 64
@@ -48,6 +50,7 @@ class ModelConfig:
   moe_impl: str = "blocks"
   moe_block_size: int = 128
   init_std: Optional[float] = None  # None: 1/sqrt(fan_in)
+  remat: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "moe_layers_skip", tuple(int(i) for i in self.moe_layers_skip))

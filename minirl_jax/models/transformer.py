@@ -203,6 +203,8 @@ def forward(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
       dense_at += n
     kv = None if kv_cache is None else (kv_cache.k_LBSGK[start:stop], kv_cache.v_LBSGK[start:stop])
     body = _layer_fn(kind, cfg, positions_BT, mask_BTS, attn_mask_BT, end)
+    if cfg.remat:
+      body = jax.checkpoint(body, prevent_cse=False)  # inside scan, CSE is not a risk
     x_BTD, (seg_routing, seg_kv) = jax.lax.scan(body, x_BTD, (attn_p, ffn_p, replay, kv))
     if seg_routing is not None:
       routings.append(seg_routing)

@@ -1,15 +1,11 @@
-"""The device mesh, logical-axis rules, and shardings for params, state and batches.
-
-One mesh with axes (data, fsdp, expert, tensor) runs on 1 CPU device, 8 fake CPU devices, a
-GPU host or a TPU pod. Logical names (`param_axes`) map to mesh axes through `RULES`; a
-dimension that a mesh axis does not divide is replicated rather than failing, so tiny
-configs run on any mesh.
-"""
+"""The mesh (data, fsdp, expert, tensor), logical-axis rules, and the shardings of params,
+optimizer state and batches: one code path from 1 CPU device to a pod (docs/sharding.md)."""
 import math
 from typing import Mapping, Optional
 
 import jax
 import numpy as np
+from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -33,7 +29,7 @@ RULES = {
 
 
 def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
-  """Builds the mesh; one axis may be -1 (all remaining devices)."""
+  """Builds the mesh; one axis may be -1 (all remaining devices), absent axes are 1."""
   devices = list(devices if devices is not None else jax.devices())
   unknown = sorted(set(axis_sizes) - set(MESH_AXES))
   if unknown:
@@ -51,8 +47,10 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
   if math.prod(sizes.values()) != len(devices):
     raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, "
                      f"found {len(devices)}")
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  # jax.make_mesh orders devices by the physical topology (TPU ICI rings). Auto axes: jit
+  # propagates shardings from in/out_shardings (jax.make_mesh defaults to Explicit).
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def _axis_size(mesh, axis) -> int:
@@ -61,17 +59,21 @@ def _axis_size(mesh, axis) -> int:
 
 
 def logical_spec(shape, names, mesh) -> P:
-  """PartitionSpec for one array; mesh axes that do not divide a dim are dropped."""
+  """PartitionSpec for one array from its logical axis names (`RULES`).
+
+  Each name's mesh axes are taken in order while their product still divides the dim; an
+  axis that would not divide it (or is used by another dim) is left out: that dim is
+  replicated over it rather than failing, so tiny configs run on any mesh.
+  """
   spec, used = [], set()
   for dim, name in zip(shape, names):
     axis = RULES.get(name) if name is not None else None
-    axes = axis if isinstance(axis, tuple) else (axis,) if axis else ()
-    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-    if axes and dim % _axis_size(mesh, axes) == 0:
-      spec.append(axes if len(axes) > 1 else axes[0])
-      used.update(axes)
-    else:
-      spec.append(None)
+    kept = []
+    for a in (axis if isinstance(axis, tuple) else (axis,) if axis else ()):
+      if a not in used and mesh.shape[a] > 1 and dim % _axis_size(mesh, (*kept, a)) == 0:
+        kept.append(a)
+    used.update(kept)
+    spec.append(tuple(kept) if len(kept) > 1 else kept[0] if kept else None)
   return P(*spec)
 
 
@@ -81,6 +83,27 @@ def tree_shardings(abstract_tree, axes_tree, mesh):
                       abstract_tree, axes_tree,
                       is_leaf=lambda x: isinstance(x, tuple) and all(
                           isinstance(n, (str, type(None))) for n in x))
+
+
+def like_params(abstract_tree, abstract_params, param_shardings, mesh):
+  """Shardings for a tree that holds copies of the params (optimizer moments).
+
+  A leaf whose key path ends with a parameter's key path and has its shape takes that
+  parameter's sharding (matched by path, never by shape alone: w_gate and w_down can share
+  a shape but not a sharding); every other leaf (counts, flags) is replicated.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  by_path = {tuple(path): (x.shape, sh)
+             for (path, x), sh in zip(flat, jax.tree.leaves(param_shardings))}
+  longest = max((len(p) for p in by_path), default=0)
+
+  def pick(path, x):
+    for n in range(min(len(path), longest), 0, -1):
+      shape, sh = by_path.get(tuple(path[-n:]), (None, None))
+      if shape == x.shape:
+        return sh
+    return replicated(mesh)
+  return jax.tree_util.tree_map_with_path(pick, abstract_tree)
 
 
 def replicated(mesh) -> NamedSharding:
@@ -100,17 +123,20 @@ def batch_size_multiple(mesh) -> int:
 
 
 def shard_batch(tree, mesh, routing_key: Optional[str] = "routing"):
-  """Places a host batch (dataclass or dict of arrays) on the mesh, batch-sharded.
+  """Places a batch (dataclass or dict of arrays) on the mesh, batch-sharded.
 
   Leaves are [B, ...] except routing, which is [L, B, T, k]; scalars are replicated.
+  Host (numpy) leaves are this process's rows of the global batch (what the per-process
+  grain pipelines yield); `jax.Array` leaves are already global and are only resharded.
   """
   def place(path, x):
     if x is None:
       return None
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
-    if x.ndim == 0:
-      return jax.device_put(x, replicated(mesh))
     is_routing = routing_key and any(getattr(k, "name", getattr(k, "key", None)) == routing_key
                                      for k in path)
-    return jax.device_put(x, batch_sharding(mesh, x.ndim, 1 if is_routing else 0))
+    sh = batch_sharding(mesh, np.ndim(x), 1 if is_routing else 0) if np.ndim(x) else (
+        replicated(mesh))
+    if isinstance(x, jax.Array):
+      return jax.device_put(x, sh)
+    return jax.make_array_from_process_local_data(sh, np.asarray(x))
   return jax.tree_util.tree_map_with_path(place, tree)

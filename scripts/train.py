@@ -9,6 +9,7 @@ import os
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from minirl_jax.rl import loop
@@ -17,12 +18,17 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), os.pardir, "configs", "tiny.py"),
     "Experiment config file; override fields with --config.section.field=value.",
     lock_config=True)
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPU; "
+    "start the same command on every host).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (metrics, plots, "
                                "checkpoints); an existing one is resumed.", required=True)
 
 
 def main(argv):
   del argv
+  if _MULTIHOST.value:
+    jax.distributed.initialize()
   summary = loop.Run(_CONFIG.value, _WORKDIR.value).run()
   print("plots:", *summary.pop("plots", []), sep="\n  ")
   print(json.dumps(summary))

@@ -92,13 +92,10 @@ def state_shardings(s, mesh, abstract_state):
   """Params by logical axes; optimizer moments like their params; the rest replicated."""
   param_sh = sharding.tree_shardings(abstract_state.params, transformer.param_axes(s.model),
                                      mesh)
-  by_shape = {}
-  for leaf, sh in zip(jax.tree.leaves(abstract_state.params), jax.tree.leaves(param_sh)):
-    by_shape.setdefault(leaf.shape, sh)
-  rep = sharding.replicated(mesh)
-  opt_sh = jax.tree.map(lambda x: by_shape.get(x.shape, rep) if x.ndim else rep,
-                        abstract_state.opt_state)
-  return train_step.TrainState(step=rep, params=param_sh, opt_state=opt_sh)
+  opt_sh = sharding.like_params(abstract_state.opt_state, abstract_state.params, param_sh,
+                                mesh)
+  return train_step.TrainState(step=sharding.replicated(mesh), params=param_sh,
+                               opt_state=opt_sh)
 
 
 def _mean_metrics(metric_dicts):
@@ -119,8 +116,11 @@ class Run:
     self.s = settings_lib.from_config(config, self.data.tokenizer)
     self.mesh = sharding.make_mesh(self.s.mesh)
     multiple = sharding.batch_size_multiple(self.mesh)
+    eval_batch = lambda size: min(rl_data.EVAL_BATCH, size, len(self.data.eval_records))
     for field, value in (("rl.mini_batch_size", self.s.rl.mini_batch_size),
-                         ("sft.batch_size", self.s.sft.batch_size)):
+                         ("sft.batch_size", self.s.sft.batch_size),
+                         ("data.eval_size", eval_batch(self.s.data.eval_size)),
+                         ("sft.eval_size", eval_batch(self.s.sft.eval_size))):
       if value % multiple:
         raise ValueError(f"{field} ({value}) must be a multiple of the data-parallel size "
                          f"({multiple} = mesh data x fsdp)")

@@ -29,9 +29,6 @@ from minirl_jax.rl import data as rl_data
 from minirl_jax.rl import settings as settings_lib
 from minirl_jax.rl import train_step
 from minirl_jax.sampling import quantize as quantize_lib
-from minirl_jax.sampling import sampler
-
-_TIME_KEYS = ("time/", "throughput/")
 
 
 @dataclasses.dataclass
@@ -246,44 +243,53 @@ class Run:
             "metrics": self.writer.path}
 
   def _rl_step(self, step, sampler_params):
+    """Sample -> score -> advantages -> pi_old -> N mini-batch updates -> re-quantise."""
     s, cfg = self.s, self.s.rl
-    t0 = time.perf_counter()
+    times = [time.perf_counter()]
     prompts = next(self.rl_iter)
-    rollout = self.data.sample(sampler_params, prompts,
-                               jax.random.fold_in(self.key, 1000 + step), s, self.mesh)
-    rollout = jax.block_until_ready(rollout)
-    t1 = time.perf_counter()
-    rewards, reward_metrics = self.data.score(rollout, prompts, s, self.mesh)
+    rollout = jax.block_until_ready(self.data.sample(
+        sampler_params, prompts, jax.random.fold_in(self.key, 1000 + step), s, self.mesh))
+    times.append(time.perf_counter())
+    rewards, m = self.data.score(rollout, prompts, s, self.mesh)
+    times.append(time.perf_counter())
+    full, live_topk = self._scored_batch(rollout, rewards)
+    m.update(_rollout_metrics(rollout, rewards, full, live_topk))
+    times.append(time.perf_counter())
+    perm = np.random.default_rng([s.seed, step]).permutation(cfg.global_batch)
+    mb_metrics = []
+    for i in range(cfg.num_minibatches):
+      mb = sharding.shard_batch(
+          _minibatch(full, perm[i * cfg.mini_batch_size:(i + 1) * cfg.mini_batch_size]),
+          self.mesh)
+      if i == 0 and s.objective.grad_cosine_every and step % s.objective.grad_cosine_every == 0:
+        m["is/grad_cosine_token_seq"] = self.engines.grad_cosine(self.state.params, mb)
+      self.state, mb_m = self.engines.rl_step(self.state, mb)
+      mb_metrics.append(mb_m)
+    m.update(_mean_metrics([metrics_lib.to_python(x) for x in mb_metrics]))
+    sampler_params = jax.block_until_ready(self.engines.quantize(self.state.params))
+    times.append(time.perf_counter())
+    m = metrics_lib.to_python(m)
+    sample_s, score_s, old_s, train_s = np.diff(times)
+    m.update({"time/sample_s": sample_s, "time/score_s": score_s, "time/old_logp_s": old_s,
+              "time/train_s": train_s, "time/step_s": times[-1] - times[0],
+              "throughput/tok_s": m["rollout/tokens"] / (times[-1] - times[0])})
+    return m, sampler_params
+
+  def _scored_batch(self, rollout, rewards):
+    """The global TrainBatch: advantages, pi_old (and its routing) and what to replay."""
+    cfg = self.s.rl
     advantages = objectives.group_advantages(rewards, cfg.group_size,
-                                             s.objective.use_normalize_std)
+                                             self.s.objective.use_normalize_std)
     replay_old = rollout.routing_mu if cfg.routing_replay == "r3" else None
-    old_logp, routing_old, live_topk = self.engines.old_policy(
-        self.state.params, rollout.tokens, rollout.attn_mask, replay_old)
+    old_logp, routing_old, live_topk = jax.block_until_ready(self.engines.old_policy(
+        self.state.params, rollout.tokens, rollout.attn_mask, replay_old))
     replay = {"none": None, "r2": routing_old, "r3": rollout.routing_mu}[cfg.routing_replay]
     full = batch_lib.TrainBatch(
         tokens=rollout.tokens, attn_mask=rollout.attn_mask, loss_mask=rollout.completion_mask,
         advantages=advantages, old_logp=old_logp, mu_logp=rollout.mu_logp,
-        num_sequences=jnp.float32(cfg.mini_batch_size), num_tokens=jnp.float32(0), routing=replay)
-    m = {**reward_metrics, **_rollout_metrics(rollout, rewards, full, live_topk)}
-    t2 = time.perf_counter()
-    mb_metrics = []
-    perm = np.random.default_rng([s.seed, step]).permutation(cfg.global_batch)
-    for i in range(cfg.num_minibatches):
-      mb = _minibatch(full, perm[i * cfg.mini_batch_size:(i + 1) * cfg.mini_batch_size])
-      mb = sharding.shard_batch(mb, self.mesh)
-      if i == 0 and s.objective.grad_cosine_every and step % s.objective.grad_cosine_every == 0:
-        m["is/grad_cosine_token_seq"] = self.engines.grad_cosine(self.state.params, mb)
-      self.state, mbm = self.engines.rl_step(self.state, mb)
-      mb_metrics.append(mbm)
-    m.update(_mean_metrics([metrics_lib.to_python(x) for x in mb_metrics]))
-    sampler_params = self.engines.quantize(self.state.params)
-    jax.block_until_ready(sampler_params)
-    t3 = time.perf_counter()
-    m = metrics_lib.to_python(m)
-    tokens = float(np.sum(rollout.completion_mask))
-    m.update({"time/sample_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
-              "time/step_s": t3 - t0, "throughput/tok_s": tokens / (t3 - t0)})
-    return m, sampler_params
+        num_sequences=jnp.float32(cfg.global_batch),
+        num_tokens=jnp.maximum(jnp.sum(rollout.completion_mask), 1.0), routing=replay)
+    return full, live_topk
 
   # --- progress display ----------------------------------------------------------------------
 
@@ -297,25 +303,24 @@ class Run:
 
 
 def _minibatch(full: batch_lib.TrainBatch, rows: np.ndarray) -> batch_lib.TrainBatch:
-  """Rows `rows` of the global batch, with its GLOBAL token count as the normaliser."""
-  take = lambda x: None if x is None else jnp.asarray(x)[rows]
+  """Rows `rows` of the global batch, normalised by the mini-batch's GLOBAL counts."""
+  take = lambda x: jnp.asarray(x)[rows]
   mb = batch_lib.TrainBatch(
       tokens=take(full.tokens), attn_mask=take(full.attn_mask), loss_mask=take(full.loss_mask),
       advantages=take(full.advantages), old_logp=take(full.old_logp),
-      mu_logp=take(full.mu_logp), num_sequences=full.num_sequences, num_tokens=jnp.float32(0),
+      mu_logp=take(full.mu_logp), num_sequences=jnp.float32(len(rows)),
+      num_tokens=jnp.float32(0),
       routing=None if full.routing is None else jnp.asarray(full.routing)[:, rows])
   return mb.replace(num_tokens=jnp.maximum(jnp.sum(mb.loss_mask), 1.0))
 
 
 def _rollout_metrics(rollout, rewards, full, live_topk):
   """What the paper tracks per step, computed once on the whole global batch."""
-  mask = rollout.completion_mask
-  full = full.replace(num_sequences=jnp.float32(mask.shape[0]),
-                      num_tokens=jnp.maximum(jnp.sum(mask), 1.0))
   m = dict(objectives.diagnostics.mismatch_metrics(full))
   m["reward/mean"] = jnp.mean(rewards)
   m["reward/std"] = jnp.std(rewards)
-  m["rollout/length_mean"] = jnp.mean(jnp.sum(mask, axis=1))
+  m["rollout/tokens"] = jnp.sum(rollout.completion_mask)
+  m["rollout/length_mean"] = jnp.mean(jnp.sum(rollout.completion_mask, axis=1))
   m["moe/routing_disagreement"] = routing_disagreement(rollout.routing_mu, live_topk,
                                                        rollout.attn_mask)
   return m

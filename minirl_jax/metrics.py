@@ -9,6 +9,15 @@ PLOTS = (("reward/mean", "training reward"), ("eval/accuracy", "held-out accurac
          ("policy/entropy", "token entropy"), ("mismatch/kl_mu_pi_old", "train-infer KL"))
 
 
+def quiet_library_logs() -> None:
+  """absl INFO from orbax and jax (dozens of lines per checkpoint) drowns the progress bar:
+  show warnings and errors only, unless the user asked for more with --verbosity."""
+  from absl import flags
+  from absl import logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def to_python(metrics: Mapping) -> dict:
   """Fetches device scalars into plain floats (one transfer per dict)."""
   import jax  # local: keeps this module importable for plotting without a backend

@@ -10,6 +10,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from minirl_jax import metrics
 from minirl_jax.rl import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,6 +24,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 def main(argv):
   del argv
+  metrics.quiet_library_logs()
   run = loop.Run(_CONFIG.value, _WORKDIR.value)
   if not run.restore():
     raise SystemExit(f"no checkpoint under {run.ckpt.directory}")

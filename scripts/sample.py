@@ -16,6 +16,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from minirl_jax.rl import data as rl_data
+from minirl_jax import metrics
 from minirl_jax.rl import loop
 from minirl_jax.sampling import sampler
 
@@ -30,6 +31,7 @@ _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 2, "Completions per prompt
 
 def main(argv):
   del argv
+  metrics.quiet_library_logs()
   with tempfile.TemporaryDirectory() as scratch:
     _sample(_WORKDIR.value or scratch)
 

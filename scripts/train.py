@@ -12,6 +12,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from minirl_jax import metrics
 from minirl_jax.rl import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,6 +28,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (metrics, plot
 
 def main(argv):
   del argv
+  metrics.quiet_library_logs()
   if _MULTIHOST.value:
     jax.distributed.initialize()
   summary = loop.Run(_CONFIG.value, _WORKDIR.value).run()

@@ -11,7 +11,6 @@ import os
 import time
 from typing import Optional
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,7 +136,7 @@ class Run:
 
   def run(self) -> dict:
     if self.restore():
-      logging.info("Resumed from %s at %s", self.ckpt.directory, self.progress)
+      print(f"Resumed from {self.ckpt.directory}: {self.progress}")
     metrics_lib.keep_only(os.path.join(self.workdir, "metrics.jsonl"), self._logged_before)
     self.writer = metrics_lib.MetricWriter(self.workdir)
     try:

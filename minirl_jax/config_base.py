@@ -57,7 +57,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       steps=150, prompts_per_step=64, group_size=8,
       mini_batch_size=512,  # sequences per optimizer update: N = 64 * 8 / 512 = 1
       routing_replay="none",  # "none" | "r2" | "r3"
-      eval_every=25, learning_rate=1e-4, warmup_steps=0)
+      eval_every=25, learning_rate=2e-4, warmup_steps=0)
   config.sft = dict(
       max_steps=2000, batch_size=64, learning_rate=3e-3, warmup_steps=50,
       eval_every=50, eval_size=128,  # a cheap held-out check that stops SFT early

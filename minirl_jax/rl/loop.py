@@ -297,8 +297,12 @@ class Run:
                      disable=not self.s.log.progress, mininterval=1.0)
 
   def _advance(self, bar, m, keys):
-    bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in keys if k in m}, refresh=False)
+    bar.set_postfix({_LABELS[k]: f"{m[k]:.3g}" for k in keys if k in m}, refresh=False)
     bar.update(1)
+
+
+_LABELS = {"sft/loss": "loss", "eval/accuracy": "acc", "reward/mean": "reward",
+           "policy/entropy": "entropy", "mismatch/kl_mu_pi_old": "kl"}
 
 
 def _minibatch(full: batch_lib.TrainBatch, rows: np.ndarray) -> batch_lib.TrainBatch:

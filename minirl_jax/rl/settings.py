@@ -1,5 +1,7 @@
 """Turns an experiment ConfigDict into validated, frozen dataclasses before anything compiles.
 
+Defaults live in one place, `minirl_jax/config_base.py`; these dataclasses have none.
+
 Every error names the offending field (`rl.mini_batch_size ...`).
 """
 import dataclasses
@@ -19,15 +21,15 @@ def _fail(field, message):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  path: Optional[str] = None
-  eval_path: Optional[str] = None
-  num_operands: int = 2
-  max_value: int = 100
-  operators: str = "+-"
-  max_prompt_len: int = 8
-  eval_size: int = 256
-  tokenizer: Optional[str] = None
-  reward: Optional[str] = None
+  path: Optional[str]
+  eval_path: Optional[str]
+  num_operands: int
+  max_value: int
+  operators: str
+  max_prompt_len: int
+  eval_size: int
+  tokenizer: Optional[str]
+  reward: Optional[str]
 
   def __post_init__(self):
     if self.max_prompt_len < 1 or self.eval_size < 1:
@@ -39,14 +41,14 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
   """The synchronous loop. N = prompts_per_step * group_size / mini_batch_size updates."""
-  steps: int = 150
-  prompts_per_step: int = 64
-  group_size: int = 8
-  mini_batch_size: int = 512
-  routing_replay: str = "none"
-  eval_every: int = 25
-  learning_rate: float = 1e-4
-  warmup_steps: int = 0
+  steps: int
+  prompts_per_step: int
+  group_size: int
+  mini_batch_size: int
+  routing_replay: str
+  eval_every: int
+  learning_rate: float
+  warmup_steps: int
 
   def __post_init__(self):
     for field in ("steps", "prompts_per_step", "group_size", "mini_batch_size", "eval_every"):
@@ -73,13 +75,13 @@ class RLConfig:
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
   """Cold start: stop at `target_accuracy` on `eval_size` held-out problems, or max_steps."""
-  max_steps: int = 2000
-  batch_size: int = 64
-  learning_rate: float = 3e-3
-  warmup_steps: int = 50
-  eval_every: int = 50
-  eval_size: int = 128
-  target_accuracy: float = 0.3
+  max_steps: int
+  batch_size: int
+  learning_rate: float
+  warmup_steps: int
+  eval_every: int
+  eval_size: int
+  target_accuracy: float
 
   def __post_init__(self):
     for field in ("batch_size", "eval_every", "eval_size"):
@@ -91,8 +93,8 @@ class SFTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  every: int = 50
-  keep: int = 2
+  every: int
+  keep: int
 
   def __post_init__(self):
     if self.every < 1 or self.keep < 1:
@@ -101,8 +103,8 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
-  progress: bool = True
-  plots: bool = True
+  progress: bool
+  plots: bool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,8 +15,6 @@ from typing import Any, Callable, Optional
 import flax
 import jax
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from minirl_jax import checkpoint
 from minirl_jax.models import config as config_lib
@@ -30,6 +28,17 @@ INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "moe_intermediate_size", "num_experts_per_tok")
+
+
+def _safetensors():
+  """The optional `safetensors` package (extra "hf"), imported when a file is touched."""
+  try:
+    import safetensors  # pylint: disable=g-import-not-at-top
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("reading or writing Hugging Face checkpoints needs safetensors: "
+                      'pip install -e ".[hf]"') from e
+  return safetensors
 
 
 def _reject(message):
@@ -264,6 +273,7 @@ class _Reader:
       weight_map = None
     if not files:
       raise FileNotFoundError(f"no *.safetensors files in {directory}")
+    safe_open = _safetensors().safe_open
     self._handles = {f: safe_open(os.path.join(directory, f), framework="np") for f in files}
     self.files = {}
     for f, handle in self._handles.items():
@@ -478,7 +488,8 @@ def save_hf(directory: str, cfg: ModelConfig, params, *, base_config: Optional[d
       tensors[piece.name] = np.ascontiguousarray(piece.from_leaf(value))
       weight_map[piece.name] = fname
       total += tensors[piece.name].nbytes
-    save_file(tensors, os.path.join(directory, fname), metadata={"format": "pt"})
+    _safetensors().numpy.save_file(tensors, os.path.join(directory, fname),
+                                   metadata={"format": "pt"})
   if len(shards) > 1:
     with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -4,8 +4,11 @@
 each section into the frozen dataclass the library takes, validating it before anything
 compiles.
 """
+import os
+
 import ml_collections
 from ml_collections import config_dict
+from ml_collections import config_flags
 
 
 def model_section() -> ml_collections.ConfigDict:
@@ -44,7 +47,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       tokenizer=config_dict.placeholder(str),  # tokenizer.json for real data; unset: characters
       # "package.module:function" computing R(prompt, completion, answer) in [0, 1];
       # unset: exact match (synthetic task) or math_reward (data.path).
-      reward=config_dict.placeholder(str))
+      reward=config_dict.placeholder(str),
+      reward_timeout_s=5.0)  # a reward call past this scores 0 (counted in reward/timeouts)
   config.sampler = dict(dtype="int8", temperature=1.0, top_p=1.0, top_k=0,
                         max_new_tokens=16, prompt_bucket=8)
   config.objective = dict(
@@ -66,3 +70,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.checkpoint = dict(every=50, keep=2)
   config.log = dict(progress=True, plots=True)
   return ml_collections.ConfigDict(config)
+
+
+def define_config_flag(script_file: str, default: str = "tiny"):
+  """`--config=configs/NAME.py` (plus `--config.section.field=value` overrides) for a
+  script in `scripts/`; the default is found next to the script, whatever the cwd."""
+  path = os.path.join(os.path.dirname(os.path.abspath(script_file)), os.pardir, "configs",
+                      f"{default}.py")
+  return config_flags.DEFINE_config_file(
+      "config", os.path.normpath(path),
+      "Experiment config file; override fields with --config.section.field=value.",
+      lock_config=True)

@@ -12,15 +12,15 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 
+from minirl_jax import config_base
 from minirl_jax.models import config as model_config
 from minirl_jax.models import transformer
 from minirl_jax.sampling import quantize
 from minirl_jax.sampling import sampler
 from minirl_jax.sampling.config import SamplerConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/small.py", lock_config=True)
+_CONFIG = config_base.define_config_flag(__file__, "small")
 _BATCHES = flags.DEFINE_list("batches", ["16", "64"], "Batch sizes to time.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16", "int8", "int8:bfloat16"],
                             "Sampler dtypes to time, optionally :activation_dtype.")

@@ -4,18 +4,15 @@
 Use the same --config (and overrides) the run was trained with. Last line: one JSON object.
 """
 import json
-import os
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from minirl_jax import config_base
 from minirl_jax import metrics
 from minirl_jax.rl import loop
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), os.pardir, "configs", "tiny.py"),
-    "The config the run was trained with.", lock_config=True)
+_CONFIG = config_base.define_config_flag(__file__)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _SAMPLES = flags.DEFINE_integer("samples", 8, "k: samples per problem.")
 _SIZE = flags.DEFINE_integer("size", None, "Held-out problems (default: data.eval_size).")

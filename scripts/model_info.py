@@ -5,12 +5,12 @@
 import json
 
 from absl import app
-from ml_collections import config_flags
 
+from minirl_jax import config_base
 from minirl_jax.models import config as model_config
 from minirl_jax.models import info
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", lock_config=True)
+_CONFIG = config_base.define_config_flag(__file__)
 
 
 def main(argv):

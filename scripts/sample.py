@@ -6,23 +6,20 @@ params, or a fresh model.
 Sampler knobs come from `config.sampler` (e.g. --config.sampler.temperature=0 for greedy);
 use the --config the run was trained with. Params from --config.init_from are used too.
 """
-import os
 import tempfile
 
 from absl import app
 from absl import flags
 import jax
 import numpy as np
-from ml_collections import config_flags
 
+from minirl_jax import config_base
 from minirl_jax.rl import data as rl_data
 from minirl_jax import metrics
 from minirl_jax.rl import loop
 from minirl_jax.sampling import sampler
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), os.pardir, "configs", "tiny.py"),
-    "Experiment config.", lock_config=True)
+_CONFIG = config_base.define_config_flag(__file__)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to read the latest "
                                "checkpoint from; unset: the initial params.")
 _PROMPTS = flags.DEFINE_list("prompts", ["12+7=", "45-19=", "3+4="], "Prompt texts.")

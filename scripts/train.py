@@ -5,20 +5,16 @@
 Re-running with the same --workdir resumes from its latest checkpoint.
 """
 import json
-import os
 
 from absl import app
 from absl import flags
 import jax
-from ml_collections import config_flags
 
+from minirl_jax import config_base
 from minirl_jax import metrics
 from minirl_jax.rl import loop
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), os.pardir, "configs", "tiny.py"),
-    "Experiment config file; override fields with --config.section.field=value.",
-    lock_config=True)
+_CONFIG = config_base.define_config_flag(__file__)
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPU; "
     "start the same command on every host).")

@@ -87,7 +87,8 @@ class RunData:
     """Rewards [B*G] as a global array, and counts of reward errors/timeouts."""
     g = s.rl.group_size if group_size is None else group_size
     if self.scorer is None:
-      self.scorer = rewards_lib.RewardScorer(self.reward_fn)
+      self.scorer = rewards_lib.RewardScorer(self.reward_fn,
+                                             timeout_s=s.data.reward_timeout_s)
     texts = self.completions(rollout, s)
     rewards, counts = self.scorer.score(list(np.repeat(prompts["prompt"], g)), texts,
                                         list(np.repeat(prompts["answer"], g)))

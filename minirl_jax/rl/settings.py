@@ -30,10 +30,13 @@ class DataConfig:
   eval_size: int
   tokenizer: Optional[str]
   reward: Optional[str]
+  reward_timeout_s: float
 
   def __post_init__(self):
     if self.max_prompt_len < 1 or self.eval_size < 1:
       _fail("data.max_prompt_len/eval_size", "must be >= 1")
+    if not self.reward_timeout_s > 0:
+      _fail("data.reward_timeout_s", f"must be > 0, got {self.reward_timeout_s}")
     if self.path and not self.eval_path:
       _fail("data.eval_path", "must be set with data.path (a held-out set to report accuracy on)")
 

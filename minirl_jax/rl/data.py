@@ -11,6 +11,7 @@ from minirl_jax import sharding
 from minirl_jax.data import hf_tokenizer
 from minirl_jax.data import pipeline
 from minirl_jax.data import rewards as rewards_lib
+from minirl_jax.data import scoring
 from minirl_jax.data import sources
 from minirl_jax.data import tasks
 from minirl_jax.data import tokenizer as tokenizer_lib
@@ -44,7 +45,7 @@ class RunData:
   reward_fn: Callable[[str, str, str], float]
   format_prompt: Optional[Callable[[str], str]]
   max_solution_tokens: Optional[int]  # known bound (synthetic task), else checked per record
-  scorer: Optional[rewards_lib.RewardScorer] = None
+  scorer: Optional[scoring.RewardScorer] = None
 
   def sft_iterator(self, s):
     if s.sft.max_steps and "solution" not in self.train_records[0]:
@@ -87,7 +88,7 @@ class RunData:
     """Rewards [B*G] as a global array, and counts of reward errors/timeouts."""
     g = s.rl.group_size if group_size is None else group_size
     if self.scorer is None:
-      self.scorer = rewards_lib.RewardScorer(self.reward_fn,
+      self.scorer = scoring.RewardScorer(self.reward_fn,
                                              timeout_s=s.data.reward_timeout_s)
     texts = self.completions(rollout, s)
     rewards, counts = self.scorer.score(list(np.repeat(prompts["prompt"], g)), texts,

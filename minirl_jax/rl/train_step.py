@@ -99,7 +99,8 @@ def policy_loss(params, batch: batch_lib.TrainBatch, model_cfg: ModelConfig,
   """The objective plus the MoE aux loss, with the objective's metrics and the entropy."""
   logp, logits, aux = _policy_logp(params, batch, model_cfg)
   loss, metrics = loss_fn(logp, batch, obj_cfg)
-  entropy = jnp.sum(objectives.token_entropy(logits) * batch.loss_mask) / batch.num_tokens
+  entropy = objectives.masked_mean(objectives.token_entropy(logits), batch.loss_mask,
+                                   batch.num_tokens)
   metrics = {**metrics, "policy/entropy": entropy, "policy/loss": loss,
              "moe/load_balance_loss": aux.load_balance_loss,
              "moe/load_max": jnp.max(aux.expert_load, initial=0.0)}

@@ -25,18 +25,25 @@ def to_python(metrics: Mapping) -> dict:
 
 
 class MetricWriter:
-  """Appends `{"step", "stage", **metrics}` lines to DIR/metrics.jsonl and TensorBoard."""
+  """Appends `{"step", "stage", **metrics}` lines to DIR/metrics.jsonl and TensorBoard.
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
-    os.makedirs(workdir, exist_ok=True)
+  Only one process of a multi-host run writes (`enabled`); the others' writes are no-ops.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._file = self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
     self._file = open(self.path, "a", encoding="utf-8")
-    self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, stage: str, metrics: Mapping[str, float]) -> None:
+    if self._file is None:
+      return
     record = {"step": int(step), "stage": stage, **{k: float(v) for k, v in metrics.items()}}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
@@ -45,7 +52,8 @@ class MetricWriter:
         self._tb.add_scalar(f"{stage}/{name}", float(value), int(step))
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 

@@ -137,15 +137,17 @@ class Run:
   def run(self) -> dict:
     if self.restore():
       print(f"Resumed from {self.ckpt.directory}: {self.progress}")
-    metrics_lib.keep_only(os.path.join(self.workdir, "metrics.jsonl"), self._logged_before)
-    self.writer = metrics_lib.MetricWriter(self.workdir)
+    lead = jax.process_index() == 0  # one process writes the shared metrics and plots
+    if lead:
+      metrics_lib.keep_only(os.path.join(self.workdir, "metrics.jsonl"), self._logged_before)
+    self.writer = metrics_lib.MetricWriter(self.workdir, enabled=lead)
     try:
       if not self.progress.sft_done:
         self._sft()
       summary = self._rl()
     finally:
       self.close()
-    if self.s.log.plots:
+    if self.s.log.plots and lead:
       summary["plots"] = metrics_lib.plot(self.writer.path, self.workdir)
     return summary
 

@@ -139,6 +139,33 @@ def test_jitted_reductions_agree_across_processes_and_with_numpy(data_children):
   assert same(data_children[0]) == same(data_children[1])
 
 
+# --- a whole Run, then the same command resumed, in one shared workdir ----------------------
+
+@pytest.fixture(scope="module")
+def run_children(tmp_path_factory):
+  """Each process's results of a Run and of the same command again (resumed), launched one
+  after the other on one shared workdir; and that workdir."""
+  tmp = tmp_path_factory.mktemp("multiprocess_run")
+  workdir = str(tmp / "workdir")
+  return _launch(tmp, "run", workdir), _launch(tmp, "resume", workdir), tmp / "workdir"
+
+
+def test_run_then_resume_on_two_processes(run_children):
+  run, resume, workdir = run_children
+  assert run[0]["summary"] == run[1]["summary"]
+  assert run[0]["summary"]["sft_steps"] == 2 and run[0]["summary"]["rl_steps"] == 1
+  # The second launch restored the shared checkpoint (SFT done, RL step 1) on both.
+  assert resume[0]["restored"] == resume[1]["restored"] == {
+      "sft_step": 2, "sft_done": True, "rl_step": 1,
+      "start_accuracy": run[0]["summary"]["accuracy_after_sft"]}
+  assert resume[0]["summary"] == resume[1]["summary"]
+  assert resume[0]["summary"]["sft_steps"] == 2 and resume[0]["summary"]["rl_steps"] == 2
+  # Process 0 alone writes the shared metrics: every step once, across both launches.
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["stage"], r["step"]) for r in records] == [
+      ("sft", 1), ("sft", 2), ("rl", 0), ("rl", 1), ("rl", 2)]
+
+
 # --- the child programs --------------------------------------------------------------------
 
 def _child_data(pid):
@@ -188,6 +215,32 @@ def _child_data(pid):
   return out
 
 
+def _child_run(workdir, rl_steps):
+  """One launch of the main job. Each launch runs one RL step: a second, already compiled
+  step in the same process sometimes deadlocked XLA:CPU (dozens of eager ops on global
+  arrays dispatched ahead; a device's launch waits on its in-flight limit while the other
+  process waits in a gloo all-reduce), 4 of 12 runs under `pytest -n 2` load."""
+  import importlib.util
+
+  from minirl_jax.rl import loop
+
+  spec = importlib.util.spec_from_file_location("smoke", ROOT / "configs" / "smoke.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.mesh = {"data": -1}
+  # Global sizes, all multiples of the 4 devices: SFT batches of 8, 4 prompts x 4 = 16
+  # rollout rows in mini-batches of 8, evaluation batches of 16.
+  config.rl.steps = rl_steps
+  config.sft.update(max_steps=2, eval_every=2)
+  config.data.eval_size = 16
+  config.log.update(progress=False, plots=False)
+  run = loop.Run(config, workdir)
+  out = {"restored": run.progress_dict() if run.restore() else None}
+  out["summary"] = run.run()
+  return out
+
+
 def child_main(mode, pid, port, workdir, results_path):
   """One process of a child program: joins the cluster, runs its checks, writes their results
   as JSON (not to stdout: gloo prints there). Exits at once on an error."""
@@ -198,15 +251,11 @@ def child_main(mode, pid, port, workdir, results_path):
     jax.config.update("jax_compilation_cache_dir",
                       os.path.join(tempfile.gettempdir(), "minirl_jax_test_xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    # With async dispatch, the resumed run's many small eager ops on global arrays (all
-    # compiled already, so dispatch runs far ahead) sometimes deadlocked XLA:CPU on a busy
-    # machine: one device's launch blocked on its in-flight semaphore while the other
-    # processes waited in a gloo all-reduce (gdb stacks; 3 of 5 `pytest -n 2` runs).
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=NUM_PROCESSES,
                                process_id=pid, initialization_timeout=60,
                                coordinator_bind_address=f"127.0.0.1:{port}")
-    out = _child_data(pid)
+    out = (_child_data(pid) if mode == "data" else
+           _child_run(workdir, rl_steps={"run": 1, "resume": 2}[mode]))
     with open(results_path, "w") as f:
       json.dump(out, f)
     jax.distributed.shutdown()

@@ -307,7 +307,10 @@ _LABELS = {"sft/loss": "loss", "eval/accuracy": "acc", "reward/mean": "reward",
            "policy/entropy": "entropy", "mismatch/kl_mu_pi_old": "kl"}
 
 
-def _minibatch(full: batch_lib.TrainBatch, rows: np.ndarray) -> batch_lib.TrainBatch:
+# Jitted: one dispatch instead of dozens of small eager ops on global arrays per step, which
+# on multi-process XLA:CPU could fill a device's in-flight queue and deadlock a collective.
+@jax.jit
+def _minibatch(full: batch_lib.TrainBatch, rows: jax.Array) -> batch_lib.TrainBatch:
   """Rows `rows` of the global batch, normalised by the mini-batch's GLOBAL counts."""
   take = lambda x: jnp.asarray(x)[rows]
   mb = batch_lib.TrainBatch(
@@ -319,6 +322,7 @@ def _minibatch(full: batch_lib.TrainBatch, rows: np.ndarray) -> batch_lib.TrainB
   return mb.replace(num_tokens=jnp.maximum(jnp.sum(mb.loss_mask), 1.0))
 
 
+@jax.jit
 def _rollout_metrics(rollout, rewards, full, live_topk):
   """What the paper tracks per step, computed once on the whole global batch."""
   m = dict(objectives.diagnostics.mismatch_metrics(full))

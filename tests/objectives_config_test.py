@@ -19,6 +19,15 @@ class ObjectiveConfigTest(parameterized.TestCase):
     self.assertEqual(cfg.use_normalize_std, normalize_std)
     self.assertEqual((cfg.eps_low, cfg.eps_high, cfg.tis_cap), (0.2, 0.27, 5.0))
     self.assertEqual(cfg.tis_target, "pi_theta_mu")
+    self.assertEqual((cfg.std_ddof, cfg.token_norm, cfg.behaviour_logp),
+                     (0, "batch", "processed"))
+
+  @parameterized.parameters(
+      ("std_ddof", 0), ("std_ddof", 1), ("token_norm", "batch"), ("token_norm", "group"),
+      ("behaviour_logp", "processed"), ("behaviour_logp", "raw"),
+  )
+  def test_accepts_every_option(self, field, value):
+    self.assertEqual(getattr(config.ObjectiveConfig(**{field: value}), field), value)
 
   def test_explicit_switches_override_defaults(self):
     cfg = config.ObjectiveConfig(name="grpo", train_infer_is=True, length_norm=False)
@@ -33,7 +42,9 @@ class ObjectiveConfigTest(parameterized.TestCase):
       ("name", "ppo"), ("eps_low", 1.5), ("eps_low", -0.1), ("eps_high", -0.1),
       ("tis_cap", 0.0), ("tis_target", "mu"), ("train_infer_is", 1), ("length_norm", "yes"),
       ("clip", None), ("normalize_std", 0), ("grad_cosine_every", -1),
-      ("grad_cosine_every", 2.5),
+      ("grad_cosine_every", 2.5), ("std_ddof", 2), ("std_ddof", -1), ("std_ddof", True),
+      ("std_ddof", 1.0), ("token_norm", "sequence"), ("token_norm", None),
+      ("behaviour_logp", "sampled"), ("behaviour_logp", None),
   )
   def test_rejects_bad_value_naming_the_field(self, field, value):
     with self.assertRaisesRegex(ValueError, f"^objective.{field} "):

@@ -28,6 +28,8 @@ CASES = (
     ("cispo", objectives.OBJECTIVES["cispo"], dict(name="cispo")),
     ("cispo_is_no_clip_no_cap", objectives.OBJECTIVES["cispo"],
      dict(name="cispo", train_infer_is=True, clip=False, tis_cap=None)),
+    ("cispo_group_token_norm", objectives.OBJECTIVES["cispo"],
+     dict(name="cispo", token_norm="group")),
     ("sequence", objectives.sequence_loss, {}),
 )
 
@@ -47,7 +49,8 @@ def random_batch(seed, b=4, t=5):
   old, mu, pi = (rng.uniform(0.05, 1.0, (b, t)) for _ in range(3))
   lengths = np.array([4, 2, 3, 0])  # including an empty response
   mask = (np.arange(t)[None, :] >= t - lengths[:, None]).astype(np.float32)
-  batch = lib.make_batch(old, mu, mask, rng.normal(size=b))
+  batch = lib.make_batch(old, mu, mask, rng.normal(size=b),
+                         group_length_mean=lib.group_means(mask, 2))
   return jnp.log(jnp.asarray(pi, jnp.float32)), batch
 
 
@@ -81,7 +84,8 @@ class PropertiesTest(parameterized.TestCase):
   def test_finite_on_hostile_inputs(self, logps, mask, adv, pad):
     # Off the mask every log-prob is garbage (pad); on it, gaps reach 1e4 nats or infinity.
     logp, old, mu = (np.where(mask > 0, x, pad) for x in logps)
-    batch = lib.batch_from_logp(old, mu, mask, adv)
+    batch = lib.batch_from_logp(old, mu, mask, adv,
+                                group_length_mean=lib.group_means(mask, 2))
     chex.assert_tree_all_finite(all_cases(logp, batch))
 
   @parameterized.named_parameters(

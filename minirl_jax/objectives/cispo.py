@@ -13,13 +13,16 @@ def loss(logp_BT: jax.Array, batch: batch_lib.TrainBatch, cfg: config_lib.Object
 
   J = (1/sum_i |y_i|) sum_i sum_t sg[clip(r_it, 1-eps_low, 1+eps_high)] A_i log pi_theta
   with r_it = pi_theta/pi_old and the global `num_tokens` as sum_i |y_i|. No token is
-  ever masked: clipping only bounds the weight. Ablations: not length_norm divides by
-  `num_sequences` instead; not clip uses sg[r_it]; train_infer_is multiplies each token
-  by sg[min(pi_old/mu_old, tis_cap)].
+  ever masked: clipping only bounds the weight. token_norm="group" takes the token mean
+  within each prompt group g instead, (1/P) sum_g (1/sum_{i in g} |y_i|) sum_{i in g}
+  sum_t (...), with `group_length_mean` and `num_sequences`. Ablations: not length_norm
+  divides by `num_sequences` instead; not clip uses sg[r_it]; train_infer_is multiplies
+  each token by sg[min(pi_old/mu_old, tis_cap)].
 
   Args:
     logp_BT: log pi_theta of each token (the only input gradients flow to).
-    batch: old_logp, mu_logp, loss_mask, advantages and the global counts.
+    batch: old_logp, mu_logp, loss_mask, advantages, the global counts and, for
+      token_norm="group", group_length_mean.
     cfg: the objective config.
 
   Returns:
@@ -35,7 +38,7 @@ def loss(logp_BT: jax.Array, batch: batch_lib.TrainBatch, cfg: config_lib.Object
     coef_BT = weight_BT * coef_BT
   term_BT = coef_BT * adv_B1 * logp_BT
   how = tokens.TOKEN_MEAN if cfg.use_length_norm else tokens.SEQ_SUM
-  objective = tokens.normalize(term_BT, batch, how)
+  objective = tokens.normalize(term_BT, batch, how, cfg.token_norm)
   metrics = diagnostics.token_metrics(
       logp_BT, batch, ratio_BT=ratio_BT, is_weight_BT=weight_BT,
       is_truncated_BT=truncated_BT, clip_high_BT=high_BT, clip_low_BT=low_BT)

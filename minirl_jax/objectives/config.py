@@ -4,6 +4,9 @@ from typing import Optional
 
 NAMES = ("minirl", "grpo", "cispo")
 TIS_TARGETS = ("pi_theta_mu", "pi_old_mu")
+STD_DDOFS = (0, 1)
+TOKEN_NORMS = ("batch", "group")
+BEHAVIOUR_LOGPS = ("processed", "raw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +32,19 @@ class ObjectiveConfig:
   coincide. GRPO and CISPO already carry pi_theta/pi_old in their clipped ratio, so their
   optional train-infer factor is always min(pi_old/mu_old, C) and ignores `tis_target`.
 
+  `token_norm` only changes the token-mean reduction (`tokens.TOKEN_MEAN`), i.e. CISPO with
+  length_norm: "batch" divides the batch's token sum by sum_i |y_i| over the global batch;
+  "group" is the paper's literal CISPO, each prompt group's token sum over that group's own
+  token count, averaged over prompts (needs `TrainBatch.group_length_mean`). MiniRL, GRPO,
+  CISPO without length_norm and every metric ignore it.
+
+  `behaviour_logp` picks which sampler log-prob the trainer stores as `mu_logp`, the
+  behaviour policy mu_old of every IS weight. "processed" is the log-prob under the
+  distribution the token was actually drawn from (temperature, top-p and top-k applied), so
+  the IS weights correct towards the true behaviour policy; "raw" is the log-prob at
+  temperature 1 before any truncation, the paper's mu when the sampler processes nothing.
+  With temperature 1 and no top-p/top-k the two are identical.
+
   Attributes:
     name: "minirl" (Eq. 7), "grpo" or "cispo" (paper appendix).
     eps_low: lower trust-region width: r_t < 1 - eps_low is clipped (A < 0).
@@ -42,6 +58,11 @@ class ObjectiveConfig:
     normalize_std: divide group-centred advantages by the group std; None = paper default.
     grad_cosine_every: the trainer logs `is/grad_cosine_token_seq` every this many steps;
       0 never.
+    std_ddof: delta degrees of freedom of the normalize_std group std: 0 population std,
+      1 sample std (as many GRPO implementations compute it; needs group_size >= 2).
+    token_norm: "batch" or "group", the token-mean normaliser, see above (CISPO only).
+    behaviour_logp: "processed" (`Rollout.sample_logp`) or "raw" (`Rollout.mu_logp`),
+      which sampler log-prob becomes `TrainBatch.mu_logp`, see above.
   """
   name: str = "minirl"
   eps_low: float = 0.2
@@ -53,6 +74,9 @@ class ObjectiveConfig:
   clip: bool = True
   normalize_std: Optional[bool] = None
   grad_cosine_every: int = 0
+  std_ddof: int = 0
+  token_norm: str = "batch"
+  behaviour_logp: str = "processed"
 
   def __post_init__(self):
     _check(self.name in NAMES, "name", f"must be one of {NAMES}", self.name)
@@ -69,6 +93,13 @@ class ObjectiveConfig:
     every = self.grad_cosine_every
     _check(isinstance(every, int) and not isinstance(every, bool) and every >= 0,
            "grad_cosine_every", "must be an int >= 0", self.grad_cosine_every)
+    ddof = self.std_ddof
+    _check(isinstance(ddof, int) and not isinstance(ddof, bool) and ddof in STD_DDOFS,
+           "std_ddof", f"must be one of {STD_DDOFS}", ddof)
+    _check(self.token_norm in TOKEN_NORMS, "token_norm", f"must be one of {TOKEN_NORMS}",
+           self.token_norm)
+    _check(self.behaviour_logp in BEHAVIOUR_LOGPS, "behaviour_logp",
+           f"must be one of {BEHAVIOUR_LOGPS}", self.behaviour_logp)
 
   @property
   def use_train_infer_is(self) -> bool:

@@ -20,7 +20,7 @@ LOG_PROB_FLOOR = -1e6
 
 # How a per-token term becomes a scalar: sum over tokens then mean over sequences
 # (MiniRL, Eq. 7), per-sequence token mean then mean over sequences (GRPO, MiniRL
-# +length-norm), or mean over all tokens (CISPO).
+# +length-norm), or a token mean over the batch or within each prompt group (CISPO).
 SEQ_SUM, SEQ_MEAN, TOKEN_MEAN = "seq_sum", "seq_mean", "token_mean"
 
 
@@ -78,14 +78,19 @@ def _positive(count: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
 
 
-def normalize(term_BT: jax.Array, batch: batch_lib.TrainBatch, how: str) -> jax.Array:
+def normalize(term_BT: jax.Array, batch: batch_lib.TrainBatch, how: str,
+              token_norm: str = "batch") -> jax.Array:
   """Reduces a sanitized per-token term to a scalar with the batch's global counts.
 
   Args:
     term_BT: per-token term, finite and already zero off the loss mask.
-    batch: supplies `loss_mask`, `num_sequences` and `num_tokens`.
+    batch: supplies `loss_mask`, `num_sequences`, `num_tokens` and, for
+      `token_norm="group"`, `group_length_mean`.
     how: SEQ_SUM (sum_t, mean over sequences), SEQ_MEAN ((1/|y|) sum_t, mean over
-      sequences) or TOKEN_MEAN (sum over all tokens / num_tokens).
+      sequences) or TOKEN_MEAN (a token mean, see `token_norm`).
+    token_norm: TOKEN_MEAN's normaliser (ignored by the others): "batch" divides the sum
+      over all tokens by `num_tokens`; "group" divides each sequence's token sum by its
+      group's mean length and averages over `num_sequences`.
 
   Returns:
     The scalar; shards' values sum to the full batch's.
@@ -96,9 +101,28 @@ def normalize(term_BT: jax.Array, batch: batch_lib.TrainBatch, how: str) -> jax.
     return jnp.sum(per_seq_B) / _positive(batch.num_sequences)
   if how == SEQ_MEAN:
     return jnp.sum(per_seq_B / _positive(lengths(batch))) / _positive(batch.num_sequences)
-  if how == TOKEN_MEAN:
+  if how == TOKEN_MEAN and token_norm == "batch":
     return jnp.sum(per_seq_B) / _positive(batch.num_tokens)
-  raise ValueError(f"unknown normalisation {how!r}")
+  if how == TOKEN_MEAN and token_norm == "group":
+    return _group_token_mean(per_seq_B, batch)
+  raise ValueError(f"unknown normalisation {how!r} (token_norm {token_norm!r})")
+
+
+def _group_token_mean(per_seq_B: jax.Array, batch: batch_lib.TrainBatch) -> jax.Array:
+  # CISPO as the paper writes it, per prompt group g of G rows over P prompts:
+  #   (1/P) sum_g (1/sum_{i in g} |y_i|) sum_{i in g} sum_t term_it
+  #   = (1/(P G)) sum_i (sum_t term_it) / mean_{j in g(i)} |y_j|.
+  # The row-wise form needs only the row's own group mean (over the GLOBAL batch) and the
+  # global sequence count, so it holds however a group's rows are split into mini-batches
+  # or shards, and their values still add up.
+  if batch.group_length_mean is None:
+    raise ValueError(
+        "objective.token_norm='group' needs TrainBatch.group_length_mean (each row's mean "
+        "prompt-group response length over the global batch), got None")
+  mean_B = batch.group_length_mean.astype(jnp.float32)
+  # A group without loss tokens has mean 0 and only all-zero rows: they add 0, not NaN.
+  return (jnp.sum(per_seq_B / jnp.where(mean_B > 0, mean_B, 1.0))
+          / _positive(batch.num_sequences))
 
 
 def masked_mean(x_BT: jax.Array, mask_BT: jax.Array, count: jax.Array) -> jax.Array:

@@ -9,7 +9,7 @@
 from absl import app
 from absl import flags
 
-from minirl_jax.models import hf
+from minirl_jax import hf_io
 
 _DIRECTION = flags.DEFINE_enum("direction", "import", ["import", "export"],
                                "import: Hugging Face -> orbax; export: orbax -> Hugging Face.")
@@ -28,12 +28,12 @@ def main(argv):
   if _DIRECTION.value == "import":
     if not _HF_DIR.value:
       raise app.UsageError("--direction=import needs --hf_dir")
-    cfg = hf.hf_to_orbax(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value)
+    cfg = hf_io.hf_to_orbax(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value)
   else:
     if not _ORBAX_DIR.value:
       raise app.UsageError("--direction=export needs --orbax_dir")
-    cfg = hf.orbax_to_hf(_ORBAX_DIR.value, _OUT.value, params_dir=_PARAMS_DIR.value,
-                         max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
+    cfg = hf_io.orbax_to_hf(_ORBAX_DIR.value, _OUT.value, params_dir=_PARAMS_DIR.value,
+                            max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
   print(f"{_DIRECTION.value}ed {cfg.num_layers} layers, {cfg.num_experts} experts -> {_OUT.value}")
 
 

@@ -9,7 +9,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from minirl_jax.models import hf
+from minirl_jax import hf_io
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory.", required=True)
 _INPUT = flags.DEFINE_string("input", None, "npz with input_ids (+ attention_mask).",
@@ -27,8 +27,8 @@ def main(argv):
   with np.load(_INPUT.value) as data:
     input_ids = data["input_ids"]
     mask = data["attention_mask"] if "attention_mask" in data else None
-  logits, routing = hf.hf_logits(_HF_DIR.value, input_ids, mask, dtype=_DTYPE.value,
-                                 compute_dtype=_COMPUTE_DTYPE.value)
+  logits, routing = hf_io.hf_logits(_HF_DIR.value, input_ids, mask, dtype=_DTYPE.value,
+                                    compute_dtype=_COMPUTE_DTYPE.value)
   np.savez(_OUTPUT.value, logits=logits, routing=routing)
   print(f"wrote {_OUTPUT.value}: logits {logits.shape}, routing {routing.shape}")
 

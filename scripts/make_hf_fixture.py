@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import transformers
 
-from minirl_jax.models import hf
+from minirl_jax import hf_io
 from minirl_jax.models import transformer
 
 _OUT = flags.DEFINE_string("out", "tests/fixtures", "Directory that gets one folder per fixture.")
@@ -72,7 +72,7 @@ def _reference(model, ids, mask, top_k):
 
 
 def _jax_parity(directory, ids, mask, ref):
-  cfg, params = hf.load_hf(directory)
+  cfg, params = hf_io.load_hf(directory)
   logits, aux = transformer.forward(params, ids, cfg=cfg, attn_mask_BT=mask.astype(bool))
   real = mask.astype(bool)
   diff = np.abs(np.asarray(logits) - ref["logits"])[real].max()
@@ -83,7 +83,7 @@ def _jax_parity(directory, ids, mask, ref):
 def _check_export(cfg, params, model, ids, mask, ref_logits):
   """save_hf output loads in transformers with identical weights and logits."""
   with tempfile.TemporaryDirectory() as tmp:
-    hf.save_hf(tmp, cfg, params)
+    hf_io.save_hf(tmp, cfg, params)
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="eager")
   want, got = model.state_dict(), again.state_dict()
   assert want.keys() == got.keys(), set(want) ^ set(got)

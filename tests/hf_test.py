@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from minirl_jax import checkpoint
-from minirl_jax.models import hf
+from minirl_jax import hf_io
+from minirl_jax.models import hf_config
 
 ROOT = pathlib.Path(__file__).parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -47,7 +48,7 @@ def _assert_trees_equal(a, b):
 
 @pytest.fixture(scope="module", name="loaded")
 def fixture_loaded():
-  return {d.name: hf.load_hf(str(d)) for d in (TINY, DENSE0)}
+  return {d.name: hf_io.load_hf(str(d)) for d in (TINY, DENSE0)}
 
 
 def _assert_matches_reference(logits_BTV, routing_LBTk, ref):
@@ -62,7 +63,7 @@ def _assert_matches_reference(logits_BTV, routing_LBTk, ref):
 @pytest.mark.parametrize("name", [TINY.name, DENSE0.name])
 def test_logits_and_routing_match_transformers(name):
   ref = np.load(FIXTURES / name / "reference.npz")
-  logits, routing = hf.hf_logits(str(FIXTURES / name), ref["input_ids"], ref["attention_mask"])
+  logits, routing = hf_io.hf_logits(str(FIXTURES / name), ref["input_ids"], ref["attention_mask"])
   _assert_matches_reference(logits, routing, ref)
 
 
@@ -75,6 +76,22 @@ def test_fixture_configs_translate(loaded):
   assert not dense0.norm_topk_prob and dense0.tie_embeddings and dense0.rope_theta == 1_000.0
   assert params["moe"]["w_gate"].shape == (2, 8, 32, 16) and "lm_head" not in params
   assert params["mlp"]["w_down"].shape == (1, 48, 32)
+
+
+@pytest.mark.parametrize("name", [TINY.name, DENSE0.name])
+def test_layout_fills_every_leaf_once_and_export_inverts_import(name, loaded):
+  cfg, _ = loaded[name]
+  rng = np.random.default_rng(0)
+  for fused in (frozenset(), frozenset(cfg.moe_layer_ids)):
+    count = {p: np.zeros(s, np.int32) for p, s in hf_config.leaf_shapes(cfg).items()}
+    for piece in hf_config.layout(cfg, fused):
+      tensor = rng.standard_normal(piece.hf_shape).astype(np.float32)
+      value = piece.to_leaf(tensor)
+      assert value.shape == count[piece.leaf][piece.at].shape, piece.name
+      count[piece.leaf][piece.at] += 1
+      if piece.from_leaf is not None:
+        np.testing.assert_array_equal(piece.from_leaf(value), tensor, err_msg=piece.name)
+    assert all((c == 1).all() for c in count.values())
 
 
 def _fused(tensors, cfg):
@@ -93,7 +110,7 @@ def _fused(tensors, cfg):
 def test_fused_expert_layout_loads_identically(loaded, tmp_path):
   cfg, params = loaded[TINY.name]
   src = _single_file_copy(TINY, tmp_path / "fused", _fused(_tensors(TINY), cfg))
-  _assert_trees_equal(hf.load_hf(str(src))[1], params)
+  _assert_trees_equal(hf_io.load_hf(str(src))[1], params)
 
 
 def _hf_config(**changes):
@@ -102,17 +119,17 @@ def _hf_config(**changes):
 
 
 def test_config_4x_and_5x_styles_agree():
-  v5 = hf.config_from_hf(_hf_config())
+  v5 = hf_config.config_from_hf(_hf_config())
   v4 = _hf_config(num_experts=8, rope_theta=10_000.0, rope_scaling=None,
                   torch_dtype="float32")
   for key in ("num_local_experts", "rope_parameters", "dtype"):
     v4.pop(key)
-  assert hf.config_from_hf(v4) == v5
-  assert hf.config_from_hf(hf.config_to_hf(v5)) == v5
+  assert hf_config.config_from_hf(v4) == v5
+  assert hf_config.config_from_hf(hf_config.config_to_hf(v5)) == v5
 
 
 def test_config_decoder_sparse_step_and_overrides():
-  cfg = hf.config_from_hf(_hf_config(num_hidden_layers=5, decoder_sparse_step=2,
+  cfg = hf_config.config_from_hf(_hf_config(num_hidden_layers=5, decoder_sparse_step=2,
                                      mlp_only_layers=[3]), compute_dtype="bfloat16")
   assert cfg.moe_layer_ids == (1,) and cfg.moe_layers_skip == (0, 2, 3, 4)
   assert cfg.compute_dtype == "bfloat16"
@@ -130,9 +147,9 @@ def test_config_decoder_sparse_step_and_overrides():
     (dict(num_hidden_layers=None), "num_hidden_layers"),
 ])
 def test_unsupported_configs_name_the_option(changes, match):
-  hf_config = {k: v for k, v in _hf_config(**changes).items() if v is not None}
+  config_json = {k: v for k, v in _hf_config(**changes).items() if v is not None}
   with pytest.raises(ValueError, match=match):
-    hf.config_from_hf(hf_config)
+    hf_config.config_from_hf(config_json)
 
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
@@ -151,15 +168,15 @@ def test_bad_tensors_are_named(edit, match, tmp_path):
   edit(tensors)
   src = _single_file_copy(DENSE0, tmp_path / "bad", tensors)
   with pytest.raises(ValueError, match=match):
-    hf.load_hf(str(src))
+    hf_io.load_hf(str(src))
 
 
 @pytest.mark.parametrize("name, max_shard_bytes", [(TINY.name, 50_000), (DENSE0.name, 2**30)])
 def test_export_import_round_trip_is_exact(name, max_shard_bytes, loaded, tmp_path):
   cfg, params = loaded[name]
-  hf.save_hf(str(tmp_path), cfg, params, max_shard_bytes=max_shard_bytes)
-  assert (tmp_path / hf.INDEX_FILE).exists() == (max_shard_bytes < 2**20)
-  cfg2, params2 = hf.load_hf(str(tmp_path))
+  hf_io.save_hf(str(tmp_path), cfg, params, max_shard_bytes=max_shard_bytes)
+  assert (tmp_path / hf_io.INDEX_FILE).exists() == (max_shard_bytes < 2**20)
+  cfg2, params2 = hf_io.load_hf(str(tmp_path))
   assert cfg2 == cfg
   _assert_trees_equal(params2, params)
   original, exported = _tensors(FIXTURES / name), _tensors(tmp_path)
@@ -172,29 +189,30 @@ def test_export_refuses_mismatched_params_and_stale_files(loaded, tmp_path):
   cfg, params = loaded[TINY.name]
   wrong = {**params, "attn": {**params["attn"], "wq": params["attn"]["wq"][:, :16]}}
   with pytest.raises(ValueError, match=r"attn/wq \(config \(3, 32, 4, 8\), params \(3, 16"):
-    hf.save_hf(str(tmp_path), cfg, wrong)
-  hf.save_hf(str(tmp_path), cfg, params)
+    hf_io.save_hf(str(tmp_path), cfg, wrong)
+  hf_io.save_hf(str(tmp_path), cfg, params)
   with pytest.raises(FileExistsError, match="already holds safetensors"):
-    hf.save_hf(str(tmp_path), cfg, params)
+    hf_io.save_hf(str(tmp_path), cfg, params)
 
 
 def test_bfloat16_load_and_export(loaded, tmp_path):
   _, params = loaded[DENSE0.name]
-  cfg, bf16 = hf.load_hf(str(DENSE0), dtype="bfloat16")
+  cfg, bf16 = hf_io.load_hf(str(DENSE0), dtype="bfloat16")
   assert cfg.param_dtype == "bfloat16"
   _assert_trees_equal(bf16, jax.tree.map(lambda x: x.astype("bfloat16"), params))
-  hf.save_hf(str(tmp_path), cfg, bf16)  # BF16 safetensors; config.json says bfloat16
-  cfg2, bf16_again = hf.load_hf(str(tmp_path))
+  hf_io.save_hf(str(tmp_path), cfg, bf16)  # BF16 safetensors; config.json says bfloat16
+  cfg2, bf16_again = hf_io.load_hf(str(tmp_path))
   assert cfg2 == cfg
   _assert_trees_equal(bf16_again, bf16)
 
 
 def test_orbax_convert_round_trip(loaded, tmp_path):
   cfg, params = loaded[TINY.name]
-  assert hf.hf_to_orbax(str(TINY), str(tmp_path / "orbax")) == cfg
-  assert hf.read_model_config(str(tmp_path / "orbax")) == cfg
-  _assert_trees_equal(checkpoint.restore_params(str(tmp_path / "orbax" / hf.PARAMS_DIR)), params)
-  hf.orbax_to_hf(str(tmp_path / "orbax"), str(tmp_path / "hf"))
+  assert hf_io.hf_to_orbax(str(TINY), str(tmp_path / "orbax")) == cfg
+  assert checkpoint.read_model_config(str(tmp_path / "orbax")) == cfg
+  restored = checkpoint.restore_params(str(tmp_path / "orbax" / checkpoint.PARAMS_DIR))
+  _assert_trees_equal(restored, params)
+  hf_io.orbax_to_hf(str(tmp_path / "orbax"), str(tmp_path / "hf"))
   exported, original = _tensors(tmp_path / "hf"), _tensors(TINY)
   assert exported.keys() == original.keys()
   assert all(np.array_equal(exported[k], original[k]) for k in original)
@@ -205,7 +223,8 @@ def test_orbax_convert_round_trip(loaded, tmp_path):
 _SHARDED = """
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from minirl_jax.models import hf, transformer
+from minirl_jax import hf_io
+from minirl_jax.models import transformer
 mesh = jax.make_mesh((2, 2), ("expert", "fsdp"))
 def shardings(cfg):
   abstract = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
@@ -215,8 +234,8 @@ def shardings(cfg):
   out["attn"]["wq"] = NamedSharding(mesh, P(None, "fsdp", "expert"))
   out["embed"] = NamedSharding(mesh, P("fsdp", "expert"))
   return out
-_, ref = hf.load_hf("{fixture}")
-_, got = hf.load_hf("{fixture}", shardings=shardings)
+_, ref = hf_io.load_hf("{fixture}")
+_, got = hf_io.load_hf("{fixture}", shardings=shardings)
 assert got["moe"]["w_up"].sharding.spec == P(None, "expert", "fsdp")
 assert len(got["moe"]["w_up"].addressable_shards) == 4
 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):

@@ -80,7 +80,8 @@ def _kl_vs_float32(params, qparams, rollout, cfg, scfg):
 def _time_engine(params, spec, b, cfg):
   """Times one (dtype spec, batch): compile, prefill, decode loop and whole generate."""
   dtype, _, activations = spec.partition(":")
-  qparams = quantize.quantize(params, dtype)
+  axes = transformer.param_axes(cfg)
+  qparams = quantize.quantize(params, dtype, axes)
   scfg = SamplerConfig(dtype=dtype, activation_dtype=activations or None,
                        max_new_tokens=_NEW.value, eos_ids=(), prompt_bucket=16)
   configs = dict(model_cfg=cfg, sampler_cfg=scfg)
@@ -93,7 +94,7 @@ def _time_engine(params, spec, b, cfg):
   _, prefill_s = _best(prefill)
   states = [prefill() for _ in range(_REPEATS.value + 1)]  # decode donates its state
   _, decode_s = _best(lambda: sampler.decode_jit(qparams, states.pop(), **configs).tokens)
-  _, quantize_s = _best(lambda: quantize.quantize(params, dtype))
+  _, quantize_s = _best(lambda: quantize.quantize(params, dtype, axes))
   row = dict(bytes=quantize.weight_bytes(qparams), compile_s=first - gen_s, quantize_s=quantize_s,
              prefill_s=prefill_s, decode_tok_s=b * (_NEW.value - 1) / decode_s,
              generate_tok_s=b * _NEW.value / gen_s,

@@ -1,6 +1,7 @@
 """Sampler params: dtype casts, int8 weight records, W8A8 contractions."""
 import dataclasses
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,11 +9,13 @@ import pytest
 
 from minirl_jax.models import linear
 from minirl_jax.models import transformer
+from minirl_jax.models import weights
 from minirl_jax.models.config import ModelConfig
 from minirl_jax.sampling import quantize
 
 CFG = ModelConfig()  # tiny: 2 MoE layers
 MIXED = ModelConfig(num_layers=3, moe_layers_skip=(1,))  # MoE and dense layers
+AXES = transformer.param_axes(CFG)
 
 
 @pytest.fixture(scope="module")
@@ -23,33 +26,35 @@ def params():
 
 @pytest.fixture(scope="module")
 def int8_params(params):
-  return quantize.quantize(params, "int8")
+  return quantize.quantize(params, "int8", AXES)
 
 
 def _abstract(cfg, dtype):
   """Shapes and dtypes of quantised params, computed without allocating or compiling."""
-  return jax.eval_shape(lambda k: quantize.quantize(transformer.init_params(cfg, k), dtype),
-                        jax.random.key(0))
+  return jax.eval_shape(lambda k: quantize.quantize(
+      transformer.init_params(cfg, k), dtype, transformer.param_axes(cfg)), jax.random.key(0))
 
 
 def test_int8_records_and_float_leaves():
-  shapes = jax.eval_shape(lambda k: transformer.init_params(MIXED, k), jax.random.key(0))
-  flat = jax.tree_util.tree_flatten_with_path(_abstract(MIXED, "int8"),
-                                              is_leaf=linear.is_quantized)[0]
-  assert len(flat) == len(jax.tree.leaves(shapes))
-  for path, leaf in flat:
-    key = tuple(p.key for p in path)[-2:]
-    if key in quantize.INT8_CONTRACT_AXES:
-      assert linear.is_quantized(leaf), key
+  flat = lambda tree: flax.traverse_util.flatten_dict(tree)
+  shapes = flat(jax.eval_shape(lambda k: transformer.init_params(MIXED, k), jax.random.key(0)))
+  axes = flat(transformer.param_axes(MIXED))
+  out = flat(_abstract(MIXED, "int8"))
+  assert out.keys() == shapes.keys()
+  assert {path for path, leaf in out.items() if linear.is_quantized(leaf)} == {
+      ("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"), ("moe", "w_gate"),
+      ("moe", "w_up"), ("moe", "w_down"), ("mlp", "w_gate"), ("mlp", "w_up"), ("mlp", "w_down")}
+  for path, leaf in out.items():
+    if linear.is_quantized(leaf):
       assert leaf.values.dtype == jnp.int8 and leaf.scale.dtype == jnp.float32
-      w = shapes[key[0]][key[1]]
-      axes = quantize.INT8_CONTRACT_AXES[key]
+      w, contracted = shapes[path], weights.contracted_axes(axes[path])
       assert leaf.values.shape == w.shape
-      assert leaf.scale.shape == tuple(1 if i in axes else n for i, n in enumerate(w.shape))
-    elif key == ("moe", "router"):
+      assert leaf.scale.shape == tuple(1 if i in contracted else n
+                                       for i, n in enumerate(w.shape))
+    elif path == ("moe", "router"):
       assert leaf.dtype == jnp.float32
     else:  # embedding, lm_head, norms
-      assert leaf.dtype == jnp.bfloat16, key
+      assert leaf.dtype == jnp.bfloat16, path
 
 
 def test_int8_bytes_are_about_half_of_bfloat16():
@@ -62,7 +67,7 @@ def test_int8_bytes_are_about_half_of_bfloat16():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_float_modes_cast_and_keep_the_router_float32(params, dtype):
-  out = quantize.quantize(params, dtype)
+  out = quantize.quantize(params, dtype, AXES)
   assert out["moe"]["router"].dtype == jnp.float32
   assert {x.dtype for x in jax.tree.leaves(out["attn"])} == {jnp.dtype(dtype)}
   np.testing.assert_allclose(out["moe"]["w_up"].astype(jnp.float32), params["moe"]["w_up"],
@@ -70,15 +75,16 @@ def test_float_modes_cast_and_keep_the_router_float32(params, dtype):
 
 
 def test_dequantized_weights_within_half_a_step(params, int8_params):
-  for group, name in quantize.INT8_CONTRACT_AXES:
-    if group not in params:
+  flat = flax.traverse_util.flatten_dict(int8_params)
+  for path, axes in flax.traverse_util.flatten_dict(AXES).items():
+    if weights.kind(axes) != "matrix":
       continue
-    q, w = int8_params[group][name], params[group][name]
+    q, w = flat[path], params[path[0]][path[1]]
     err = jnp.abs(q.dequantize() - w)
-    assert bool(jnp.all(err <= 0.5 * q.scale * (1 + 1e-5))), (group, name)
+    assert bool(jnp.all(err <= 0.5 * q.scale * (1 + 1e-5))), path
     # Every output channel uses the full int8 range.
-    axes = quantize.INT8_CONTRACT_AXES[(group, name)]
-    np.testing.assert_array_equal(jnp.max(jnp.abs(q.values), axis=axes), 127)
+    np.testing.assert_array_equal(
+        jnp.max(jnp.abs(q.values), axis=weights.contracted_axes(axes)), 127)
 
 
 @jax.jit
@@ -150,12 +156,25 @@ def test_int8_forward_through_the_same_model(params, int8_params):
 
 def test_unknown_dtype_is_named(params):
   with pytest.raises(ValueError, match=r"sampler\.dtype"):
-    quantize.quantize(params, "fp8")
+    quantize.quantize(params, "fp8", AXES)
+
+
+def test_leaves_the_axes_do_not_describe_are_named(params):
+  extra = {**params, "attn": {**params["attn"], "bias": jnp.zeros(3)}}
+  with pytest.raises(ValueError, match="attn/bias"):
+    quantize.quantize(extra, "int8", AXES)
+  missing = {k: v for k, v in params.items() if k != "lm_head"}
+  with pytest.raises(ValueError, match="lm_head"):
+    quantize.quantize(missing, "bfloat16", AXES)
+  unknown = transformer.param_axes(CFG)
+  unknown["attn"]["wq"] = ("layers", "embed", "heads", "rotary")
+  with pytest.raises(ValueError, match="attn/wq.*'rotary'"):
+    quantize.quantize(params, "int8", unknown)
 
 
 def test_int8_forward_is_the_same_with_either_moe_kernel():
   cfg = ModelConfig()
-  params = quantize.quantize(transformer.init_params(cfg, jax.random.key(0)), "int8")
+  params = quantize.quantize(transformer.init_params(cfg, jax.random.key(0)), "int8", AXES)
   tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, cfg.vocab_size)
   run = lambda cfg: jax.jit(lambda p, t: transformer.forward(p, t, cfg=cfg)[0])(params, tokens)
   blocks = run(cfg)

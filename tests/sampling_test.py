@@ -14,6 +14,7 @@ from minirl_jax.sampling import sampler
 from minirl_jax.sampling.config import SamplerConfig
 
 CFG = ModelConfig()  # tiny: vocab 32, d 64, 2 MoE layers of 4 experts, top-2
+AXES = transformer.param_axes(CFG)
 SAMPLE = SamplerConfig(max_new_tokens=10, eos_ids=(1, 2, 3), pad_id=0, prompt_bucket=8)
 GREEDY = dataclasses.replace(SAMPLE, temperature=0.0)
 LENGTHS = np.array([6, 3, 5, 1, 6, 2, 4, 6])
@@ -175,7 +176,7 @@ def test_low_precision_engines_differ_by_a_small_kl(params, rollout, teacher, fw
   m = np.asarray(rollout.completion_mask[:, 1:]) > 0
   for scfg in (dataclasses.replace(SAMPLE, dtype="bfloat16"),
                dataclasses.replace(SAMPLE, dtype="int8")):
-    logits_mu, _ = fwd(quantize.quantize(params, scfg.dtype), rollout.tokens,
+    logits_mu, _ = fwd(quantize.quantize(params, scfg.dtype, AXES), rollout.tokens,
                        cfg=sampler.engine_config(CFG, scfg), attn_mask_BT=rollout.attn_mask,
                        routing=_live(rollout))
     logp_mu = jax.nn.log_softmax(logits_mu)
@@ -187,7 +188,7 @@ def test_low_precision_engines_differ_by_a_small_kl(params, rollout, teacher, fw
 
 def test_int8_engine_records_its_own_logp_and_routing(params, prompts, fwd):
   scfg = dataclasses.replace(SAMPLE, dtype="int8")
-  qparams = quantize.quantize(params, "int8")
+  qparams = quantize.quantize(params, "int8", AXES)
   r = _generate(qparams, prompts, scfg)
   logits, aux = fwd(qparams, r.tokens, cfg=sampler.engine_config(CFG, scfg),
                     attn_mask_BT=r.attn_mask, routing=_live(r))

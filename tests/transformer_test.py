@@ -44,7 +44,8 @@ def test_shapes_and_dtypes(params, fwd, tokens):
   chex.assert_shape(params["mlp"]["w_gate"], (1, 64, 256))
   chex.assert_shape(params["moe"]["w_gate"], (2, 4, 64, 128))
   axes = transformer.param_axes(CFG)
-  for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+  is_axes = lambda x: isinstance(x, tuple)
+  for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=is_axes)):
     assert p.ndim == len(a)
 
 
@@ -93,6 +94,22 @@ def test_replaying_own_routing_is_identical_and_minus_one_is_live(params, fwd, t
   np.testing.assert_array_equal(logits_p[:, :4], logits[:, :4])
   np.testing.assert_array_equal(logits_p[1:], logits[1:])
   assert float(jnp.max(jnp.abs(logits_p[0, 4] - logits[0, 4]))) > 1e-4
+
+
+def test_live_routing_is_the_routers_choice_under_replay(params, fwd, tokens):
+  _, free = fwd(params, tokens)
+  np.testing.assert_array_equal(free.live_routing, free.routing)
+  other = ((free.routing.astype(jnp.int32) + 1) % CFG.num_experts).astype(free.routing.dtype)
+  # Replaying other experts in the last MoE layer only leaves every router's input unchanged.
+  replay = jnp.full_like(other, -1).at[-1].set(other[-1])
+  _, aux = fwd(params, tokens, None, replay)
+  assert aux.live_routing.dtype == free.routing.dtype
+  np.testing.assert_array_equal(aux.routing, jnp.stack([free.routing[0], other[-1]]))
+  np.testing.assert_array_equal(aux.live_routing, free.routing)
+  # Replaying every layer changes the later routers' inputs; the first sees the same.
+  _, aux = fwd(params, tokens, None, other)
+  np.testing.assert_array_equal(aux.routing, other)
+  np.testing.assert_array_equal(aux.live_routing[0], free.routing[0])
 
 
 def test_router_gradient_under_replay(params, tokens):
@@ -156,6 +173,8 @@ def test_dense_model_has_empty_routing():
   assert "moe" not in p
   logits, aux = transformer.forward(p, jnp.zeros((2, 3), jnp.int32), cfg=cfg)
   chex.assert_shape(aux.routing, (0, 2, 3, cfg.top_k))
+  chex.assert_shape(aux.live_routing, (0, 2, 3, cfg.top_k))
+  assert aux.live_routing.dtype == cfg.routing_dtype
   chex.assert_tree_all_finite(logits)
 
 

@@ -25,6 +25,7 @@ from minirl_jax.models import linear
 class Routing:
   """Router decisions and statistics of one MoE layer."""
   ids_BTk: jax.Array        # experts that ran, routing dtype
+  live_ids_BTk: jax.Array   # the router's own top-k, even under replay; routing dtype
   logits_BTE: jax.Array     # float32 router logits
   probs_BTE: jax.Array      # float32 softmax over all experts
   load_E: jax.Array         # fraction of (valid token, slot) assignments per expert
@@ -145,11 +146,14 @@ def moe_ffn(p, x_BTD, cfg, *, valid_BT, replay_BTk=None):
                          p["router"].astype(jnp.float32))
   replay_Nk = None if replay_BTk is None else replay_BTk.reshape(b * t, -1)
   ids_Nk, weights_Nk, probs_NE = route(logits_NE, cfg.top_k, cfg.norm_topk_prob, replay_Nk)
+  # route's own top_k on the same probs: XLA computes it once.
+  live_Nk = ids_Nk if replay_Nk is None else jax.lax.top_k(probs_NE, cfg.top_k)[1]
   y_NkD = experts_ffn(x_ND, ids_Nk, p, impl=cfg.moe_impl, max_block=cfg.moe_block_size)
   y_ND = jnp.einsum("nkd,nk->nd", y_NkD, weights_Nk.astype(y_NkD.dtype))
   load_E, lb, z = _aux_losses(logits_NE, probs_NE, ids_Nk, valid_BT.reshape(b * t))
   routing = Routing(
       ids_BTk=ids_Nk.reshape(b, t, -1).astype(cfg.routing_dtype),
+      live_ids_BTk=live_Nk.reshape(b, t, -1).astype(cfg.routing_dtype),
       logits_BTE=logits_NE.reshape(b, t, -1), probs_BTE=probs_NE.reshape(b, t, -1),
       load_E=load_E, load_balance_loss=lb, router_z_loss=z)
   return y_ND.reshape(b, t, d), routing

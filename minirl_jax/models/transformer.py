@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from minirl_jax.models import layers
 from minirl_jax.models import linear
 from minirl_jax.models import moe
+from minirl_jax.models import weights
 from minirl_jax.models.config import ModelConfig
 
 
@@ -30,6 +31,7 @@ class KVCache:
 class ForwardAux:
   """What the forward reports besides logits. L counts MoE layers only."""
   routing: jax.Array             # [L, B, T, k] experts that ran (routing dtype)
+  live_routing: jax.Array        # [L, B, T, k] the router's own top-k, even under replay
   router_logits: jax.Array       # [L, B, T, E] float32
   router_probs: jax.Array        # [L, B, T, E] float32
   expert_load: jax.Array         # [L, E] fraction of assignments per expert
@@ -86,27 +88,16 @@ def param_axes(cfg: ModelConfig):
   return jax.tree.map(lambda s: s[1], _shapes(cfg), is_leaf=_is_spec)
 
 
-def _fan_in(name, shape, axes):
-  """Product of the contracted (input) dims of a weight."""
-  inputs = {"wo": ("heads", "head_dim"), "w_down": ("mlp",)}.get(name, ("embed",))
-  fan_in = 1
-  for n, axis in zip(shape, axes):
-    fan_in *= n if axis in inputs else 1
-  return fan_in
-
-
 def init_params(cfg: ModelConfig, key: jax.Array):
-  """Random params: norms at one, embeddings N(0, 1), other weights N(0, 1/fan_in)."""
+  """Random params: norms at one, other weights N(0, 1/fan_in) (the embedding's is 1)."""
   flat = flax.traverse_util.flatten_dict(_shapes(cfg), is_leaf=lambda _, x: _is_spec(x))
   keys = jax.random.split(key, len(flat))
   params = {}
   for k, (path, (shape, axes)) in zip(keys, sorted(flat.items())):
-    if axes[-1] == "norm":
+    if weights.kind(axes) == "norm":
       params[path] = jnp.ones(shape, cfg.weight_dtype)
       continue
-    std = 1.0 if path == ("embed",) else _fan_in(path[-1], shape, axes) ** -0.5
-    if cfg.init_std is not None:
-      std = cfg.init_std
+    std = cfg.init_std if cfg.init_std is not None else weights.fan_in(shape, axes) ** -0.5
     params[path] = (std * jax.random.normal(k, shape, jnp.float32)).astype(cfg.weight_dtype)
   return flax.traverse_util.unflatten_dict(params)
 
@@ -229,13 +220,14 @@ def _collect_aux(routings, cfg, b, t, kv_cache):
     lb, z = jnp.mean(r.load_balance_loss), jnp.mean(r.router_z_loss)
   else:  # a dense model
     e, k = cfg.num_experts, cfg.top_k
-    r = moe.Routing(ids_BTk=jnp.zeros((0, b, t, k), cfg.routing_dtype),
+    ids = jnp.zeros((0, b, t, k), cfg.routing_dtype)
+    r = moe.Routing(ids_BTk=ids, live_ids_BTk=ids,
                     logits_BTE=jnp.zeros((0, b, t, e)), probs_BTE=jnp.zeros((0, b, t, e)),
                     load_E=jnp.zeros((0, e)), load_balance_loss=None, router_z_loss=None)
     lb = z = jnp.zeros(())
   return ForwardAux(
-      routing=r.ids_BTk, router_logits=r.logits_BTE, router_probs=r.probs_BTE,
-      expert_load=r.load_E, load_balance_loss=lb, router_z_loss=z,
+      routing=r.ids_BTk, live_routing=r.live_ids_BTk, router_logits=r.logits_BTE,
+      router_probs=r.probs_BTE, expert_load=r.load_E, load_balance_loss=lb, router_z_loss=z,
       aux_loss=cfg.load_balance_coef * lb + cfg.router_z_coef * z, kv_cache=kv_cache)
 
 

@@ -2,11 +2,8 @@
 import dataclasses
 from typing import Optional
 
+from minirl_jax import sections
 from minirl_jax.sampling import quantize
-
-
-def _fail(field, message):
-  raise ValueError(f"sampler.{field} {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +12,7 @@ class SamplerConfig:
 
   Attributes:
     dtype: "float32", "bfloat16" or "int8" (W8A8). The params passed to `generate` must
-      come from `quantize(params, dtype)`.
+      come from `quantize(params, dtype, axes)`.
     activation_dtype: dtype of the residual stream, attention and KV cache; None = bfloat16
       for dtype "bfloat16", else float32 (int8 matmuls quantise their inputs per token
       either way). "bfloat16" with int8 is the usual accelerator setup; on CPU, XLA
@@ -42,21 +39,21 @@ class SamplerConfig:
   def __post_init__(self):
     object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
     if self.dtype not in quantize.DTYPES:
-      _fail("dtype", f"must be one of {quantize.DTYPES}, got {self.dtype!r}")
+      sections.fail("sampler.dtype", f"must be one of {quantize.DTYPES}, got {self.dtype!r}")
     if self.activation_dtype not in (None, "float32", "bfloat16"):
-      _fail("activation_dtype", f"must be None, 'float32' or 'bfloat16', got "
+      sections.fail("sampler.activation_dtype", f"must be None, 'float32' or 'bfloat16', got "
             f"{self.activation_dtype!r}")
     if not self.temperature >= 0:
-      _fail("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+      sections.fail("sampler.temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
     if not 0 < self.top_p <= 1:
-      _fail("top_p", f"must be in (0, 1], got {self.top_p}")
+      sections.fail("sampler.top_p", f"must be in (0, 1], got {self.top_p}")
     for field, low in (("top_k", 0), ("max_new_tokens", 1), ("pad_id", 0),
                        ("prompt_bucket", 1)):
       value = getattr(self, field)
       if not isinstance(value, int) or value < low:
-        _fail(field, f"must be an integer >= {low}, got {value!r}")
+        sections.fail(f"sampler.{field}", f"must be an integer >= {low}, got {value!r}")
     if any(i < 0 for i in self.eos_ids):
-      _fail("eos_ids", f"must be non-negative token ids, got {self.eos_ids}")
+      sections.fail("sampler.eos_ids", f"must be non-negative token ids, got {self.eos_ids}")
 
   @property
   def greedy(self) -> bool:

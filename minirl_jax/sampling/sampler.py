@@ -11,6 +11,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from minirl_jax import batch as batch_lib
 from minirl_jax.models import linear
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
@@ -29,13 +30,16 @@ class Rollout:
   `transformer.token_logp`; `sample_logp` is the same under the processed distribution the
   token was actually drawn from. Both are 0 outside the completion.
   """
-  tokens: jax.Array           # [B, T] int32: left-padded prompt, completion, pad after EOS
-  attn_mask: jax.Array        # [B, T] bool: False on padding
-  completion_mask: jax.Array  # [B, T] float32: 1 on sampled tokens up to and including EOS
-  mu_logp: jax.Array          # [B, T] float32
-  sample_logp: jax.Array      # [B, T] float32
-  routing_mu: jax.Array       # [L, B, T, k] routing dtype: experts the sampler ran; -1 elsewhere
-  num_generated: jax.Array    # [B] int32: completion tokens, EOS included
+  # int32: left-padded prompt, completion, pad after EOS
+  tokens: jax.Array = batch_lib.field("batch", "time")
+  attn_mask: jax.Array = batch_lib.field("batch", "time")  # bool: False on padding
+  # float32: 1 on sampled tokens up to and including EOS
+  completion_mask: jax.Array = batch_lib.field("batch", "time")
+  mu_logp: jax.Array = batch_lib.field("batch", "time")      # float32
+  sample_logp: jax.Array = batch_lib.field("batch", "time")  # float32
+  # routing dtype: experts the sampler ran; -1 elsewhere
+  routing_mu: jax.Array = batch_lib.field("layers", "batch", "time", "top_k")
+  num_generated: jax.Array = batch_lib.field("batch")  # int32: completion tokens, EOS included
 
 
 @flax.struct.dataclass
@@ -195,7 +199,7 @@ def _check(params, model_cfg, sampler_cfg):
   found = "int8" if linear.is_quantized(wq) else jnp.dtype(wq.dtype).name
   if found != sampler_cfg.dtype:
     raise ValueError(f"sampler.dtype is {sampler_cfg.dtype!r} but the params hold {found} "
-                     f"weights: pass sampling.quantize(params, {sampler_cfg.dtype!r})")
+                     f"weights: pass sampling.quantize(params, {sampler_cfg.dtype!r}, axes)")
   bad = [i for i in sampler_cfg.eos_ids + (sampler_cfg.pad_id,) if i >= model_cfg.vocab_size]
   if bad:
     raise ValueError(f"sampler.eos_ids/pad_id {bad} must be < model.vocab_size "
@@ -207,7 +211,7 @@ def generate(sampler_params, prompt_tokens_BP, prompt_lengths_B, rng, *,
   """Samples one completion per prompt.
 
   Args:
-    sampler_params: `quantize(params, sampler_cfg.dtype)`.
+    sampler_params: `quantize(params, sampler_cfg.dtype, param_axes(model_cfg))`.
     prompt_tokens_BP: int prompts, left-padded: row b's prompt is its last
       `prompt_lengths_B[b]` entries.
     prompt_lengths_B: int prompt lengths (>= 1).

@@ -55,7 +55,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       name="minirl", eps_low=0.2, eps_high=0.27, tis_cap=config_dict.placeholder(float),
       tis_target="pi_theta_mu", train_infer_is=config_dict.placeholder(bool),
       length_norm=config_dict.placeholder(bool), clip=True,
-      normalize_std=config_dict.placeholder(bool), grad_cosine_every=10)
+      normalize_std=config_dict.placeholder(bool), std_ddof=0, token_norm="batch",
+      behaviour_logp="processed", grad_cosine_every=10)
   config.objective.tis_cap = 5.0
   config.rl = dict(
       steps=150, prompts_per_step=64, group_size=8,

@@ -11,11 +11,16 @@ PLOTS = (("reward/mean", "training reward"), ("eval/accuracy", "held-out accurac
 
 def quiet_library_logs() -> None:
   """absl INFO from orbax and jax (dozens of lines per checkpoint) drowns the progress bar:
-  show warnings and errors only, unless the user asked for more with --verbosity."""
+  libraries show warnings and errors only, this package its INFO lines too, unless the user
+  asked for more with --verbosity."""
+  import logging as py_logging
   from absl import flags
   from absl import logging
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  if flags.FLAGS["verbosity"].present:
+    return
+  own = os.sep + "minirl_jax" + os.sep
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= py_logging.WARNING or own in record.pathname)
 
 
 def to_python(metrics: Mapping) -> dict:

@@ -1,13 +1,15 @@
 """The mesh (data, fsdp, expert, tensor), logical-axis rules, and the shardings of params,
 optimizer state and batches: one code path from 1 CPU device to a pod (docs/sharding.md)."""
 import math
-from typing import Mapping, Optional
+from typing import Mapping
 
 import jax
 import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from minirl_jax import batch as batch_lib
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -122,21 +124,17 @@ def batch_size_multiple(mesh) -> int:
   return _axis_size(mesh, BATCH_AXES)
 
 
-def shard_batch(tree, mesh, routing_key: Optional[str] = "routing"):
-  """Places a batch (dataclass or dict of arrays) on the mesh, batch-sharded.
+def shard_batch(batch, mesh):
+  """Places a batch on the mesh, its rows sharded over data x fsdp, scalars replicated.
 
-  Leaves are [B, ...] except routing, which is [L, B, T, k]; scalars are replicated.
-  Host (numpy) leaves are this process's rows of the global batch (what the per-process
-  grain pipelines yield); `jax.Array` leaves are already global and are only resharded.
+  Rows are found by `batch.map_rows`: a record's declared axes, else axis 0. Host (numpy)
+  arrays are this process's rows of the global batch (what the per-process grain pipelines
+  yield); `jax.Array`s are already global and are only resharded.
   """
-  def place(path, x):
-    if x is None:
-      return None
-    is_routing = routing_key and any(getattr(k, "name", getattr(k, "key", None)) == routing_key
-                                     for k in path)
-    sh = batch_sharding(mesh, np.ndim(x), 1 if is_routing else 0) if np.ndim(x) else (
-        replicated(mesh))
+  def place(x, batch_axis):
+    sh = (replicated(mesh) if batch_axis is None
+          else batch_sharding(mesh, np.ndim(x), batch_axis))
     if isinstance(x, jax.Array):
       return jax.device_put(x, sh)
     return jax.make_array_from_process_local_data(sh, np.asarray(x))
-  return jax.tree_util.tree_map_with_path(place, tree)
+  return batch_lib.map_rows(place, batch)

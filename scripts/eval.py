@@ -3,14 +3,22 @@
   python scripts/eval.py --workdir=runs/tiny --samples=8
 Use the same --config (and overrides) the run was trained with. Last line: one JSON object.
 """
+import dataclasses
 import json
 
 from absl import app
 from absl import flags
+import jax
 
 from minirl_jax import config_base
 from minirl_jax import metrics
-from minirl_jax.rl import loop
+from minirl_jax import sharding
+from minirl_jax.rl import checkpointing
+from minirl_jax.rl import data as rl_data
+from minirl_jax.rl import rollout
+from minirl_jax.rl import settings
+from minirl_jax.rl import state as state_lib
+from minirl_jax.rl import step
 
 _CONFIG = config_base.define_config_flag(__file__)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
@@ -22,14 +30,24 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 def main(argv):
   del argv
   metrics.quiet_library_logs()
-  run = loop.Run(_CONFIG.value, _WORKDIR.value)
-  if not run.restore():
-    raise SystemExit(f"no checkpoint under {run.ckpt.directory}")
-  size = _SIZE.value or run.s.data.eval_size
-  result = run.evaluate(samples=_SAMPLES.value, size=size, seed=_SEED.value)
-  run.close()
-  print(json.dumps({"workdir": _WORKDIR.value, "problems": size, **run.progress_dict(),
-                    **result}))
+  s = settings.from_config(_CONFIG.value)
+  mesh = sharding.make_mesh(s.mesh)
+  data = rl_data.build(s)
+  try:
+    state, progress = checkpointing.read_latest(_WORKDIR.value, s.checkpoint,
+                                                state_lib.abstract_state(s, mesh))
+  except FileNotFoundError as e:
+    raise SystemExit(str(e)) from None
+  size = _SIZE.value or s.data.eval_size
+  fns = step.bind(s, mesh, data.tokenizer, data.reward_fn)
+  try:
+    result = fns.evaluate(fns.quantize(state.params),
+                          data.eval_batches(s, size, rollout.EVAL_BATCH),
+                          jax.random.key(_SEED.value), samples=_SAMPLES.value)
+  finally:
+    fns.close()
+  print(json.dumps({"workdir": _WORKDIR.value, "problems": size,
+                    **dataclasses.asdict(progress), **result}))
 
 
 if __name__ == "__main__":

@@ -6,18 +6,22 @@ params, or a fresh model.
 Sampler knobs come from `config.sampler` (e.g. --config.sampler.temperature=0 for greedy);
 use the --config the run was trained with. Params from --config.init_from are used too.
 """
-import tempfile
-
 from absl import app
 from absl import flags
 import jax
 import numpy as np
 
 from minirl_jax import config_base
-from minirl_jax.rl import data as rl_data
 from minirl_jax import metrics
-from minirl_jax.rl import loop
-from minirl_jax.sampling import sampler
+from minirl_jax import sharding
+from minirl_jax.data import pipeline
+from minirl_jax.models import transformer
+from minirl_jax.rl import checkpointing
+from minirl_jax.rl import data as rl_data
+from minirl_jax.rl import rollout
+from minirl_jax.rl import settings
+from minirl_jax.rl import state as state_lib
+from minirl_jax.sampling import quantize
 
 _CONFIG = config_base.define_config_flag(__file__)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to read the latest "
@@ -29,28 +33,32 @@ _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 2, "Completions per prompt
 def main(argv):
   del argv
   metrics.quiet_library_logs()
-  with tempfile.TemporaryDirectory() as scratch:
-    _sample(_WORKDIR.value or scratch)
-
-
-def _sample(workdir):
-  run = loop.Run(_CONFIG.value, workdir)
-  if _WORKDIR.value and not run.restore():
-    raise SystemExit(f"no checkpoint under {run.ckpt.directory}")
-  s, tok = run.s, run.data.tokenizer
-  fmt = run.data.format_prompt or (lambda text: text)
+  s = settings.from_config(_CONFIG.value)
+  mesh = sharding.make_mesh(s.mesh)
+  data = rl_data.build(s)
+  progress = "initial params"
+  if _WORKDIR.value:
+    try:
+      state, progress = checkpointing.read_latest(_WORKDIR.value, s.checkpoint,
+                                                  state_lib.abstract_state(s, mesh))
+    except FileNotFoundError as e:
+      raise SystemExit(str(e)) from None
+  else:
+    state, _ = state_lib.create(s, mesh, jax.random.fold_in(jax.random.key(s.seed), 0))
+  tok, fmt = data.tokenizer, data.format_prompt or (lambda text: text)
   texts = [t for t in _PROMPTS.value for _ in range(_SAMPLES.value)]
   encoded = [tok.encode(fmt(t)) for t in texts]
   width = max(map(len, encoded))
-  prompts = np.array([[tok.pad_id] * (width - len(e)) + e for e in encoded], np.int32)
-  params = run.engines.quantize(run.state.params)
-  rollout = sampler.generate(params, prompts, np.array([len(e) for e in encoded]),
-                             jax.random.key(s.seed), model_cfg=s.model, sampler_cfg=s.sampler)
-  run.close()
-  print(f"sampler: {s.sampler}; progress: {run.progress_dict()}")
-  for text, completion, n, mu in zip(texts, run.data.completions(rollout, s),
-                                     rl_data.local_rows(rollout.num_generated),
-                                     rl_data.local_rows(rollout.mu_logp).sum(axis=1)):
+  tokens, masks = zip(*(pipeline.left_pad(e, width, tok.pad_id) for e in encoded))
+  prompts = {"prompt_tokens": np.stack(tokens), "prompt_mask": np.stack(masks)}
+  sampler_params = quantize.quantize(state.params, s.sampler.dtype,
+                                     transformer.param_axes(s.model))
+  out = rollout.sample(sampler_params, prompts, jax.random.key(s.seed), group_size=1,
+                       model_cfg=s.model, sampler_cfg=s.sampler, mesh=mesh)
+  print(f"sampler: {s.sampler}; progress: {progress}")
+  for text, completion, n, mu in zip(
+      texts, rollout.completions(out, tok, s.sampler.eos_ids),
+      rollout.local_rows(out.num_generated), rollout.local_rows(out.mu_logp).sum(axis=1)):
     print(f"{text!r:>14} -> {completion!r:<24} {n:>3} tokens, log mu = {mu:7.2f}")
 
 

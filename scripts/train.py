@@ -13,6 +13,7 @@ import jax
 from minirl_jax import config_base
 from minirl_jax import metrics
 from minirl_jax.rl import loop
+from minirl_jax.rl import settings
 
 _CONFIG = config_base.define_config_flag(__file__)
 _MULTIHOST = flags.DEFINE_bool(
@@ -25,9 +26,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (metrics, plot
 def main(argv):
   del argv
   metrics.quiet_library_logs()
+  s = settings.from_config(_CONFIG.value)
   if _MULTIHOST.value:
     jax.distributed.initialize()
-  summary = loop.Run(_CONFIG.value, _WORKDIR.value).run()
+  summary = loop.Run(s, _WORKDIR.value).run()
   print("plots:", *summary.pop("plots", []), sep="\n  ")
   print(json.dumps(summary))
 

@@ -1,5 +1,6 @@
 """Multi-host for real: two JAX processes (2 CPU devices each, gloo collectives, a localhost
 coordinator) share one 4-device mesh for global batches, reductions and a whole resumed Run."""
+import dataclasses
 import faulthandler
 import json
 import os
@@ -173,9 +174,18 @@ def _child_data(pid):
   import jax.numpy as jnp
   from jax.experimental import multihost_utils
 
+  import flax
+
+  from minirl_jax import batch as batch_lib
   from minirl_jax import objectives
   from minirl_jax import sharding
-  from minirl_jax.rl import data as rl_data
+  from minirl_jax.rl import rollout
+
+  @flax.struct.dataclass
+  class Record:  # rows on a declared axis: routing's batch axis is 1
+    x: jax.Array = batch_lib.field("batch", "time")
+    n: jax.Array = batch_lib.field()
+    routing: jax.Array = batch_lib.field("layers", "batch", "time", "top_k")
 
   spec = lambda x: [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -187,30 +197,30 @@ def _child_data(pid):
   out["mesh"] = dict(mesh.shape)
   out["mesh_processes"] = [d.process_index for d in mesh.devices.ravel()]
 
-  placed = sharding.shard_batch({"x": local, "n": np.float32(3),
-                                 "routing": local[None, :, :, None]}, mesh)
-  out["shard_batch"] = dict(shape=list(placed["x"].shape), spec=spec(placed["x"]),
-                            gathered=gather(placed["x"]).tolist(), scalar=float(placed["n"]),
-                            routing_spec=spec(placed["routing"]),
-                            routing_gathered=gather(placed["routing"])[0, :, :, 0].tolist())
+  placed = sharding.shard_batch(Record(x=local, n=np.float32(3),
+                                        routing=local[None, :, :, None]), mesh)
+  out["shard_batch"] = dict(shape=list(placed.x.shape), spec=spec(placed.x),
+                            gathered=gather(placed.x).tolist(), scalar=float(placed.n),
+                            routing_spec=spec(placed.routing),
+                            routing_gathered=gather(placed.routing)[0, :, :, 0].tolist())
 
-  x = rl_data.to_global(local, mesh)
-  out["round_trip"] = dict(shape=list(x.shape), back=rl_data.local_rows(x).tolist(),
-                           shard_batch_back=rl_data.local_rows(placed["x"]).tolist())
+  x = rollout.to_global(local, mesh)
+  out["round_trip"] = dict(shape=list(x.shape), back=rollout.local_rows(x).tolist(),
+                           shard_batch_back=rollout.local_rows(placed.x).tolist())
   # tensor=2 within each process: both local devices hold the same rows.
   mesh_dt = sharding.make_mesh({"data": 2, "tensor": 2})
-  x_dt = rl_data.to_global(local, mesh_dt)
+  x_dt = rollout.to_global(local, mesh_dt)
   out["replicated_round_trip"] = dict(
       mesh_processes=[d.process_index for d in mesh_dt.devices.ravel()],
-      gathered=gather(x_dt).tolist(), back=rl_data.local_rows(x_dt).tolist())
+      gathered=gather(x_dt).tolist(), back=rollout.local_rows(x_dt).tolist())
 
   got = {"sum": float(jax.jit(jnp.sum)(x)),
          "col_sum": gather(jax.jit(lambda a: jnp.sum(a, axis=0))(x)).tolist()}
-  rewards = rl_data.to_global(GLOBAL_REWARDS[2 * pid:2 * pid + 2], mesh)
+  rewards = rollout.to_global(GLOBAL_REWARDS[2 * pid:2 * pid + 2], mesh)
   for norm in (False, True):
     adv = jax.jit(objectives.group_advantages, static_argnums=(1, 2))(rewards, 2, norm)
     got[f"advantages_{norm}"] = gather(adv).tolist()
-    got[f"advantages_local_{norm}"] = rl_data.local_rows(adv).tolist()
+    got[f"advantages_local_{norm}"] = rollout.local_rows(adv).tolist()
   out["reductions"] = got
   return out
 
@@ -223,6 +233,7 @@ def _child_run(workdir, rl_steps):
   import importlib.util
 
   from minirl_jax.rl import loop
+  from minirl_jax.rl import settings
 
   spec = importlib.util.spec_from_file_location("smoke", ROOT / "configs" / "smoke.py")
   module = importlib.util.module_from_spec(spec)
@@ -235,8 +246,8 @@ def _child_run(workdir, rl_steps):
   config.sft.update(max_steps=2, eval_every=2)
   config.data.eval_size = 16
   config.log.update(progress=False, plots=False)
-  run = loop.Run(config, workdir)
-  out = {"restored": run.progress_dict() if run.restore() else None}
+  run = loop.Run(settings.from_config(config), workdir)
+  out = {"restored": dataclasses.asdict(run.progress) if run.restore() else None}
   out["summary"] = run.run()
   return out
 

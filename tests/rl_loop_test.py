@@ -7,6 +7,8 @@ import pathlib
 import pytest
 
 from minirl_jax.rl import loop
+from minirl_jax.rl import settings
+from minirl_jax.rl import state as state_lib
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 REQUIRED_RL = ("reward/mean", "eval/accuracy", "policy/entropy", "mismatch/kl_mu_pi_old",
@@ -29,6 +31,10 @@ def smoke_config(**overrides):
   return config
 
 
+def smoke_run(workdir, **overrides):
+  return loop.Run(settings.from_config(smoke_config(**overrides)), str(workdir))
+
+
 def _records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -42,7 +48,7 @@ def _deterministic(record):
 
 def test_main_job_outputs_and_resume_equivalence(tmp_path):
   full = str(tmp_path / "full")
-  summary = loop.Run(smoke_config(**{"rl.steps": 4}), full).run()
+  summary = smoke_run(full, **{"rl.steps": 4}).run()
   records = _records(full)
   sft = [r for r in records if r["stage"] == "sft"]
   rl = [r for r in records if r["stage"] == "rl"]
@@ -57,8 +63,8 @@ def test_main_job_outputs_and_resume_equivalence(tmp_path):
 
   # Interrupted after RL step 2, then the same command again: it resumes and logs the same.
   resumed = str(tmp_path / "resumed")
-  loop.Run(smoke_config(**{"rl.steps": 2}), resumed).run()
-  loop.Run(smoke_config(**{"rl.steps": 4}), resumed).run()
+  smoke_run(resumed, **{"rl.steps": 2}).run()
+  smoke_run(resumed, **{"rl.steps": 4}).run()
   again = _records(resumed)
   assert [(r["stage"], r["step"]) for r in again] == [(r["stage"], r["step"]) for r in records]
   for a, b in zip(records, again):
@@ -80,27 +86,27 @@ def test_bad_config_raises_before_compiling(tmp_path, monkeypatch, overrides, fi
     config.model.moe_layers_skip = (0, 1)  # a dense model: nothing to replay
   def compiled(*args, **kwargs):
     raise AssertionError("compiled before validating the config")
-  monkeypatch.setattr(loop, "_init_state", compiled)
+  monkeypatch.setattr(state_lib, "create", compiled)
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-    loop.Run(config, str(tmp_path))
+    loop.Run(settings.from_config(config), str(tmp_path))
 
 
 def test_init_from_converted_hf_checkpoint(tmp_path):
   import dataclasses
   import chex
-  from minirl_jax.models import hf
+  from minirl_jax import hf_io
   fixture = CONFIGS.parent / "tests" / "fixtures" / "qwen3_moe_tiny"
   out = str(tmp_path / "orbax")
-  cfg = hf.hf_to_orbax(str(fixture), out)
-  _, expected = hf.load_hf(str(fixture))
+  cfg = hf_io.hf_to_orbax(str(fixture), out)
+  _, expected = hf_io.load_hf(str(fixture))
   config = smoke_config(init_from=out)
   config.model.update({k: v for k, v in dataclasses.asdict(cfg).items()})
-  run = loop.Run(config, str(tmp_path / "run"))
+  run = loop.Run(settings.from_config(config), str(tmp_path / "run"))
   chex.assert_trees_all_close(run.state.params, expected)
   run.close()
   config.model.d_model = cfg.d_model * 2
   with pytest.raises(ValueError, match=r"model\.d_model"):
-    loop.Run(config, str(tmp_path / "run2"))
+    loop.Run(settings.from_config(config), str(tmp_path / "run2"))
 
 
 def always_one(prompt, completion, answer):
@@ -111,7 +117,7 @@ def always_one(prompt, completion, answer):
 def test_user_reward_function_is_plugged_in_by_name():
   from minirl_jax.rl import data
   config = smoke_config(**{"data.reward": f"{__name__}:always_one"})
-  assert data.build(config).reward_fn is always_one
+  assert data.build(settings.from_config(config)).reward_fn is always_one
   for bad in ("no_colon", f"{__name__}:missing", "no_such_module_xyz:f"):
     with pytest.raises(ValueError, match="data.reward"):
-      data.build(smoke_config(**{"data.reward": bad}))
+      data.build(settings.from_config(smoke_config(**{"data.reward": bad})))

@@ -14,6 +14,7 @@ from minirl_jax.data import tasks
 from minirl_jax.data import tokenizer as tokenizer_lib
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
+from minirl_jax.rl import settings
 from minirl_jax.rl import train_step
 from minirl_jax.sampling import config as sampler_config
 from minirl_jax.sampling import quantize
@@ -21,7 +22,8 @@ from minirl_jax.sampling import sampler
 
 MODEL = ModelConfig(vocab_size=24, d_model=32, num_heads=2, num_kv_heads=1, expert_ffn_dim=32)
 SAMPLER = sampler_config.SamplerConfig(dtype="int8", max_new_tokens=6, prompt_bucket=4)
-OPTIM = train_step.OptimConfig(learning_rate=1e-2)
+OPTIM = settings.OptimConfig(learning_rate=1e-2)
+AXES = transformer.param_axes(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def setup():
   params = transformer.init_params(MODEL, jax.random.key(0))
   prompts = jnp.array([[0, 5, 6, 7], [8, 9, 10, 11]] * 4)
   lengths = jnp.array([3, 4] * 4)
-  rollout = sampler.generate(quantize.quantize(params, "int8"), prompts, lengths,
+  rollout = sampler.generate(quantize.quantize(params, "int8", AXES), prompts, lengths,
                              jax.random.key(1), model_cfg=MODEL, sampler_cfg=SAMPLER)
   old = jax.jit(functools.partial(train_step.old_policy, model_cfg=MODEL))
   old_logp, routing_old, _ = old(params, rollout.tokens, rollout.attn_mask, None)
@@ -42,7 +44,7 @@ def setup():
   return params, rollout, routing_old, batch
 
 
-OPTIMIZER = train_step.make_optimizer(OPTIM)
+OPTIMIZER = train_step.make_optimizer(OPTIM, AXES)
 
 
 @functools.cache
@@ -97,7 +99,7 @@ def test_sft_loss_decreases():
   data = iter(pipeline.sft_dataset(tasks.TrainSource(task, seed=0, size=512), tok,
                                    global_batch_size=32, max_prompt_len=8, max_len=18, seed=0,
                                    check_lengths=False))
-  optimizer = train_step.make_optimizer(train_step.OptimConfig(learning_rate=3e-3))
+  optimizer = train_step.make_optimizer(settings.OptimConfig(learning_rate=3e-3), AXES)
   state = train_step.init_state(transformer.init_params(MODEL, jax.random.key(0)), optimizer)
   step = jax.jit(functools.partial(train_step.sft_step, model_cfg=MODEL, optimizer=optimizer))
   losses = []
@@ -115,3 +117,39 @@ def test_nonfinite_gradient_skips_the_update(setup):
   new_state, metrics = step(state, bad)
   assert float(metrics["optim/skipped"]) == 1.0
   chex.assert_trees_all_equal(new_state.params, params)
+
+
+def test_entropy_metric_is_of_the_distribution_each_response_token_was_drawn_from(setup):
+  params, _, _, batch = setup
+  _, metrics = train_step.policy_loss(params, batch, MODEL, objectives.ObjectiveConfig(),
+                                      objectives.OBJECTIVES["minirl"])
+  logits, _ = transformer.forward(params, batch.tokens, cfg=MODEL,
+                                  attn_mask_BT=batch.attn_mask)
+  p = jax.nn.softmax(np.asarray(logits, np.float64), axis=-1)
+  entropy = -np.sum(p * np.log(p), axis=-1)  # [B, T]: of the token at t + 1
+  mask = np.asarray(batch.loss_mask)
+  # Response token t was drawn from logits[t - 1]: shift by one; the first response token
+  # counts and the position after the last one does not.
+  want = np.sum(entropy[:, :-1] * mask[:, 1:]) / mask.sum()
+  assert float(metrics["policy/entropy"]) == pytest.approx(want, rel=1e-5)
+  unshifted = np.sum(entropy * mask) / mask.sum()
+  assert abs(want - unshifted) > 1e-3  # the test tells the two alignments apart
+
+
+def test_weight_decay_reaches_matrices_and_never_norm_gains():
+  params = transformer.init_params(MODEL, jax.random.key(0))
+  optimizer = train_step.make_optimizer(
+      settings.OptimConfig(learning_rate=0.1, weight_decay=0.5), AXES)
+  state = train_step.init_state(params, optimizer)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(zero, state.opt_state, params)
+  # With zero gradients the whole update is -lr * wd * w on decayed weights, 0 elsewhere.
+  for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    name = jax.tree_util.keystr(path)
+    w = params
+    for key in path:
+      w = w[key.key]
+    if "norm" in name:
+      assert float(jnp.max(jnp.abs(u))) == 0.0, name
+    else:
+      np.testing.assert_allclose(u, -0.1 * 0.5 * w, rtol=1e-6, err_msg=name)

@@ -25,3 +25,30 @@ def test_model_info_counts_qwen3_30b_a3b_without_allocating():
 def test_scripts_find_their_default_config_from_any_directory():
   _, info = _last_json([str(ROOT / "scripts" / "model_info.py"), "--config.model.top_k=1"])
   assert info["top_k"] == 1 and info["num_experts"] == 4  # configs/tiny.py, overridden
+
+
+def test_train_then_eval_and_sample_the_checkpoint(tmp_path):
+  smoke = [f"--config={ROOT / 'configs' / 'smoke.py'}", "--config.rl.steps=1",
+           "--config.sft.max_steps=2", "--config.log.plots=False"]
+  workdir = str(tmp_path / "run")
+  _, summary = _last_json([str(ROOT / "scripts" / "train.py"), *smoke, f"--workdir={workdir}"])
+  assert summary["sft_steps"] == 2 and summary["rl_steps"] == 1
+
+  # eval.py and sample.py restore params and call the RL step's functions, no training run.
+  _, result = _last_json([str(ROOT / "scripts" / "eval.py"), *smoke, f"--workdir={workdir}",
+                          "--samples=2", "--size=16"])
+  assert result["problems"] == 16 and result["rl_step"] == 1 and result["sft_step"] == 2
+  assert 0.0 <= result["avg@2"] <= result["pass@2"] <= 1.0
+  out = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), *smoke,
+                        f"--workdir={workdir}", "--prompts=3+4=,9-2=",
+                        "--samples_per_prompt=2"], check=True, capture_output=True, text=True,
+                       timeout=300).stdout
+  lines = [line for line in out.splitlines() if "->" in line]
+  assert len(lines) == 4 and "rl_step=1" in out
+
+  # A workdir without a checkpoint: one line, a non-zero exit, and nothing created.
+  missing = tmp_path / "missing"
+  run = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval.py"), *smoke,
+                        f"--workdir={missing}"], capture_output=True, text=True, timeout=300)
+  assert run.returncode != 0 and "no checkpoint under" in run.stderr
+  assert "Traceback" not in run.stderr and not missing.exists()

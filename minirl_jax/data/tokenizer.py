@@ -1,6 +1,9 @@
-"""The tokenizer interface every pipeline speaks, and a character tokenizer for the synthetic task."""
+"""The tokenizer interface every pipeline speaks, the synthetic task's character tokenizer,
+and `load`, which picks a run's tokenizer."""
 from collections.abc import Sequence
 from typing import Optional, Protocol
+
+from minirl_jax.data import hf_tokenizer
 
 
 class Tokenizer(Protocol):
@@ -72,3 +75,11 @@ def trim_at_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
       break
     out.append(int(i))
   return out
+
+
+def load(path: Optional[str]) -> Tokenizer:
+  """The tokenizer a run names: a `tokenizer.json` (file or directory), or, for None, the
+  character tokenizer of the synthetic task."""
+  if path is None:
+    return CharTokenizer()
+  return hf_tokenizer.load_hf_tokenizer(path)

@@ -4,12 +4,10 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from minirl_jax import sections
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MOE_IMPLS = ("blocks", "ragged_dot")
-
-
-def _fail(field, message):
-  raise ValueError(f"model.{field} {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,30 +57,31 @@ class ModelConfig:
                   "moe_block_size"):
       value = getattr(self, field)
       if not isinstance(value, int) or value < 1:
-        _fail(field, f"must be a positive integer, got {value!r}")
+        sections.fail(f"model.{field}", f"must be a positive integer, got {value!r}")
     if self.num_heads % self.num_kv_heads:
-      _fail("num_heads", f"({self.num_heads}) must be divisible by num_kv_heads "
+      sections.fail("model.num_heads", f"({self.num_heads}) must be divisible by num_kv_heads "
             f"({self.num_kv_heads})")
     if self.head_dim % 2:
-      _fail("head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
+      sections.fail("model.head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
     if self.top_k > self.num_experts:
-      _fail("top_k", f"({self.top_k}) must be <= num_experts ({self.num_experts})")
+      sections.fail("model.top_k", f"({self.top_k}) must be <= num_experts ({self.num_experts})")
     if self.num_experts > 32_767:
-      _fail("num_experts", f"must fit int16 routing ids, got {self.num_experts}")
+      sections.fail("model.num_experts", f"must fit int16 routing ids, got {self.num_experts}")
     bad = [i for i in self.moe_layers_skip if not 0 <= i < self.num_layers]
     if bad:
-      _fail("moe_layers_skip", f"has indices outside [0, {self.num_layers}): {bad}")
+      sections.fail("model.moe_layers_skip", f"has indices outside [0, {self.num_layers}): {bad}")
     for field in ("param_dtype", "compute_dtype"):
       if getattr(self, field) not in DTYPES:
-        _fail(field, f"must be one of {sorted(DTYPES)}, got {getattr(self, field)!r}")
+        sections.fail(f"model.{field}",
+                      f"must be one of {sorted(DTYPES)}, got {getattr(self, field)!r}")
     if self.moe_impl not in MOE_IMPLS:
-      _fail("moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+      sections.fail("model.moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
     for field in ("rope_theta", "rms_norm_eps"):
       if getattr(self, field) <= 0:
-        _fail(field, f"must be > 0, got {getattr(self, field)}")
+        sections.fail(f"model.{field}", f"must be > 0, got {getattr(self, field)}")
     for field in ("load_balance_coef", "router_z_coef"):
       if getattr(self, field) < 0:
-        _fail(field, f"must be >= 0, got {getattr(self, field)}")
+        sections.fail(f"model.{field}", f"must be >= 0, got {getattr(self, field)}")
 
   @property
   def moe_layer_ids(self) -> tuple[int, ...]:
@@ -123,11 +122,4 @@ class ModelConfig:
 
 def from_dict(section) -> ModelConfig:
   """Builds a ModelConfig from a mapping (e.g. `config.model`), naming unknown keys."""
-  values = dict(section)
-  known = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ValueError(f"model has unknown fields {unknown}; known: {sorted(known)}")
-  if "moe_layers_skip" in values:
-    values["moe_layers_skip"] = tuple(values["moe_layers_skip"])
-  return ModelConfig(**values)
+  return sections.build(ModelConfig, section, "model")

@@ -1,22 +1,23 @@
 """Turns an experiment ConfigDict into validated, frozen dataclasses before anything compiles.
 
-Defaults live in one place, `minirl_jax/config_base.py`; these dataclasses have none.
-
-Every error names the offending field (`rl.mini_batch_size ...`).
+`from_config` is the only function that reads a ConfigDict: everything after it (the data
+builder, `loop.Run`, the RL step functions, the scripts) takes these dataclasses. Defaults
+live in one place, `minirl_jax/config_base.py`; these dataclasses have none. Every error
+names the offending field (`rl.mini_batch_size ...`).
 """
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 from minirl_jax import objectives
+from minirl_jax import sections
 from minirl_jax.models.config import ModelConfig
-from minirl_jax.rl.train_step import OptimConfig
+from minirl_jax.data import tokenizer as tokenizer_lib
 from minirl_jax.sampling.config import SamplerConfig
 
 ROUTING_REPLAY = ("none", "r2", "r3")
 
 
-def _fail(field, message):
-  raise ValueError(f"{field} {message}")
+_fail = sections.fail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +112,39 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with global-norm clipping, linear warmup then constant, non-finite guard."""
+  learning_rate: float
+  warmup_steps: int = 0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0
+  stage: str = "optim"  # the section whose learning_rate/warmup_steps these are (errors)
+
+  def __post_init__(self):
+    where = lambda field: f"{self.stage if field in _PER_STAGE else 'optim'}.{field}"
+    for field in ("learning_rate", "eps", "grad_clip"):
+      if not getattr(self, field) > 0:
+        _fail(where(field), f"must be > 0, got {getattr(self, field)}")
+    for field in ("b1", "b2"):
+      if not 0 <= getattr(self, field) < 1:
+        _fail(where(field), f"must be in [0, 1), got {getattr(self, field)}")
+    for field in ("warmup_steps", "weight_decay"):
+      if getattr(self, field) < 0:
+        _fail(where(field), f"must be >= 0, got {getattr(self, field)}")
+
+
+_PER_STAGE = ("learning_rate", "warmup_steps")
+_SHARED_OPTIM = ("b1", "b2", "eps", "weight_decay", "grad_clip")  # the `optim` section
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
+  """Everything one experiment needs, validated."""
   seed: int
+  init_from: Optional[str]  # an orbax params directory (scripts/convert_hf.py) or None
   model: ModelConfig
   mesh: Mapping[str, int]
   data: DataConfig
@@ -126,45 +158,59 @@ class Settings:
 
   def rl_optim(self) -> OptimConfig:
     return OptimConfig(learning_rate=self.rl.learning_rate,
-                       warmup_steps=self.rl.warmup_steps, **self.optim)
+                       warmup_steps=self.rl.warmup_steps, stage="rl", **self.optim)
 
   def sft_optim(self) -> OptimConfig:
     return OptimConfig(learning_rate=self.sft.learning_rate,
-                       warmup_steps=self.sft.warmup_steps, **self.optim)
+                       warmup_steps=self.sft.warmup_steps, stage="sft", **self.optim)
 
 
-def section(cls, values: Mapping[str, Any], name: str, **extra):
-  """Builds dataclass `cls` from a config section, naming unknown keys."""
-  values = dict(values)
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ValueError(f"{name} has unknown fields {unknown}; known: {sorted(known)}")
-  values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-  return cls(**values, **extra)
+def from_config(config, tokenizer: Optional[tokenizer_lib.Tokenizer] = None) -> Settings:
+  """Validates every section and their cross-constraints; raises before any compile.
 
-
-def from_config(config, tokenizer) -> Settings:
-  """Validates every section and their cross-constraints; raises before any compile."""
-  model = section(ModelConfig, config.model, "model")
-  sampler = section(SamplerConfig, config.sampler, "sampler",
-                    eos_ids=tuple(tokenizer.eos_ids), pad_id=tokenizer.pad_id)
+  Args:
+    config: the experiment ConfigDict (`config_base.get_base_config()` and overrides).
+    tokenizer: the run's tokenizer; default: the one `config.data` names (its EOS and pad
+      ids configure the sampler).
+  """
+  data = sections.build(DataConfig, config.data, "data")
+  if tokenizer is None:
+    tokenizer = tokenizer_lib.load(data.tokenizer)
+  model = sections.build(ModelConfig, config.model, "model")
+  sampler = sections.build(SamplerConfig, config.sampler, "sampler",
+                           eos_ids=tuple(tokenizer.eos_ids), pad_id=tokenizer.pad_id)
   settings = Settings(
-      seed=int(config.seed), model=model, mesh=dict(config.mesh),
-      data=section(DataConfig, config.data, "data"), sampler=sampler,
-      objective=section(objectives.ObjectiveConfig, config.objective, "objective"),
-      rl=section(RLConfig, config.rl, "rl"), sft=section(SFTConfig, config.sft, "sft"),
-      optim=dict(config.optim), checkpoint=section(CheckpointConfig, config.checkpoint,
-                                                   "checkpoint"),
-      log=section(LogConfig, config.log, "log"))
+      seed=int(config.seed), init_from=config.init_from or None, model=model,
+      mesh=dict(config.mesh), data=data, sampler=sampler,
+      objective=sections.build(objectives.ObjectiveConfig, config.objective, "objective"),
+      rl=sections.build(RLConfig, config.rl, "rl"),
+      sft=sections.build(SFTConfig, config.sft, "sft"), optim=dict(config.optim),
+      checkpoint=sections.build(CheckpointConfig, config.checkpoint, "checkpoint"),
+      log=sections.build(LogConfig, config.log, "log"))
+  unknown = sorted(set(settings.optim) - set(_SHARED_OPTIM))
+  if unknown:
+    _fail("optim", f"has unknown fields {unknown}; known: {list(_SHARED_OPTIM)} "
+          "(learning_rate and warmup_steps are set per stage: rl.*, sft.*)")
   settings.rl_optim(), settings.sft_optim()  # validate the optimizer section
-  if tokenizer.vocab_size > model.vocab_size:
-    _fail("model.vocab_size", f"({model.vocab_size}) must be >= the tokenizer's vocabulary "
-          f"({tokenizer.vocab_size})")
-  if settings.rl.routing_replay != "none" and model.num_moe_layers == 0:
-    _fail("rl.routing_replay", f"is {settings.rl.routing_replay!r} but the model has no MoE "
-          "layer (every layer is in model.moe_layers_skip): there is no routing to replay")
-  if settings.data.max_prompt_len % sampler.prompt_bucket:
-    _fail("data.max_prompt_len", f"({settings.data.max_prompt_len}) must be a multiple of "
-          f"sampler.prompt_bucket ({sampler.prompt_bucket}) so rollouts and SFT share positions")
+  _check_together(settings, tokenizer)
   return settings
+
+
+def _check_together(s: Settings, tokenizer) -> None:
+  """Constraints between sections."""
+  if tokenizer.vocab_size > s.model.vocab_size:
+    _fail("model.vocab_size", f"({s.model.vocab_size}) must be >= the tokenizer's vocabulary "
+          f"({tokenizer.vocab_size})")
+  if s.rl.routing_replay != "none" and s.model.num_moe_layers == 0:
+    _fail("rl.routing_replay", f"is {s.rl.routing_replay!r} but the model has no MoE "
+          "layer (every layer is in model.moe_layers_skip): there is no routing to replay")
+  if s.data.max_prompt_len % s.sampler.prompt_bucket:
+    _fail("data.max_prompt_len", f"({s.data.max_prompt_len}) must be a multiple of "
+          f"sampler.prompt_bucket ({s.sampler.prompt_bucket}) so rollouts and SFT share positions")
+
+
+def check_trainable(s: Settings) -> None:
+  """What training needs beyond a valid config (evaluation and sampling may differ)."""
+  if s.sampler.greedy:
+    _fail("sampler.temperature", "is 0 (greedy): every response of a group would be the "
+          "same, so every advantage is 0 and RL learns nothing; use a temperature > 0")

@@ -1,5 +1,4 @@
 """The training engine: train state, optimizer, and the pure SFT / RL update steps."""
-import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -10,7 +9,9 @@ import optax
 from minirl_jax import batch as batch_lib
 from minirl_jax import objectives
 from minirl_jax.models import transformer
+from minirl_jax.models import weights
 from minirl_jax.models.config import ModelConfig
+from minirl_jax.rl.settings import OptimConfig
 
 
 @flax.struct.dataclass
@@ -20,38 +21,21 @@ class TrainState:
   opt_state: Any
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  """AdamW with global-norm clipping, linear warmup then constant, non-finite guard."""
-  learning_rate: float
-  warmup_steps: int = 0
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  weight_decay: float = 0.0
-  grad_clip: float = 1.0
+def make_optimizer(cfg: OptimConfig, axes) -> optax.GradientTransformation:
+  """The optimizer of one stage.
 
-  def __post_init__(self):
-    for field in ("learning_rate", "eps", "grad_clip"):
-      if not getattr(self, field) > 0:
-        raise ValueError(f"optim.{field} must be > 0, got {getattr(self, field)}")
-    for field in ("b1", "b2"):
-      if not 0 <= getattr(self, field) < 1:
-        raise ValueError(f"optim.{field} must be in [0, 1), got {getattr(self, field)}")
-    if self.warmup_steps < 0 or self.weight_decay < 0:
-      raise ValueError("optim.warmup_steps and optim.weight_decay must be >= 0")
-
-
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  Args:
+    cfg: its settings.
+    axes: `transformer.param_axes(model_cfg)`: weight decay reaches exactly the weights
+      that are not norm gains (`weights.decay_mask`).
+  """
   schedule = optax.schedules.join_schedules(
       [optax.schedules.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
        optax.schedules.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
-  # Decay matrices only, never norms.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1 and p.shape[-1] > 1, params)
   inner = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                  weight_decay=cfg.weight_decay, mask=decay_mask))
+                  weight_decay=cfg.weight_decay, mask=weights.decay_mask(axes)))
   # A non-finite gradient skips the update instead of poisoning the weights.
   return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
 
@@ -99,12 +83,19 @@ def policy_loss(params, batch: batch_lib.TrainBatch, model_cfg: ModelConfig,
   """The objective plus the MoE aux loss, with the objective's metrics and the entropy."""
   logp, logits, aux = _policy_logp(params, batch, model_cfg)
   loss, metrics = loss_fn(logp, batch, obj_cfg)
-  entropy = objectives.masked_mean(objectives.token_entropy(logits), batch.loss_mask,
+  entropy = objectives.masked_mean(next_token_entropy(logits), batch.loss_mask,
                                    batch.num_tokens)
   metrics = {**metrics, "policy/entropy": entropy, "policy/loss": loss,
              "moe/load_balance_loss": aux.load_balance_loss,
              "moe/load_max": jnp.max(aux.expert_load, initial=0.0)}
   return loss + aux.aux_loss, metrics
+
+
+def next_token_entropy(logits_BTV: jax.Array) -> jax.Array:
+  """entropy[b, t] of the distribution token t was drawn from, aligned like `token_logp`:
+  logits[t - 1] predict token t, so position 0 (no context) gets 0."""
+  entropy_BT = objectives.token_entropy(logits_BTV[:, :-1])
+  return jnp.pad(entropy_BT, ((0, 0), (1, 0)))
 
 
 def rl_step(state: TrainState, batch: batch_lib.TrainBatch, *, model_cfg, obj_cfg, optimizer):
@@ -138,5 +129,4 @@ def old_policy(params, tokens, attn_mask, routing, *, model_cfg):
   """
   logits, aux = transformer.forward(params, tokens, cfg=model_cfg, attn_mask_BT=attn_mask,
                                     routing=routing)
-  live = jax.lax.top_k(aux.router_probs, model_cfg.top_k)[1].astype(aux.routing.dtype)
-  return transformer.token_logp(logits, tokens), aux.routing, live
+  return transformer.token_logp(logits, tokens), aux.routing, aux.live_routing

@@ -1,0 +1,110 @@
+"""The inference side of an RL step: sample responses, score them, measure accuracy.
+
+Plain functions over explicit arguments; `rl.step.bind` closes them over a run's settings
+once. Batches are global `jax.Array`s sharded over the mesh's batch axes; each process
+decodes and scores only the rows it holds.
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minirl_jax import sharding
+from minirl_jax.data import scoring
+from minirl_jax.data import tokenizer as tokenizer_lib
+from minirl_jax.models.config import ModelConfig
+from minirl_jax.sampling import sampler
+from minirl_jax.sampling.config import SamplerConfig
+
+# Evaluation batches have one fixed size, so evaluation compiles the sampler once.
+EVAL_BATCH = 128
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """The rows (leading axis) of a batch-sharded global array that this process holds, in
+  order: on one process, the whole array."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def to_global(local: np.ndarray, mesh) -> jax.Array:
+  """This process's rows of a batch as one batch-sharded global array."""
+  return jax.make_array_from_process_local_data(
+      sharding.batch_sharding(mesh, np.ndim(local)), np.asarray(local))
+
+
+def sample(sampler_params, prompts: dict, key: jax.Array, *, group_size: int,
+           model_cfg: ModelConfig, sampler_cfg: SamplerConfig, mesh) -> sampler.Rollout:
+  """Generates `group_size` responses per prompt; a prompt's group is contiguous.
+
+  Args:
+    sampler_params: `sampling.quantize(params, sampler_cfg.dtype, axes)`.
+    prompts: this process's rows of a prompt batch (`prompt_tokens` left-padded,
+      `prompt_mask`), as the grain pipelines yield them.
+    key: sampling key; the same key gives the same rollout.
+    group_size: G, responses per prompt.
+    model_cfg, sampler_cfg: the trainer's model and the inference engine's settings.
+    mesh: the run's mesh.
+
+  Returns:
+    A Rollout of B * G rows.
+  """
+  tokens = to_global(np.repeat(prompts["prompt_tokens"], group_size, axis=0), mesh)
+  lengths = to_global(np.repeat(prompts["prompt_mask"].sum(axis=1), group_size, axis=0), mesh)
+  return sampler.generate(sampler_params, tokens, lengths, key, model_cfg=model_cfg,
+                          sampler_cfg=sampler_cfg)
+
+
+def completions(rollout: sampler.Rollout, tokenizer, eos_ids) -> list[str]:
+  """This process's completions as text, cut at the first EOS."""
+  tokens, mask = local_rows(rollout.tokens), local_rows(rollout.completion_mask) > 0
+  return [tokenizer.decode(tokenizer_lib.trim_at_eos(row[m], eos_ids))
+          for row, m in zip(tokens, mask)]
+
+
+def score(rollout: sampler.Rollout, prompts: dict, *, group_size: int,
+          scorer: scoring.RewardScorer, tokenizer, eos_ids, mesh):
+  """Rewards R(x, y) of every response.
+
+  Returns:
+    (rewards [B * G] global float32 array, metrics: `reward/mean`, `reward/std` over the
+    global batch, `reward/errors` and `reward/timeouts` counted on this process).
+  """
+  texts = completions(rollout, tokenizer, eos_ids)
+  rewards, counts = scorer.score(list(np.repeat(prompts["prompt"], group_size)), texts,
+                                 list(np.repeat(prompts["answer"], group_size)))
+  rewards = to_global(rewards, mesh)
+  return rewards, {**_reward_stats(rewards), **counts}
+
+
+@jax.jit
+def _reward_stats(rewards):
+  return {"reward/mean": jnp.mean(rewards), "reward/std": jnp.std(rewards)}
+
+
+def evaluate(sampler_params, batches, key: jax.Array, *, samples: int,
+             sample_fn: Callable, score_fn: Callable, mesh) -> dict[str, float]:
+  """avg@k and pass@k (k = `samples`) over held-out batches (`RunData.eval_batches`).
+
+  Args:
+    sampler_params: the sampler's params.
+    batches: prompt batches with a `valid` flag per row (padding rows are not counted).
+    key: sampling key; batch i samples with fold_in(key, i).
+    samples: k, responses per problem.
+    sample_fn: `sample` bound to the run's configs (takes group_size=).
+    score_fn: `score` bound to the run's scorer (takes group_size=).
+    mesh: the run's mesh.
+  """
+  avg = passed = total = 0.0
+  for i, batch in enumerate(batches):
+    rollout = sample_fn(sampler_params, batch, jax.random.fold_in(key, i), group_size=samples)
+    rewards, _ = score_fn(rollout, batch, group_size=samples)
+    rewards = rewards.reshape(-1, samples)
+    valid = to_global(batch["valid"].astype(np.float32), mesh)
+    avg += float(jnp.sum(rewards.mean(axis=1) * valid))
+    passed += float(jnp.sum(rewards.max(axis=1) * valid))
+    total += float(jnp.sum(valid))
+  return {f"avg@{samples}": avg / total, f"pass@{samples}": passed / total}

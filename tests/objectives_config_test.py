@@ -1,6 +1,7 @@
 """ObjectiveConfig: paper defaults per objective, validation naming the field."""
 from absl.testing import absltest
 from absl.testing import parameterized
+import numpy as np
 
 from minirl_jax.objectives import config
 
@@ -21,6 +22,7 @@ class ObjectiveConfigTest(parameterized.TestCase):
     self.assertEqual(cfg.tis_target, "pi_theta_mu")
     self.assertEqual((cfg.std_ddof, cfg.token_norm, cfg.behaviour_logp),
                      (0, "batch", "processed"))
+    self.assertEqual((cfg.is_level, cfg.is_bounds), ("token", None))
 
   @parameterized.parameters(
       ("std_ddof", 0), ("std_ddof", 1), ("token_norm", "batch"), ("token_norm", "group"),
@@ -28,6 +30,46 @@ class ObjectiveConfigTest(parameterized.TestCase):
   )
   def test_accepts_every_option(self, field, value):
     self.assertEqual(getattr(config.ObjectiveConfig(**{field: value}), field), value)
+
+  @parameterized.parameters(
+      (dict(is_level="sequence"), None),
+      (dict(is_level="sequence", is_bounds=(0.5, 2.0)), (0.5, 2.0)),
+      (dict(is_level="sequence", is_bounds=[0, 3]), (0.0, 3.0)),  # a list from a config
+      (dict(is_level="geometric", is_bounds=(0.999, 1.001)), (0.999, 1.001)),
+      (dict(is_level="geometric", is_bounds=(1.0, float("inf"))), (1.0, float("inf"))),
+  )
+  def test_accepts_rollout_corrections(self, overrides, bounds):
+    cfg = config.ObjectiveConfig(**overrides)
+    self.assertEqual(cfg.is_bounds, bounds)
+    hash(cfg)
+
+  def test_log_is_bounds(self):
+    self.assertEqual(config.ObjectiveConfig().log_is_bounds, (-float("inf"), float("inf")))
+    cfg = config.ObjectiveConfig(is_level="sequence", is_bounds=(0.0, 2.0))
+    self.assertEqual(cfg.log_is_bounds, (-float("inf"), np.log(2.0)))
+
+  @parameterized.parameters(
+      ("is_level", dict(is_level="seq")),
+      ("is_level", dict(is_level=None)),
+      ("is_level", dict(name="grpo", is_level="sequence")),
+      ("is_level", dict(name="cispo", is_level="geometric", is_bounds=(0.5, 2.0))),
+      ("is_bounds", dict(is_bounds=(0.5, 2.0))),  # is_level "token" rejects nothing
+      ("is_bounds", dict(is_level="geometric")),  # Geo-MIS needs explicit bounds
+      ("is_bounds", dict(is_level="sequence", is_bounds=(1.5, 2.0))),
+      ("is_bounds", dict(is_level="sequence", is_bounds=(0.5, 0.9))),
+      ("is_bounds", dict(is_level="sequence", is_bounds=(1.0, 1.0))),
+      ("is_bounds", dict(is_level="sequence", is_bounds=(-0.1, 2.0))),
+      ("is_bounds", dict(is_level="sequence", is_bounds=(float("nan"), 2.0))),
+      ("is_bounds", dict(is_level="sequence", is_bounds=(0.5, float("nan")))),
+      ("is_bounds", dict(is_level="sequence", is_bounds=(0.5,))),
+      ("is_bounds", dict(is_level="sequence", is_bounds=(0.5, 2.0, 3.0))),
+      ("is_bounds", dict(is_level="sequence", is_bounds=(True, 2.0))),
+      ("is_bounds", dict(is_level="sequence", is_bounds="0.5,2")),
+      ("is_bounds", dict(is_level="sequence", is_bounds=("(0, inf)",))),  # a bad CLI parse
+  )
+  def test_rejects_bad_rollout_correction_naming_the_field(self, field, overrides):
+    with self.assertRaisesRegex(ValueError, f"^objective.{field} "):
+      config.ObjectiveConfig(**overrides)
 
   def test_explicit_switches_override_defaults(self):
     cfg = config.ObjectiveConfig(name="grpo", train_infer_is=True, length_norm=False)

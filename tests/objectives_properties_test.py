@@ -30,6 +30,14 @@ CASES = (
      dict(name="cispo", train_infer_is=True, clip=False, tis_cap=None)),
     ("cispo_group_token_norm", objectives.OBJECTIVES["cispo"],
      dict(name="cispo", token_norm="group")),
+    ("minirl_seq_tis_mis", objectives.OBJECTIVES["minirl"],
+     dict(is_level="sequence", is_bounds=(0.3, 3.0))),
+    ("minirl_seq_uncapped_length_norm", objectives.OBJECTIVES["minirl"],
+     dict(is_level="sequence", tis_cap=None, length_norm=True)),
+    ("minirl_geo_mis", objectives.OBJECTIVES["minirl"],
+     dict(is_level="geometric", is_bounds=(0.7, 1.4))),
+    ("minirl_geo_rs_no_is", objectives.OBJECTIVES["minirl"],
+     dict(is_level="geometric", is_bounds=(0.7, 1.4), train_infer_is=False)),
     ("sequence", objectives.sequence_loss, {}),
 )
 

@@ -2,6 +2,7 @@
 from minirl_jax.objectives import cispo
 from minirl_jax.objectives import grpo
 from minirl_jax.objectives import minirl
+from minirl_jax.objectives import rollout_correction
 from minirl_jax.objectives import sequence
 from minirl_jax.objectives.advantages import group_advantages
 from minirl_jax.objectives.config import ObjectiveConfig

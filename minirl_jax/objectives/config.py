@@ -1,12 +1,15 @@
 """The typed, self-validating knobs of every RL objective."""
 import dataclasses
+import math
+import numbers
 from typing import Optional
 
 NAMES = ("minirl", "grpo", "cispo")
 TIS_TARGETS = ("pi_theta_mu", "pi_old_mu")
 STD_DDOFS = (0, 1)
 TOKEN_NORMS = ("batch", "group")
-BEHAVIOUR_LOGPS = ("processed", "raw")
+BEHAVIOUR_LOGPS = ("processed", "raw", "pi_old")
+IS_LEVELS = ("token", "sequence", "geometric")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +46,24 @@ class ObjectiveConfig:
   distribution the token was actually drawn from (temperature, top-p and top-k applied), so
   the IS weights correct towards the true behaviour policy; "raw" is the log-prob at
   temperature 1 before any truncation, the paper's mu when the sampler processes nothing.
-  With temperature 1 and no top-p/top-k the two are identical.
+  With temperature 1 and no top-p/top-k the two are identical. "pi_old" is the zero-gap
+  control: mu_old := pi_old, the trainer's own log-probs of the sampled tokens, so the
+  train-infer factor pi_old/mu_old is exactly 1 by construction (the tokens still come from
+  the sampler, whose float32 engine differs from the trainer by ~1e-7 nats per token).
+
+  `is_level` moves MiniRL's train-infer correction from the token to the sequence
+  (`rollout_correction`; w_t = pi_old/mu_old, products in log space):
+
+    is_level     IS weight of every token of y               rejection mask (is_bounds)
+    "token"      min(pi_theta/mu_old, C) (Eq. 7, tis_target)  none (is_bounds must be None)
+    "sequence"   min(prod_t w_t, C) * pi_theta/pi_old         prod_t w_t outside [lo, hi]
+    "geometric"  as "token"                                   exp(mean_t log w_t) outside
+                                                              [lo, hi] (is_bounds required)
+
+  A rejected sequence contributes 0 (masked, not truncated); the cap C = `tis_cap` and the
+  mask compose, so "sequence" with bounds is seq-TIS + MIS and with `tis_cap=None` pure MIS.
+  `train_infer_is=False` drops the weight but keeps the mask (pure rejection, verl's
+  "geo_rs"). GRPO and CISPO take only "token".
 
   Attributes:
     name: "minirl" (Eq. 7), "grpo" or "cispo" (paper appendix).
@@ -61,8 +81,12 @@ class ObjectiveConfig:
     std_ddof: delta degrees of freedom of the normalize_std group std: 0 population std,
       1 sample std (as many GRPO implementations compute it; needs group_size >= 2).
     token_norm: "batch" or "group", the token-mean normaliser, see above (CISPO only).
-    behaviour_logp: "processed" (`Rollout.sample_logp`) or "raw" (`Rollout.mu_logp`),
+    behaviour_logp: "processed" (`Rollout.sample_logp`), "raw" (`Rollout.mu_logp`) or
+      "pi_old" (the zero-gap control, see above),
       which sampler log-prob becomes `TrainBatch.mu_logp`, see above.
+    is_level: "token", "sequence" or "geometric", see above (MiniRL only).
+    is_bounds: (lo, hi) with 0 <= lo <= 1 <= hi (hi may be inf), lo < hi: the accepted
+      range of the sequence statistic of `is_level`; None for no rejection.
   """
   name: str = "minirl"
   eps_low: float = 0.2
@@ -77,6 +101,8 @@ class ObjectiveConfig:
   std_ddof: int = 0
   token_norm: str = "batch"
   behaviour_logp: str = "processed"
+  is_level: str = "token"
+  is_bounds: Optional[tuple[float, float]] = None
 
   def __post_init__(self):
     _check(self.name in NAMES, "name", f"must be one of {NAMES}", self.name)
@@ -100,6 +126,40 @@ class ObjectiveConfig:
            self.token_norm)
     _check(self.behaviour_logp in BEHAVIOUR_LOGPS, "behaviour_logp",
            f"must be one of {BEHAVIOUR_LOGPS}", self.behaviour_logp)
+    self._check_rollout_correction()
+
+  def _check_rollout_correction(self):
+    level, bounds = self.is_level, self.is_bounds
+    _check(level in IS_LEVELS, "is_level", f"must be one of {IS_LEVELS}", level)
+    _check(level == "token" or self.name == "minirl", "is_level",
+           f"must be 'token' for objective.name={self.name!r} (sequence-level corrections "
+           "are MiniRL options)", level)
+    if bounds is None:
+      _check(level != "geometric", "is_bounds",
+             "must be set for objective.is_level='geometric': the accepted range of the "
+             "per-token geometric mean depends on the train-infer gap (verl uses about "
+             "(0.999, 1.001)), so there is no safe default", bounds)
+      return
+    _check(level != "token", "is_bounds",
+           "must be None for objective.is_level='token' (rejection needs 'sequence' or "
+           "'geometric')", bounds)
+    _check(isinstance(bounds, (tuple, list)) and len(bounds) == 2
+           and all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in bounds),
+           "is_bounds", "must be None or a pair of numbers (lo, hi)", bounds)
+    lo, hi = (float(b) for b in bounds)
+    _check(0.0 <= lo <= 1.0 <= hi and lo < hi,
+           "is_bounds", "must satisfy 0 <= lo <= 1 <= hi and lo < hi (hi may be inf), so "
+           "a sequence without train-infer gap is always kept", bounds)
+    # A list (from a config) would make the frozen config unhashable for jit.
+    object.__setattr__(self, "is_bounds", (lo, hi))
+
+  @property
+  def log_is_bounds(self) -> tuple[float, float]:
+    """(log lo, log hi) of `is_bounds`; (-inf, inf) when None."""
+    if self.is_bounds is None:
+      return -math.inf, math.inf
+    lo, hi = self.is_bounds
+    return (-math.inf if lo == 0.0 else math.log(lo)), math.log(hi)
 
   @property
   def use_train_infer_is(self) -> bool:

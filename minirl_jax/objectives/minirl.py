@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from minirl_jax import batch as batch_lib
 from minirl_jax.objectives import config as config_lib
 from minirl_jax.objectives import diagnostics
+from minirl_jax.objectives import rollout_correction
 from minirl_jax.objectives import tokens
 
 
@@ -42,7 +43,9 @@ def loss(logp_BT: jax.Array, batch: batch_lib.TrainBatch, cfg: config_lib.Object
 
   J = (1/num_sequences) sum_i sum_t M_t sg[pi_theta/mu_old] A_i log pi_theta   (Eq. 7)
   with 1/|y_i| inside when length_norm, the weight dropped when not train_infer_is, and
-  M_t = 1 when not clip.
+  M_t = 1 when not clip. `is_level` "sequence" replaces the weight by
+  sg[min(prod_t pi_old/mu_old, C) pi_theta/pi_old] and "geometric" keeps it; both multiply
+  by the sequence's keep mask (`rollout_correction`).
 
   Args:
     logp_BT: log pi_theta of each token (the only input gradients flow to).
@@ -50,7 +53,8 @@ def loss(logp_BT: jax.Array, batch: batch_lib.TrainBatch, cfg: config_lib.Object
     cfg: the objective config.
 
   Returns:
-    (loss, metrics): loss = -J, metrics a flat dict (see `diagnostics.token_metrics`).
+    (loss, metrics): loss = -J, metrics a flat dict (see `diagnostics.token_metrics`;
+    `rollout_correction.metrics` too unless is_level is "token").
   """
   logp_BT, old_BT, mu_BT, adv_B1 = tokens.inputs(logp_BT, batch)
   ratio_BT = jax.lax.stop_gradient(tokens.clamped_exp(logp_BT - old_BT))
@@ -58,10 +62,18 @@ def loss(logp_BT: jax.Array, batch: batch_lib.TrainBatch, cfg: config_lib.Object
   keep_BT = ~(high_BT | low_BT) if cfg.clip else jnp.ones_like(high_BT)
   weight_BT, truncated_BT = is_weight(logp_BT, old_BT, mu_BT, cfg)
   applied_BT = weight_BT if cfg.use_train_infer_is else 1.0
+  seq_metrics = {}
+  if cfg.is_level != "token":
+    corr = rollout_correction.sequence_correction(old_BT, mu_BT, batch, cfg)
+    keep_BT = keep_BT & corr.keep_B[:, None]
+    if cfg.is_level == "sequence" and cfg.use_train_infer_is:
+      # seq-TIS times the staleness ratio: the sequence weight itself on-policy.
+      applied_BT = corr.weight_B[:, None] * ratio_BT
+    seq_metrics = rollout_correction.metrics(corr, batch)
   term_BT = keep_BT * applied_BT * adv_B1 * logp_BT  # Eq. 7
   how = tokens.SEQ_MEAN if cfg.use_length_norm else tokens.SEQ_SUM
   objective = tokens.normalize(term_BT, batch, how)
   metrics = diagnostics.token_metrics(
       logp_BT, batch, ratio_BT=ratio_BT, is_weight_BT=weight_BT,
       is_truncated_BT=truncated_BT, clip_high_BT=high_BT, clip_low_BT=low_BT)
-  return -objective, metrics
+  return -objective, {**metrics, **seq_metrics}

@@ -51,8 +51,8 @@ def main(argv):
   width = max(map(len, encoded))
   tokens, masks = zip(*(pipeline.left_pad(e, width, tok.pad_id) for e in encoded))
   prompts = {"prompt_tokens": np.stack(tokens), "prompt_mask": np.stack(masks)}
-  sampler_params = quantize.quantize(state.params, s.sampler.dtype,
-                                     transformer.param_axes(s.model))
+  sampler_params = quantize.for_sampler(state.params, s.sampler,
+                                       transformer.param_axes(s.model))
   out = rollout.sample(sampler_params, prompts, jax.random.key(s.seed), group_size=1,
                        model_cfg=s.model, sampler_cfg=s.sampler, mesh=mesh)
   print(f"sampler: {s.sampler}; progress: {progress}")

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 from minirl_jax import sections
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Activations may also be float16: the sampler's float16 engine (docs/sampling.md).
+COMPUTE_DTYPES = {**DTYPES, "float16": jnp.float16}
 MOE_IMPLS = ("blocks", "ragged_dot")
 
 
@@ -70,10 +72,10 @@ class ModelConfig:
     bad = [i for i in self.moe_layers_skip if not 0 <= i < self.num_layers]
     if bad:
       sections.fail("model.moe_layers_skip", f"has indices outside [0, {self.num_layers}): {bad}")
-    for field in ("param_dtype", "compute_dtype"):
-      if getattr(self, field) not in DTYPES:
+    for field, known in (("param_dtype", DTYPES), ("compute_dtype", COMPUTE_DTYPES)):
+      if getattr(self, field) not in known:
         sections.fail(f"model.{field}",
-                      f"must be one of {sorted(DTYPES)}, got {getattr(self, field)!r}")
+                      f"must be one of {sorted(known)}, got {getattr(self, field)!r}")
     if self.moe_impl not in MOE_IMPLS:
       sections.fail("model.moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
     for field in ("rope_theta", "rms_norm_eps"):
@@ -102,7 +104,7 @@ class ModelConfig:
 
   @property
   def dtype(self):
-    return DTYPES[self.compute_dtype]
+    return COMPUTE_DTYPES[self.compute_dtype]
 
   @property
   def weight_dtype(self):

@@ -20,11 +20,17 @@ from minirl_jax.models.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer for the tokens seen so far (the sampler's state)."""
-  k_LBSGK: jax.Array
+  """Keys and values of every layer for the tokens seen so far (the sampler's state).
+
+  Stored as a float cast, or quantised (int8, float8_e4m3fn) with one float32 scale per
+  (layer, row, slot, kv head): k ~= k_LBSGK * k_scale_LBSG1. Reads dequantise.
+  """
+  k_LBSGK: jax.Array   # storage dtype
   v_LBSGK: jax.Array
   valid_BS: jax.Array  # bool: slot holds a real (non-pad) token
   end: jax.Array       # [] int32: slots written so far; the next write starts here
+  k_scale_LBSG1: Optional[jax.Array] = None  # float32; None for float storage
+  v_scale_LBSG1: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -103,21 +109,52 @@ def init_params(cfg: ModelConfig, key: jax.Array):
 
 
 def init_kv_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
-  """An empty cache for `length` slots."""
+  """An empty cache for `length` slots.
+
+  Args:
+    cfg: the model config the cache serves.
+    batch, length: rows and slots.
+    dtype: storage: None (cfg's compute dtype), a float dtype (cast on write), or a
+      quantised `linear.FORMATS` name with per-(token, kv head) scales ("int8", "fp8").
+  """
   shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  scale = None
+  if dtype in linear.FORMATS:
+    dtype, scale = linear.FORMATS[dtype].storage, jnp.ones(shape[:-1] + (1,), jnp.float32)
   dtype = dtype or cfg.dtype
   return KVCache(k_LBSGK=jnp.zeros(shape, dtype), v_LBSGK=jnp.zeros(shape, dtype),
-                 valid_BS=jnp.zeros((batch, length), bool), end=jnp.zeros((), jnp.int32))
+                 valid_BS=jnp.zeros((batch, length), bool), end=jnp.zeros((), jnp.int32),
+                 k_scale_LBSG1=scale, v_scale_LBSG1=scale)
+
+
+def _cache_write(values_BSGK, scale_BSG1, x_BTGK, end):
+  """Writes a chunk at slot `end`: cast, or quantised per (token, kv head) with a scale."""
+  at = (0, end, 0, 0)
+  if scale_BSG1 is None:
+    return jax.lax.dynamic_update_slice(values_BSGK, x_BTGK.astype(values_BSGK.dtype), at), None
+  fmt = linear.FORMATS_BY_STORAGE[jnp.dtype(values_BSGK.dtype)].name
+  x_values, x_scale = linear.quantize_values(x_BTGK, (3,), fmt)
+  return (jax.lax.dynamic_update_slice(values_BSGK, x_values, at),
+          jax.lax.dynamic_update_slice(scale_BSG1, x_scale, at))
+
+
+def _cache_read(values_BSGK, scale_BSG1, dtype):
+  if scale_BSG1 is None:
+    return values_BSGK.astype(dtype)
+  return (values_BSGK.astype(jnp.float32) * scale_BSG1).astype(dtype)
 
 
 def _attention(p, x_BTD, positions_BT, mask_BTS, cfg, kv, end):
-  """Self-attention sublayer; with a cache (`kv`), writes this chunk's keys at `end`."""
+  """Self-attention sublayer; with a cache (`kv` = keys, values, their scales or None),
+  writes this chunk's keys at `end` and attends to the whole (dequantised) cache."""
   q, k, v = layers.qkv(p, x_BTD, positions_BT, cfg)
+  k_scale = v_scale = None
   if kv is not None:
-    k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, end, 0, 0))
-    v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, end, 0, 0))
-    kv = (k, v)
-  out = layers.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS)
+    k, k_scale = _cache_write(kv[0], kv[2], k, end)
+    v, v_scale = _cache_write(kv[1], kv[3], v, end)
+    kv = (k, v, k_scale, v_scale)
+  out = layers.attend(q, _cache_read(k, k_scale, q.dtype), _cache_read(v, v_scale, q.dtype),
+                      mask_BTS)
   return linear.einsum("bthk,hkd->btd", out, p["wo"]), kv
 
 
@@ -192,7 +229,8 @@ def forward(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
       ffn_p = jax.tree.map(lambda w: w[dense_at:dense_at + n], _cast(params["mlp"], cfg.dtype))
       replay = None
       dense_at += n
-    kv = None if kv_cache is None else (kv_cache.k_LBSGK[start:stop], kv_cache.v_LBSGK[start:stop])
+    kv = None if kv_cache is None else jax.tree.map(lambda x: x[start:stop], (
+        kv_cache.k_LBSGK, kv_cache.v_LBSGK, kv_cache.k_scale_LBSG1, kv_cache.v_scale_LBSG1))
     body = _layer_fn(kind, cfg, positions_BT, mask_BTS, attn_mask_BT, end)
     if cfg.remat:
       body = jax.checkpoint(body, prevent_cse=False)  # inside scan, CSE is not a risk
@@ -208,9 +246,9 @@ def forward(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
 
   new_cache = None
   if kv_cache is not None:
-    new_cache = KVCache(k_LBSGK=jnp.concatenate([kv[0] for kv in kvs]),
-                        v_LBSGK=jnp.concatenate([kv[1] for kv in kvs]),
-                        valid_BS=valid_BS, end=end + t)
+    k, v, k_scale, v_scale = jax.tree.map(lambda *xs: jnp.concatenate(xs), *kvs)
+    new_cache = KVCache(k_LBSGK=k, v_LBSGK=v, valid_BS=valid_BS, end=end + t,
+                        k_scale_LBSG1=k_scale, v_scale_LBSG1=v_scale)
   return logits_BTV, _collect_aux(routings, cfg, b, t, new_cache)
 
 

@@ -60,8 +60,10 @@ def old_policy(params, rollout: sampler.Rollout, advantages: jax.Array, *,
   replay_old = rollout.routing_mu if routing_replay == "r3" else None
   old_logp, routing_old, live_routing = train_step.old_policy(
       params, rollout.tokens, rollout.attn_mask, replay_old, model_cfg=model_cfg)
-  # The behaviour policy: what the tokens were drawn from (objective.behaviour_logp).
-  mu_logp = rollout.sample_logp if obj_cfg.behaviour_logp == "processed" else rollout.mu_logp
+  # The behaviour policy: what the tokens were drawn from (objective.behaviour_logp);
+  # "pi_old" is the zero-gap control, mu_old := pi_old exactly.
+  mu_logp = {"processed": rollout.sample_logp, "raw": rollout.mu_logp,
+             "pi_old": old_logp}[obj_cfg.behaviour_logp]
   lengths_B = jnp.sum(rollout.completion_mask, axis=1)
   group_mean_B = jnp.repeat(jnp.mean(lengths_B.reshape(-1, group_size), axis=1), group_size)
   batch = batch_lib.TrainBatch(
@@ -231,7 +233,7 @@ def bind(s: settings_lib.Settings, mesh, tokenizer, reward_fn, state_sharding=No
           old_policy, model_cfg=s.model, obj_cfg=s.objective,
           routing_replay=s.rl.routing_replay, group_size=s.rl.group_size)),
       update=update,
-      quantize=lambda params: quantize_lib.quantize(params, s.sampler.dtype, axes),
+      quantize=lambda params: quantize_lib.for_sampler(params, s.sampler, axes),
       sft_update=jax.jit(functools.partial(
           train_step.sft_step, model_cfg=s.model,
           optimizer=train_step.make_optimizer(s.sft_optim(), axes)), **step_kw),

@@ -5,18 +5,32 @@ from typing import Optional
 from minirl_jax import sections
 from minirl_jax.sampling import quantize
 
+ACTIVATION_DTYPES = (None, "float32", "bfloat16", "float16")
+# None = the activation dtype; "fp8" (float8_e4m3fn) and "int8" store one float32 scale per
+# (token, kv head) beside the values.
+KV_CACHE_DTYPES = (None, "float32", "bfloat16", "float16", "fp8", "int8")
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """How the inference engine samples.
 
   Attributes:
-    dtype: "float32", "bfloat16" or "int8" (W8A8). The params passed to `generate` must
-      come from `quantize(params, dtype, axes)`.
-    activation_dtype: dtype of the residual stream, attention and KV cache; None = bfloat16
-      for dtype "bfloat16", else float32 (int8 matmuls quantise their inputs per token
-      either way). "bfloat16" with int8 is the usual accelerator setup; on CPU, XLA
-      emulates bfloat16 arithmetic and it halves int8 decode speed (docs/sampling.md).
+    dtype: "float32", "bfloat16", "float16", "int8" (W8A8), "fp8" (W8A8 e4m3) or "int4"
+      (W4, weight-only, grouped scales). The params passed to `generate` must come from
+      `quantize.for_sampler(params, sampler_cfg, axes)` (docs/sampling.md has the table).
+    activation_dtype: dtype of the residual stream and attention; None = the dtype itself
+      for "bfloat16" and "float16", else float32 (int8 and fp8 matmuls quantise their
+      inputs per token either way). "bfloat16" with a quantised dtype is the usual
+      accelerator setup; on CPU, XLA emulates bfloat16 arithmetic and it halves int8
+      decode speed (docs/sampling.md).
+    kv_cache_dtype: storage of the KV cache: None (the activation dtype), "float32",
+      "bfloat16", "float16" (casts), "fp8" or "int8" (per token and kv head scales);
+      reading it dequantises to the activation dtype.
+    quantize_embeddings: quantised dtypes only: the embedding table and lm_head carry the
+      format's weight error too (by default they stay bfloat16).
+    int4_group_size: entries of the contracted axis that share one int4 scale (the whole
+      axis where it is shorter).
     temperature: logits are divided by it before sampling; 0 samples greedily (argmax).
     top_p: nucleus sampling mass in (0, 1]; 1 disables it.
     top_k: keep the k most likely tokens; 0 disables it.
@@ -28,6 +42,9 @@ class SamplerConfig:
   """
   dtype: str = "float32"
   activation_dtype: Optional[str] = None
+  kv_cache_dtype: Optional[str] = None
+  quantize_embeddings: bool = False
+  int4_group_size: int = quantize.DEFAULT_GROUP_SIZE
   temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = 0
@@ -40,15 +57,21 @@ class SamplerConfig:
     object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
     if self.dtype not in quantize.DTYPES:
       sections.fail("sampler.dtype", f"must be one of {quantize.DTYPES}, got {self.dtype!r}")
-    if self.activation_dtype not in (None, "float32", "bfloat16"):
-      sections.fail("sampler.activation_dtype", f"must be None, 'float32' or 'bfloat16', got "
-            f"{self.activation_dtype!r}")
+    if self.activation_dtype not in ACTIVATION_DTYPES:
+      sections.fail("sampler.activation_dtype", f"must be one of {ACTIVATION_DTYPES}, got "
+                    f"{self.activation_dtype!r}")
+    if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+      sections.fail("sampler.kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}, got "
+                    f"{self.kv_cache_dtype!r}")
+    if not isinstance(self.quantize_embeddings, bool):
+      sections.fail("sampler.quantize_embeddings", f"must be a bool, got "
+                    f"{self.quantize_embeddings!r}")
     if not self.temperature >= 0:
       sections.fail("sampler.temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
     if not 0 < self.top_p <= 1:
       sections.fail("sampler.top_p", f"must be in (0, 1], got {self.top_p}")
     for field, low in (("top_k", 0), ("max_new_tokens", 1), ("pad_id", 0),
-                       ("prompt_bucket", 1)):
+                       ("prompt_bucket", 1), ("int4_group_size", 1)):
       value = getattr(self, field)
       if not isinstance(value, int) or value < low:
         sections.fail(f"sampler.{field}", f"must be an integer >= {low}, got {value!r}")
@@ -63,5 +86,5 @@ class SamplerConfig:
   def compute_dtype(self) -> str:
     if self.activation_dtype:
       return self.activation_dtype
-    return "bfloat16" if self.dtype == "bfloat16" else "float32"
+    return self.dtype if self.dtype in ("bfloat16", "float16") else "float32"
 

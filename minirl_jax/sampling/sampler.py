@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from minirl_jax import batch as batch_lib
-from minirl_jax.models import linear
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
+from minirl_jax.sampling import quantize
 from minirl_jax.sampling.config import SamplerConfig
 
 # Traces (= compilations) of the jitted programs, per name; read by the benchmark.
@@ -54,7 +54,7 @@ class DecodeState:
   routing_mu: jax.Array       # [L, B, T, k] routing dtype
   num_generated: jax.Array    # [B] int32
   done: jax.Array             # [B] bool: the row has sampled an EOS
-  cache: transformer.KVCache  # [L, B, S, G, K] keys and values
+  cache: transformer.KVCache  # [L, B, S, G, K] keys and values (kv_cache_dtype)
   rng: jax.Array              # key; step i samples with fold_in(rng, i)
 
 
@@ -132,7 +132,7 @@ def prefill(params, tokens_BP, prompt_mask_BP, rng, *, model_cfg: ModelConfig,
   b, p = tokens_BP.shape
   n = sampler_cfg.max_new_tokens
   # The final sampled token never runs through the model: P + n - 1 slots suffice.
-  cache = transformer.init_kv_cache(cfg, b, p + n - 1)
+  cache = transformer.init_kv_cache(cfg, b, p + n - 1, sampler_cfg.kv_cache_dtype)
   logits_BPV, aux = transformer.forward(params, tokens_BP, cfg=cfg, attn_mask_BT=prompt_mask_BP,
                                         kv_cache=cache)
   # Pads get -1 (route live): the trainer's experts at a pad position never matter.
@@ -195,11 +195,12 @@ def bucket_prompts(prompt_tokens_BP, prompt_lengths_B, sampler_cfg: SamplerConfi
 
 
 def _check(params, model_cfg, sampler_cfg):
-  wq = params["attn"]["wq"]
-  found = "int8" if linear.is_quantized(wq) else jnp.dtype(wq.dtype).name
-  if found != sampler_cfg.dtype:
+  found = quantize.describe(params)
+  wanted = quantize.options(sampler_cfg, model_cfg.d_model)
+  if found != wanted:
     raise ValueError(f"sampler.dtype is {sampler_cfg.dtype!r} but the params hold {found} "
-                     f"weights: pass sampling.quantize(params, {sampler_cfg.dtype!r}, axes)")
+                     f"weights, not {wanted}: pass sampling.quantize.for_sampler(params, "
+                     "sampler_cfg, axes)")
   bad = [i for i in sampler_cfg.eos_ids + (sampler_cfg.pad_id,) if i >= model_cfg.vocab_size]
   if bad:
     raise ValueError(f"sampler.eos_ids/pad_id {bad} must be < model.vocab_size "
@@ -211,7 +212,7 @@ def generate(sampler_params, prompt_tokens_BP, prompt_lengths_B, rng, *,
   """Samples one completion per prompt.
 
   Args:
-    sampler_params: `quantize(params, sampler_cfg.dtype, param_axes(model_cfg))`.
+    sampler_params: `quantize.for_sampler(params, sampler_cfg, param_axes(model_cfg))`.
     prompt_tokens_BP: int prompts, left-padded: row b's prompt is its last
       `prompt_lengths_B[b]` entries.
     prompt_lengths_B: int prompt lengths (>= 1).

@@ -69,6 +69,15 @@ def test_heldout_split_is_fixed_distinct_and_disjoint_from_training():
   assert not any(task.is_heldout(p) for p in training)
 
 
+def test_split_and_streams_are_pinned():
+  # Results compare across commits: the held-out split and the training stream must not move
+  # (values from before `HeldoutSplit` was shared with chain_task.ChainTask).
+  task = tasks.ArithmeticTask()
+  assert isinstance(task, tasks.HeldoutSplit)
+  assert [p.prompt for p in task.heldout(3)] == ["84-25=", "57+57=", "9-86="]
+  assert task.train_problem(seed=0, index=0) == tasks.Problem("85-63=", "22", "22 #22")
+
+
 def test_heldout_fraction_is_about_as_asked():
   task = tasks.ArithmeticTask(heldout_fraction=0.05)
   all_prompts = [f"{a}{op}{b}=" for a in range(100) for b in range(100) for op in "+-"]

@@ -20,8 +20,52 @@ class Problem:
   solution: str  # "19-5=14 #14": the completion SFT teaches, ending with the marked answer
 
 
+class HeldoutSplit:
+  """The train / held-out split and the seeded streams every synthetic task shares.
+
+  A task subclass is a frozen dataclass with a `heldout_fraction` field and a
+  `draw(rng) -> Problem` method; `chain_task.ChainTask` is the other one.
+  """
+  heldout_fraction: float
+
+  def draw(self, rng: np.random.Generator) -> Problem:
+    raise NotImplementedError
+
+  def is_heldout(self, prompt: str) -> bool:
+    """Whether a prompt belongs to the held-out split (a salted hash of its text)."""
+    digest = hashlib.blake2b(prompt.encode(), digest_size=8, salt=_SPLIT_SALT).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < self.heldout_fraction
+
+  def train_problem(self, seed: int, index: int) -> Problem:
+    """The training problem at `index` of the stream `seed`; never a held-out problem."""
+    rng = np.random.default_rng([seed, index])
+    while True:
+      problem = self.draw(rng)
+      if not self.is_heldout(problem.prompt):
+        return problem
+
+  def heldout(self, num_problems: int) -> list[Problem]:
+    """The first `num_problems` distinct held-out problems, in a fixed order (seed-free)."""
+    rng = np.random.default_rng(_HELDOUT_STREAM_SEED)
+    problems, seen = [], set()
+    max_draws = 1000 + int(100 * num_problems / self.heldout_fraction)
+    for _ in range(max_draws):
+      if len(problems) == num_problems:
+        return problems
+      problem = self.draw(rng)
+      if problem.prompt not in seen and self.is_heldout(problem.prompt):
+        seen.add(problem.prompt)
+        problems.append(problem)
+    if len(problems) == num_problems:
+      return problems
+    raise ValueError(
+        f"found only {len(problems)} distinct held-out problems after {max_draws} draws, "
+        f"asked for {num_problems}: make the task's problem space larger (more operands, "
+        "steps or values), raise heldout_fraction or ask for fewer")
+
+
 @dataclasses.dataclass(frozen=True)
-class ArithmeticTask:
+class ArithmeticTask(HeldoutSplit):
   """Expressions of `num_operands` integers in [0, max_value) joined by `operators`.
 
   The prompt is the expression and "="; the solution rewrites it one operation at a time
@@ -58,48 +102,17 @@ class ArithmeticTask:
     steps = [k * width + (k - 1) for k in range(self.num_operands - 1, 0, -1)]
     return sum(steps) + len(steps) - 1 + len(" " + ANSWER_MARKER) + width
 
-  def is_heldout(self, prompt: str) -> bool:
-    """Whether a prompt belongs to the held-out split (a salted hash of its text)."""
-    digest = hashlib.blake2b(prompt.encode(), digest_size=8, salt=_SPLIT_SALT).digest()
-    return int.from_bytes(digest, "big") / 2.0**64 < self.heldout_fraction
-
   def draw(self, rng: np.random.Generator) -> Problem:
     """Draws one problem from either split."""
     values = [int(v) for v in rng.integers(0, self.max_value, size=self.num_operands)]
     ops = [self.operators[int(i)] for i in rng.integers(0, len(self.operators), size=self.num_operands - 1)]
     return worked_problem(values, ops)
 
-  def train_problem(self, seed: int, index: int) -> Problem:
-    """The training problem at `index` of the stream `seed`; never a held-out problem."""
-    rng = np.random.default_rng([seed, index])
-    while True:
-      problem = self.draw(rng)
-      if not self.is_heldout(problem.prompt):
-        return problem
-
-  def heldout(self, num_problems: int) -> list[Problem]:
-    """The first `num_problems` distinct held-out problems, in a fixed order (seed-free)."""
-    rng = np.random.default_rng(_HELDOUT_STREAM_SEED)
-    problems, seen = [], set()
-    max_draws = 1000 + int(100 * num_problems / self.heldout_fraction)
-    for _ in range(max_draws):
-      if len(problems) == num_problems:
-        return problems
-      problem = self.draw(rng)
-      if problem.prompt not in seen and self.is_heldout(problem.prompt):
-        seen.add(problem.prompt)
-        problems.append(problem)
-    if len(problems) == num_problems:
-      return problems
-    raise ValueError(
-        f"found only {len(problems)} distinct held-out problems after {max_draws} draws, "
-        f"asked for {num_problems}: raise max_value / num_operands / heldout_fraction or ask for fewer")
-
 
 class TrainSource(Sequence):
   """A random-access source of `size` training records for grain (problem i is fixed by seed, i)."""
 
-  def __init__(self, task: ArithmeticTask, *, seed: int, size: int = 1 << 16):
+  def __init__(self, task: HeldoutSplit, *, seed: int, size: int = 1 << 16):
     self._task, self._seed, self._size = task, seed, size
 
   def __len__(self) -> int:
@@ -113,7 +126,7 @@ class TrainSource(Sequence):
     return dataclasses.asdict(self._task.train_problem(self._seed, index))
 
 
-def heldout_records(task: ArithmeticTask, num_problems: int) -> list[dict[str, str]]:
+def heldout_records(task: HeldoutSplit, num_problems: int) -> list[dict[str, str]]:
   """The held-out split as `{"prompt", "answer", "solution"}` records, in order."""
   return [dataclasses.asdict(p) for p in task.heldout(num_problems)]
 

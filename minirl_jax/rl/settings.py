@@ -15,6 +15,7 @@ from minirl_jax.data import tokenizer as tokenizer_lib
 from minirl_jax.sampling.config import SamplerConfig
 
 ROUTING_REPLAY = ("none", "r2", "r3")
+SYNTHETIC_TASKS = ("arithmetic", "chain")
 
 
 _fail = sections.fail
@@ -24,7 +25,11 @@ _fail = sections.fail
 class DataConfig:
   path: Optional[str]
   eval_path: Optional[str]
-  num_operands: int
+  task: str  # the synthetic task: "arithmetic" (tasks.ArithmeticTask) or "chain" (chain_task)
+  num_operands: int  # arithmetic
+  min_steps: int  # chain
+  max_steps: int  # chain
+  modulus: int  # chain
   max_value: int
   operators: str
   max_prompt_len: int
@@ -36,6 +41,8 @@ class DataConfig:
   def __post_init__(self):
     if self.max_prompt_len < 1 or self.eval_size < 1:
       _fail("data.max_prompt_len/eval_size", "must be >= 1")
+    if self.task not in SYNTHETIC_TASKS:
+      _fail("data.task", f"must be one of {SYNTHETIC_TASKS}, got {self.task!r}")
     if not self.reward_timeout_s > 0:
       _fail("data.reward_timeout_s", f"must be > 0, got {self.reward_timeout_s}")
     if self.path and not self.eval_path:
@@ -55,7 +62,9 @@ class RLConfig:
   warmup_steps: int
 
   def __post_init__(self):
-    for field in ("steps", "prompts_per_step", "group_size", "mini_batch_size", "eval_every"):
+    if not isinstance(self.steps, int) or self.steps < 0:
+      _fail("rl.steps", f"must be an integer >= 0 (0: cold start only), got {self.steps!r}")
+    for field in ("prompts_per_step", "group_size", "mini_batch_size", "eval_every"):
       if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
         _fail(f"rl.{field}", f"must be a positive integer, got {getattr(self, field)!r}")
     if self.group_size < 2:

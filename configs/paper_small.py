@@ -1,0 +1,43 @@
+"""Paper-small: the ablation grids' base (scripts/ablate.py): arithmetic chains, 8 experts top-2.
+
+  python scripts/train.py --config=configs/paper_small.py --workdir=runs/paper_small
+  python scripts/ablate.py --grid=onpolicy --seeds=3 --workdir=runs/onpolicy
+
+Data: `data.task="chain"` (docs/data.md), 3-18 left-to-right +/- steps on operands below 10,
+modulo 100, each step written out: "5+0+2+4=" -> "5+0=5 5+2=7 7+4=11 #11". Worked
+solutions are 20-146 characters (median 78 over 2,000 problems) and their length follows the
+number of steps, so responses are long and vary in length (what token-level IS, length
+normalisation and routing replay act on). Prompts are <= 38 tokens (max_prompt_len 40).
+Reward: `ChainTask.reward`, 1 only if every step and the final `#answer` are right.
+
+Model: ~977k parameters (313k active per token), 3 MoE layers of 8 experts, top-2.
+RL: 8 prompts x 8 responses, one mini-batch of 64 (N = 1, on-policy); the off-policy grid
+raises prompts_per_step at mini-batch 64.
+
+Sampler: fp8 (the paper's FP8 inference against a float32 trainer; README "A gap you can
+dial" says why the grids run there).
+
+Measured so far (2-core CPU, shared with other jobs): SFT runs at ~2.3 s per step and
+reached only ~1% held-out accuracy after 250 steps (it stops at 30% or 3,000 steps), so a
+cold start costs well over the ~5 minutes per arm the grids are budgeted for. Calibrating
+this config (model and SFT sizes, then one timed arm on an idle machine) comes before any
+grid runs; these settings are a starting point, not a measured recipe.
+"""
+from minirl_jax import config_base
+
+
+def get_config():
+  config = config_base.get_base_config()
+  config.model.update(d_model=96, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=24,
+                      num_experts=8, top_k=2, expert_ffn_dim=128, dense_ffn_dim=384)
+  config.data.update(task="chain", min_steps=3, max_steps=18, max_value=10, modulus=100,
+                     operators="+-", max_prompt_len=40, eval_size=128)
+  config.sampler.update(dtype="fp8", max_new_tokens=147,
+                        prompt_bucket=8)  # longest solution (146) + EOS
+  # N = 1 (on-policy): one mini-batch of 8 x 8; the off-policy grid raises prompts_per_step.
+  config.rl.update(steps=50, prompts_per_step=8, group_size=8, mini_batch_size=64,
+                   eval_every=10, learning_rate=2e-4)
+  # Stops at target_accuracy (held-out, temperature 1), evaluated every 25 steps.
+  config.sft.update(max_steps=1000, batch_size=64, eval_every=25, eval_size=128,
+                    target_accuracy=0.3)
+  return config

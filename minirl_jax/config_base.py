@@ -42,7 +42,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data = dict(
       path=config_dict.placeholder(str),  # JSONL/Parquet {prompt, answer[, solution]}; unset: synthetic
       eval_path=config_dict.placeholder(str),  # held-out set for a real data path
-      num_operands=2, max_value=100, operators="+-",  # the synthetic task
+      # The synthetic task (docs/data.md): "arithmetic" (tasks.ArithmeticTask) reads
+      # num_operands; "chain" (chain_task.ChainTask) reads min_steps, max_steps, modulus.
+      task="arithmetic", num_operands=2, min_steps=2, max_steps=16, modulus=100,
+      max_value=100, operators="+-",  # operands in [0, max_value); a subset of "+-*"
       max_prompt_len=8, eval_size=256,
       tokenizer=config_dict.placeholder(str),  # tokenizer.json for real data; unset: characters
       # "package.module:function" computing R(prompt, completion, answer) in [0, 1];
@@ -50,13 +53,19 @@ def get_base_config() -> ml_collections.ConfigDict:
       reward=config_dict.placeholder(str),
       reward_timeout_s=5.0)  # a reward call past this scores 0 (counted in reward/timeouts)
   config.sampler = dict(dtype="int8", temperature=1.0, top_p=1.0, top_k=0,
-                        max_new_tokens=16, prompt_bucket=8)
+                        max_new_tokens=16, prompt_bucket=8,
+                        activation_dtype=config_dict.placeholder(str),
+                        kv_cache_dtype=config_dict.placeholder(str),  # None: activation dtype
+                        quantize_embeddings=False, int4_group_size=32)
   config.objective = dict(
       name="minirl", eps_low=0.2, eps_high=0.27, tis_cap=config_dict.placeholder(float),
       tis_target="pi_theta_mu", train_infer_is=config_dict.placeholder(bool),
       length_norm=config_dict.placeholder(bool), clip=True,
       normalize_std=config_dict.placeholder(bool), std_ddof=0, token_norm="batch",
-      behaviour_logp="processed", grad_cosine_every=10)
+      behaviour_logp="processed", grad_cosine_every=10,
+      # "token" | "sequence" | "geometric"; is_bounds (lo, hi) rejects sequences
+      # (docs/objectives.md, "Rollout corrections").
+      is_level="token", is_bounds=config_dict.placeholder(tuple))
   config.objective.tis_cap = 5.0
   config.rl = dict(
       steps=150, prompts_per_step=64, group_size=8,

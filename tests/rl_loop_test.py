@@ -77,7 +77,7 @@ def test_main_job_outputs_and_resume_equivalence(tmp_path):
     ({"rl.group_size": 1, "rl.mini_batch_size": 4}, "rl.group_size"),
     ({"rl.routing_replay": "r3"}, "rl.routing_replay"),
     ({"objective.eps_low": 1.5}, "objective.eps_low"),
-    ({"sampler.dtype": "fp8"}, "sampler.dtype"),
+    ({"sampler.dtype": "fp4"}, "sampler.dtype"),
     ({"data.max_prompt_len": 4, "sampler.prompt_bucket": 4}, "data.max_prompt_len"),
 ])
 def test_bad_config_raises_before_compiling(tmp_path, monkeypatch, overrides, field):

@@ -57,6 +57,11 @@ def test_behaviour_logp_picks_the_processed_or_raw_sampler_logp(setup):
   np.testing.assert_array_equal(processed.mu_logp, rollout.sample_logp)
   np.testing.assert_array_equal(raw.mu_logp, rollout.mu_logp)
   np.testing.assert_array_equal(processed.old_logp, raw.old_logp)
+  # The zero-gap control: mu_old := pi_old, so every train-infer factor is exactly 1.
+  zero, metrics = _old_policy(params, rollout, advantages, behaviour_logp="pi_old")
+  np.testing.assert_array_equal(zero.mu_logp, zero.old_logp)
+  assert float(metrics["mismatch/kl_mu_pi_old"]) == 0.0
+  assert float(metrics["mismatch/kl_k3"]) == 0.0
 
 
 def test_old_policy_batch_counts_group_lengths_and_full_batch_metrics(setup):

@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 def _last_json(args):
   out = subprocess.run([sys.executable, *args], cwd=ROOT / "tests", check=True,
-                       capture_output=True, text=True, timeout=300).stdout
+                       capture_output=True, text=True, timeout=900).stdout
   return out, json.loads(out.strip().splitlines()[-1])
 
 
@@ -42,13 +42,33 @@ def test_train_then_eval_and_sample_the_checkpoint(tmp_path):
   out = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), *smoke,
                         f"--workdir={workdir}", "--prompts=3+4=,9-2=",
                         "--samples_per_prompt=2"], check=True, capture_output=True, text=True,
-                       timeout=300).stdout
+                       timeout=900).stdout
   lines = [line for line in out.splitlines() if "->" in line]
   assert len(lines) == 4 and "rl_step=1" in out
+
+  _check_gap(workdir, smoke)
 
   # A workdir without a checkpoint: one line, a non-zero exit, and nothing created.
   missing = tmp_path / "missing"
   run = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval.py"), *smoke,
-                        f"--workdir={missing}"], capture_output=True, text=True, timeout=300)
+                        f"--workdir={missing}"], capture_output=True, text=True, timeout=900)
   assert run.returncode != 0 and "no checkpoint under" in run.stderr
   assert "Traceback" not in run.stderr and not missing.exists()
+
+
+def _check_gap(workdir, smoke):
+  """scripts/gap.py: every level on the same prompts; the zero-gap control is exactly 0."""
+  out, result = _last_json([str(ROOT / "scripts" / "gap.py"), *smoke, f"--workdir={workdir}",
+                            "--levels=float32,int8,int4"])
+  levels = result["levels"]
+  assert list(levels) == ["zero", "float32", "int8", "int4"]
+  assert result["rl_step"] == 1 and result["batches"] == 2
+  table = out.strip().splitlines()[:-1]
+  for level in levels:
+    assert any(line.startswith(level) for line in table), level
+  zero = levels["zero"]
+  assert zero["kl_k1"] == zero["kl_k3"] == zero["routing_disagreement_mean"] == 0.0
+  assert zero["is_max"] == 1.0 and zero["tokens"] == levels["float32"]["tokens"] > 0
+  assert abs(levels["float32"]["kl_k1"]) <= 1e-5 and levels["float32"]["kl_k3"] <= 1e-5
+  assert levels["int4"]["kl_k3"] > levels["float32"]["kl_k3"]
+  assert len(levels["int4"]["routing_disagreement"]) == 2  # the smoke model's MoE layers

@@ -152,7 +152,7 @@ class Run:
       self.progress.start_accuracy = acc
     sampler_params = self.fns.quantize(self.state.params)
     bar = self._bar(cfg.steps, self.progress.rl_step, "rl")
-    acc = None
+    acc = self.progress.start_accuracy if cfg.steps == 0 else None
     while self.progress.rl_step < cfg.steps:
       step = self.progress.rl_step + 1
       m, sampler_params = self._rl_step(step, sampler_params)

@@ -1,0 +1,1 @@
+"""Ablation grids: named arms derived from one base config, run as resumable processes."""

@@ -1,0 +1,117 @@
+"""The paper's experiments as named grids of arms, each arm a set of config overrides.
+
+An arm is RL overrides on top of a base config plus (optionally) cold-start overrides; arms
+with the same cold-start overrides and seed branch from one shared SFT checkpoint, so they
+differ only in what the arm changes.
+"""
+import dataclasses
+from typing import Mapping
+
+# Overrides of one arm: dotted config keys (`objective.clip`) -> value.
+Overrides = Mapping[str, object]
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  name: str
+  overrides: Overrides = dataclasses.field(default_factory=dict)
+  cold_start: Overrides = dataclasses.field(default_factory=dict)  # sft.* / model.* etc.
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  name: str
+  base_config: str  # path relative to the repository root
+  arms: tuple[Arm, ...]
+  description: str
+
+
+MINIRL = {"objective.name": "minirl"}
+NO_IS = {**MINIRL, "objective.train_infer_is": False}
+LENGTH_NORM = {**MINIRL, "objective.length_norm": True}
+R2, R3 = {"rl.routing_replay": "r2"}, {"rl.routing_replay": "r3"}
+NO_CLIP = {"objective.clip": False}
+
+
+def _onpolicy() -> tuple[Arm, ...]:
+  arms = []
+  for name, overrides in (("minirl", MINIRL), ("minirl+length_norm", LENGTH_NORM),
+                          ("minirl_no_is", NO_IS)):
+    arms.append(Arm(name, overrides))
+    arms.append(Arm(f"{name}+r3", {**overrides, **R3}))
+  arms += [Arm("grpo", {"objective.name": "grpo"}), Arm("cispo", {"objective.name": "cispo"})]
+  return tuple(arms) + SEQUENCE_IS
+
+
+# The critics' corrections (PAPER.md "Beyond the paper"): sequence-level TIS at the paper's
+# cap, and geometric-mean masking at verl's usual bounds.
+SEQUENCE_IS = (Arm("minirl_seq_tis", {**MINIRL, "objective.is_level": "sequence"}),
+               Arm("minirl_geo_mis", {**MINIRL, "objective.is_level": "geometric",
+                                      "objective.is_bounds": (0.999, 1.001)}))
+
+
+def _offpolicy(mini_batch_size: int, group_size: int) -> tuple[Arm, ...]:
+  """N = 2, 4, 8 updates per step at a fixed mini-batch: the global batch grows with N."""
+  arms = []
+  for n in (2, 4, 8):
+    batch = {"rl.mini_batch_size": mini_batch_size,
+             "rl.prompts_per_step": n * mini_batch_size // group_size}
+    for name, overrides in (("minirl_no_clip", {**MINIRL, **NO_CLIP}),
+                            ("minirl+r2_no_clip", {**MINIRL, **NO_CLIP, **R2}),
+                            ("minirl", MINIRL), ("minirl+r2", {**MINIRL, **R2}),
+                            ("minirl+r3", {**MINIRL, **R3})):
+      arms.append(Arm(f"n{n}/{name}", {**batch, **overrides}))
+  return tuple(arms)
+
+
+# Train-infer gap levels, zero to widest: the zero-gap control (mu_old := pi_old), then the
+# sampler's formats against the float32 trainer.
+GAP_LEVELS = (("zero", {"sampler.dtype": "float32", "objective.behaviour_logp": "pi_old"}),
+              *((dtype, {"sampler.dtype": dtype})
+                for dtype in ("float32", "bfloat16", "float16", "int8", "fp8", "int4")))
+
+
+def _gap() -> tuple[Arm, ...]:
+  """MiniRL vs w/o train-infer IS at every gap level."""
+  return tuple(Arm(f"{level}/{name}", {**overrides, **level_overrides})
+               for level, level_overrides in GAP_LEVELS
+               for name, overrides in (("minirl", MINIRL), ("minirl_no_is", NO_IS)))
+
+
+def _coldstart() -> tuple[Arm, ...]:
+  """The stable recipe (MiniRL, on-policy) from three differently trained SFT checkpoints."""
+  starts = {"sft_short": {"sft.target_accuracy": 0.15},
+            "sft_default": {},
+            "sft_long": {"sft.target_accuracy": 0.45}}
+  return tuple(Arm(f"minirl_from_{name}", MINIRL, cold) for name, cold in starts.items())
+
+
+GRIDS = {
+    "quick": Grid("quick", "configs/smoke.py",
+                  (Arm("minirl", {**MINIRL, "rl.steps": 2}),
+                   Arm("minirl_no_is", {**NO_IS, "rl.steps": 2})),
+                  "two arms, two RL steps on the smoke config: checks the machinery (tests)"),
+    "onpolicy": Grid("onpolicy", "configs/paper_small.py", _onpolicy(),
+                     "findings 1-4: N = 1; MiniRL, +length-norm, w/o train-infer IS, each "
+                     "with and without R3; GRPO and CISPO as the paper writes them; MiniRL "
+                     "with sequence-level TIS and geometric masking"),
+    "offpolicy": Grid("offpolicy", "configs/paper_small.py",
+                      _offpolicy(mini_batch_size=64, group_size=8),
+                      "findings 5-6: N = 2, 4, 8 at a fixed mini-batch; clipping and replay"),
+    "gap": Grid("gap", "configs/paper_small.py", _gap(),
+                "the gap knob: MiniRL vs w/o train-infer IS from zero gap to int4"),
+    "coldstart": Grid("coldstart", "configs/paper_small.py", _coldstart(),
+                      "finding 7: MiniRL from three cold starts"),
+}
+
+
+def get(name: str) -> Grid:
+  if name not in GRIDS:
+    raise ValueError(f"--grid must be one of {sorted(GRIDS)}, got {name!r}")
+  return GRIDS[name]
+
+
+def flags(overrides: Overrides) -> list[str]:
+  """`--config.key=value` flags for an override mapping (bools and None as Python writes
+  them, which ml_collections parses)."""
+  return [f"--config.{key}={value}" for key, value in sorted(overrides.items())]

@@ -1,0 +1,158 @@
+"""A grid's table (CSV, Markdown) and figures, from its runs' metrics.jsonl.
+
+Collapse criterion, fixed before any grid was run: a run collapses at the first RL step
+where (a) held-out accuracy falls below COLLAPSE_ACCURACY_FRACTION of its running peak,
+once that peak is at least COLLAPSE_MIN_PEAK; or (b) policy entropy falls below
+COLLAPSE_ENTROPY_FLOOR nats per token; or (c) a metric is not finite or an update was
+skipped for a non-finite gradient.
+"""
+import csv
+import dataclasses
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+from minirl_jax import metrics as metrics_lib
+from minirl_jax.experiments import grids
+from minirl_jax.experiments import runner
+
+COLLAPSE_ACCURACY_FRACTION = 0.5
+COLLAPSE_MIN_PEAK = 0.1
+COLLAPSE_ENTROPY_FLOOR = 0.02
+# The paper's Figures 1-4: one panel per tracked metric against the RL step.
+PANELS = (("reward/mean", "training reward"), ("eval/accuracy", "held-out accuracy"),
+          ("policy/entropy", "token entropy"), ("mismatch/kl_mu_pi_old", "train-infer KL"))
+
+
+def rl_records(workdir: str) -> list[dict]:
+  return [r for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if r["stage"] == "rl"]
+
+
+def collapse_step(records: list[dict]) -> Optional[int]:
+  """The first RL step at which the run collapses (module docstring), or None."""
+  peak = 0.0
+  for r in records:
+    if r["step"] == 0:
+      peak = r.get("eval/accuracy", 0.0)
+      continue
+    if any(not math.isfinite(v) for v in r.values() if isinstance(v, float)):
+      return r["step"]
+    if r.get("optim/skipped", 0.0) > 0 or r.get("policy/entropy", 1.0) < COLLAPSE_ENTROPY_FLOOR:
+      return r["step"]
+    if "eval/accuracy" in r:
+      acc = r["eval/accuracy"]
+      if peak >= COLLAPSE_MIN_PEAK and acc < COLLAPSE_ACCURACY_FRACTION * peak:
+        return r["step"]
+      peak = max(peak, acc)
+  return None
+
+
+@dataclasses.dataclass
+class ArmRow:
+  arm: str
+  seeds: int
+  peak_accuracy: float
+  peak_accuracy_std: float
+  final_accuracy: float
+  final_accuracy_std: float
+  collapsed: int
+  collapse_step_median: Optional[float]
+  final_entropy: float
+  max_kl: float
+  wall_s: float
+
+
+def _series(records, key):
+  return [(r["step"], r[key]) for r in records if key in r]
+
+
+def arm_row(arm: str, run_dirs: list[str]) -> ArmRow:
+  runs = [rl_records(d) for d in run_dirs]
+  accs = [[v for _, v in _series(r, "eval/accuracy")] for r in runs]
+  peaks, finals = [max(a) for a in accs], [a[-1] for a in accs]
+  steps = [collapse_step(r) for r in runs]
+  collapsed = [s for s in steps if s is not None]
+  walls = [runner_summary(d).get("wall_s", float("nan")) for d in run_dirs]
+  return ArmRow(
+      arm=arm, seeds=len(runs), peak_accuracy=float(np.mean(peaks)),
+      peak_accuracy_std=float(np.std(peaks)), final_accuracy=float(np.mean(finals)),
+      final_accuracy_std=float(np.std(finals)), collapsed=len(collapsed),
+      collapse_step_median=float(np.median(collapsed)) if collapsed else None,
+      final_entropy=float(np.mean([_series(r, "policy/entropy")[-1][1] for r in runs])),
+      max_kl=float(np.mean([max(v for _, v in _series(r, "mismatch/kl_mu_pi_old"))
+                            for r in runs])),
+      wall_s=float(np.mean(walls)))
+
+
+def runner_summary(run_dir: str) -> dict:
+  import json
+  with open(os.path.join(run_dir, runner.SUMMARY), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _by_arm(grid: grids.Grid, seeds: int, workdir: str) -> dict[str, list[str]]:
+  return {arm.name: [os.path.join(workdir, arm.name, f"seed_{k}") for k in range(seeds)]
+          for arm in grid.arms}
+
+
+def write_table(grid: grids.Grid, seeds: int, workdir: str) -> list[ArmRow]:
+  """DIR/table.csv and DIR/table.md, one row per arm."""
+  rows = [arm_row(arm, dirs) for arm, dirs in _by_arm(grid, seeds, workdir).items()]
+  fields = [f.name for f in dataclasses.fields(ArmRow)]
+  with open(os.path.join(workdir, "table.csv"), "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(dataclasses.asdict(r) for r in rows)
+  lines = ["| arm | seeds | peak acc | final acc | collapsed (step) | final entropy | "
+           "max KL | wall s |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    when = f" ({r.collapse_step_median:.0f})" if r.collapsed else ""
+    lines.append(
+        f"| {r.arm} | {r.seeds} | {r.peak_accuracy:.3f} ± {r.peak_accuracy_std:.3f} | "
+        f"{r.final_accuracy:.3f} ± {r.final_accuracy_std:.3f} | {r.collapsed}/{r.seeds}{when}"
+        f" | {r.final_entropy:.3g} | {r.max_kl:.2e} | {r.wall_s:.0f} |")
+  with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  return rows
+
+
+def plot_arms(arm_dirs: dict[str, list[str]], path: str, title: str = "") -> str:
+  """The four panels against RL step: per arm the mean over its seeds, min-max band."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+  for arm, dirs in arm_dirs.items():
+    runs = [rl_records(d) for d in dirs]
+    for ax, (key, label) in zip(axes, PANELS):
+      series = [dict(_series(r, key)) for r in runs]
+      steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+      if not steps:
+        continue
+      values = np.array([[s[t] for t in steps] for s in series])
+      line, = ax.plot(steps, values.mean(axis=0), label=arm)
+      ax.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.2,
+                      color=line.get_color())
+      ax.set(xlabel="RL step", title=label)
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def write_report(grid: grids.Grid, seeds: int, workdir: str) -> dict:
+  """Table and figure of a finished grid; returns where they are and the rows."""
+  rows = write_table(grid, seeds, workdir)
+  figure = plot_arms(_by_arm(grid, seeds, workdir), os.path.join(workdir, "curves.png"),
+                     f"{grid.name}: mean over {seeds} seed(s), band = min-max")
+  return {"table_csv": os.path.join(workdir, "table.csv"),
+          "table_md": os.path.join(workdir, "table.md"), "figure": figure,
+          "rows": [dataclasses.asdict(r) for r in rows]}

@@ -1,0 +1,134 @@
+"""Runs a grid's arms as separate `scripts/train.py` processes, at most J at once, resumably.
+
+Layout under the grid's workdir:
+  _coldstart/<key>/seed_<k>/   SFT only (rl.steps=0), shared by arms with the same cold start
+  <arm>/seed_<k>/              the arm: starts from a copy of its cold start's checkpoints
+  each run dir: metrics.jsonl, checkpoints/, log.txt, and summary.json once it finished
+A rerun skips finished runs (summary.json) and resumes interrupted ones from their latest
+checkpoint (`train.py` resumes by itself).
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import tqdm
+
+from minirl_jax.experiments import grids
+
+SUMMARY = "summary.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One process: a run directory and the flags that define it."""
+  workdir: str
+  flags: tuple[str, ...]
+  cold_start: Optional[str] = None  # run dir whose checkpoints this run starts from
+
+  @property
+  def done(self) -> bool:
+    return os.path.exists(os.path.join(self.workdir, SUMMARY))
+
+
+def _key(overrides) -> str:
+  if not overrides:
+    return "default"
+  text = json.dumps(sorted((k, repr(v)) for k, v in overrides.items()))
+  return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def plan(grid: grids.Grid, seeds: int, workdir: str) -> tuple[list[Job], list[Job]]:
+  """(cold-start jobs, arm jobs) of a grid at seeds 0..seeds-1, seed by seed: every arm
+  has a first seed before any has a second, so a grid cut short still compares all arms."""
+  cold, arms = {}, []
+  for seed in range(seeds):
+    for arm in grid.arms:
+      seed_flags = [f"--config.seed={seed}", *grids.flags(arm.cold_start)]
+      cold_dir = os.path.join(workdir, "_coldstart", _key(arm.cold_start), f"seed_{seed}")
+      cold.setdefault(cold_dir, Job(cold_dir, (*seed_flags, "--config.rl.steps=0")))
+      arms.append(Job(os.path.join(workdir, arm.name, f"seed_{seed}"),
+                      (*seed_flags, *grids.flags(arm.overrides)), cold_start=cold_dir))
+  return list(cold.values()), arms
+
+
+def _branch(job: Job) -> None:
+  """Seeds a fresh arm dir with its cold start's checkpoints and SFT metrics."""
+  if os.path.exists(os.path.join(job.workdir, "checkpoints")):
+    return  # started before: it resumes from its own checkpoints
+  staging = job.workdir + ".staging"
+  shutil.rmtree(staging, ignore_errors=True)
+  shutil.copytree(os.path.join(job.cold_start, "checkpoints"),
+                  os.path.join(staging, "checkpoints"))
+  shutil.copy(os.path.join(job.cold_start, "metrics.jsonl"), staging)
+  os.makedirs(os.path.dirname(job.workdir), exist_ok=True)
+  if os.path.exists(job.workdir):  # a dir without checkpoints: an attempt that never began
+    shutil.rmtree(job.workdir)
+  os.rename(staging, job.workdir)
+
+
+class _Process:
+  def __init__(self, job: Job, base_config: str, root: str):
+    if job.cold_start:
+      _branch(job)
+    os.makedirs(job.workdir, exist_ok=True)
+    self.job, self.start = job, time.time()
+    self.log = open(os.path.join(job.workdir, "log.txt"), "a", encoding="utf-8")
+    cmd = [sys.executable, os.path.join(root, "scripts", "train.py"),
+           f"--config={os.path.join(root, base_config)}", *job.flags,
+           "--config.log.progress=False", f"--workdir={job.workdir}"]
+    self.log.write("$ " + " ".join(cmd) + "\n")
+    self.log.flush()
+    self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+  def finish(self) -> None:
+    """Waits for the process; writes summary.json from its last output line."""
+    out, _ = self.proc.communicate()
+    self.log.write(out)
+    self.log.close()
+    if self.proc.returncode:
+      raise RuntimeError(f"{self.job.workdir} failed (exit {self.proc.returncode}); see "
+                         f"{os.path.join(self.job.workdir, 'log.txt')}")
+    summary = json.loads(out.strip().splitlines()[-1])
+    summary["wall_s"] = time.time() - self.start
+    with open(os.path.join(self.job.workdir, SUMMARY), "w", encoding="utf-8") as f:
+      json.dump(summary, f)
+
+
+def run_jobs(jobs: list[Job], *, base_config: str, root: str, max_jobs: int,
+             desc: str, progress: bool = True) -> None:
+  """Runs the unfinished jobs, at most `max_jobs` at once; raises if one fails."""
+  todo = [j for j in jobs if not j.done]
+  bar = tqdm.tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc,
+                  disable=not progress, dynamic_ncols=True)
+  running: list[_Process] = []
+  try:
+    while todo or running:
+      while todo and len(running) < max_jobs:
+        running.append(_Process(todo.pop(0), base_config, root))
+      time.sleep(0.2)
+      for p in [p for p in running if p.proc.poll() is not None]:
+        running.remove(p)
+        p.finish()
+        bar.update(1)
+  finally:
+    for p in running:
+      p.proc.kill()
+      p.proc.wait()
+    bar.close()
+
+
+def run_grid(grid: grids.Grid, *, seeds: int, workdir: str, max_jobs: int, root: str,
+             progress: bool = True) -> list[Job]:
+  """Cold starts first, then every arm x seed; returns the arm jobs (all finished)."""
+  cold, arms = plan(grid, seeds, workdir)
+  run_jobs(cold, base_config=grid.base_config, root=root, max_jobs=max_jobs,
+           desc=f"{grid.name}: cold starts", progress=progress)
+  run_jobs(arms, base_config=grid.base_config, root=root, max_jobs=max_jobs,
+           desc=f"{grid.name}: arms", progress=progress)
+  return arms

@@ -1,0 +1,41 @@
+"""Runs a named ablation grid (arms x seeds) resumably, then writes its table and figures.
+
+  python scripts/ablate.py --grid=quick --seeds=1 --workdir=runs/quick
+  python scripts/ablate.py --grid=onpolicy --seeds=3 --workdir=runs/onpolicy --jobs=1
+Grids: minirl_jax/experiments/grids.py. Rerunning skips finished arms and resumes
+interrupted ones. Last line: one JSON object (table, figure, rows).
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+
+from minirl_jax.experiments import grids
+from minirl_jax.experiments import report
+from minirl_jax.experiments import runner
+
+_GRID = flags.DEFINE_string("grid", "quick", f"One of {sorted(grids.GRIDS)}.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per arm (>= 3 for a verdict).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Grid output directory.", required=True)
+_JOBS = flags.DEFINE_integer("jobs", 1, "Arms run at once (each its own process).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar over runs.")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv):
+  del argv
+  grid = grids.get(_GRID.value)
+  if _SEEDS.value < 1 or _JOBS.value < 1:
+    raise SystemExit("--seeds and --jobs must be >= 1")
+  workdir = os.path.abspath(_WORKDIR.value)
+  runner.run_grid(grid, seeds=_SEEDS.value, workdir=workdir, max_jobs=_JOBS.value,
+                  root=ROOT, progress=_PROGRESS.value)
+  result = report.write_report(grid, _SEEDS.value, workdir)
+  print(open(result["table_md"], encoding="utf-8").read())
+  print(json.dumps({"grid": grid.name, "seeds": _SEEDS.value, **result}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,118 @@
+"""Ablation grids: arms, the collapse criterion, tables and figures, and the quick grid end to
+end as separate processes (resumable)."""
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from minirl_jax.experiments import grids
+from minirl_jax.experiments import report
+from minirl_jax.experiments import runner
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def _write_run(run_dir, records, wall_s=10.0):
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps({"stage": "rl", **r}) + "\n" for r in records)
+  with open(os.path.join(run_dir, runner.SUMMARY), "w") as f:
+    json.dump({"wall_s": wall_s}, f)
+
+
+def _rl(step, acc=None, entropy=0.3, kl=1e-3, reward=0.5, skipped=0.0):
+  r = {"step": step, "policy/entropy": entropy, "mismatch/kl_mu_pi_old": kl,
+       "reward/mean": reward, "optim/skipped": skipped}
+  return r | ({"eval/accuracy": acc} if acc is not None else {})
+
+
+@pytest.mark.parametrize("records,want", [
+    # accuracy below half its running peak (peak 0.4 >= 0.1) at step 20
+    ([{"step": 0, "eval/accuracy": 0.3}, _rl(10, acc=0.4), _rl(20, acc=0.19)], 20),
+    # a small peak (< 0.1) never triggers the accuracy rule
+    ([{"step": 0, "eval/accuracy": 0.05}, _rl(10, acc=0.08), _rl(20, acc=0.0)], None),
+    # entropy under the floor
+    ([{"step": 0, "eval/accuracy": 0.3}, _rl(1), _rl(2, entropy=0.01)], 2),
+    # a non-finite metric, or a skipped update
+    ([{"step": 0, "eval/accuracy": 0.3}, _rl(1, kl=float("nan"))], 1),
+    ([{"step": 0, "eval/accuracy": 0.3}, _rl(1), _rl(2, skipped=1.0)], 2),
+    ([{"step": 0, "eval/accuracy": 0.3}, _rl(10, acc=0.35), _rl(20, acc=0.3)], None),
+])
+def test_collapse_criterion(records, want):
+  assert report.collapse_step(records) == want
+
+
+def test_table_aggregates_seeds(tmp_path):
+  grid = grids.Grid("t", "configs/smoke.py", (grids.Arm("a"), grids.Arm("b")), "test")
+  for seed, (peak, final) in enumerate(((0.4, 0.3), (0.6, 0.5))):
+    _write_run(tmp_path / "a" / f"seed_{seed}", [
+        {"step": 0, "eval/accuracy": 0.2}, _rl(1, acc=peak, kl=2e-3), _rl(2, acc=final)])
+    _write_run(tmp_path / "b" / f"seed_{seed}", [
+        {"step": 0, "eval/accuracy": 0.2}, _rl(1, acc=0.5), _rl(2, acc=0.1, entropy=0.5)])
+  rows = {r.arm: r for r in report.write_table(grid, 2, str(tmp_path))}
+  a, b = rows["a"], rows["b"]
+  assert (a.peak_accuracy, a.final_accuracy) == pytest.approx((0.5, 0.4))
+  assert a.peak_accuracy_std == pytest.approx(0.1) and a.max_kl == pytest.approx(2e-3)
+  assert a.collapsed == 0 and b.collapsed == 2 and b.collapse_step_median == 2
+  assert b.final_entropy == pytest.approx(0.5) and a.wall_s == 10.0
+  with open(tmp_path / "table.csv") as f:
+    assert [r["arm"] for r in csv.DictReader(f)] == ["a", "b"]
+  assert "| b | 2 |" in (tmp_path / "table.md").read_text()
+
+
+def test_plan_shares_cold_starts_and_names_run_dirs(tmp_path):
+  grid = grids.get("coldstart")
+  cold, arms = runner.plan(grid, 2, str(tmp_path))
+  assert len(cold) == 3 * 2 and len(arms) == 3 * 2  # three cold starts, each its own
+  assert all("--config.rl.steps=0" in j.flags for j in cold)
+  cold, arms = runner.plan(grids.get("onpolicy"), 3, str(tmp_path))
+  assert len(cold) == 3 and len(arms) == 10 * 3  # every on-policy arm shares its seed's start
+  assert arms[0].workdir == str(tmp_path / "minirl" / "seed_0")
+  assert "--config.rl.routing_replay=r3" in arms[1].flags
+  assert grids.flags({"objective.clip": False, "rl.steps": 2}) == [
+      "--config.objective.clip=False", "--config.rl.steps=2"]
+
+
+def test_offpolicy_arms_keep_the_mini_batch_and_grow_n():
+  for arm in grids.get("offpolicy").arms:
+    n = int(arm.name.split("/")[0][1:])
+    o = arm.overrides
+    assert o["rl.mini_batch_size"] == 64 and o["rl.prompts_per_step"] * 8 == n * 64
+
+
+def test_quick_grid_runs_resumably_as_processes(tmp_path):
+  cmd = [sys.executable, str(ROOT / "scripts" / "ablate.py"), "--grid=quick", "--seeds=1",
+         "--jobs=2", "--progress=False", f"--workdir={tmp_path}"]
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900).stdout
+  result = json.loads(out.strip().splitlines()[-1])
+  assert [r["arm"] for r in result["rows"]] == ["minirl", "minirl_no_is"]
+  assert os.path.getsize(result["figure"]) > 10_000
+  cold = tmp_path / "_coldstart" / "default" / "seed_0"
+  cold_sft = [r for r in map(json.loads, open(cold / "metrics.jsonl")) if r["stage"] == "sft"]
+  for arm in ("minirl", "minirl_no_is"):
+    records = [json.loads(line) for line in open(tmp_path / arm / "seed_0" / "metrics.jsonl")]
+    # The arm branched from the shared cold start: the same SFT records, then its RL steps.
+    assert [r for r in records if r["stage"] == "sft"] == cold_sft
+    assert [r["step"] for r in records if r["stage"] == "rl"] == [0, 1, 2]
+
+  # A rerun skips finished arms; an arm that lost its summary resumes without redoing steps.
+  arm_dir = tmp_path / "minirl" / "seed_0"
+  before = (arm_dir / "metrics.jsonl").read_text()
+  os.remove(arm_dir / runner.SUMMARY)
+  finished = os.path.getmtime(tmp_path / "minirl_no_is" / "seed_0" / runner.SUMMARY)
+  subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
+  assert (arm_dir / "metrics.jsonl").read_text() == before
+  assert os.path.getmtime(tmp_path / "minirl_no_is" / "seed_0" / runner.SUMMARY) == finished
+
+
+def test_gap_grid_pairs_minirl_and_no_is_at_every_level_from_zero():
+  arms = {a.name: a.overrides for a in grids.get("gap").arms}
+  levels = [name.split("/")[0] for name in arms][::2]
+  assert levels == ["zero", "float32", "bfloat16", "float16", "int8", "fp8", "int4"]
+  assert arms["zero/minirl"]["objective.behaviour_logp"] == "pi_old"
+  assert arms["int4/minirl_no_is"]["objective.train_infer_is"] is False
+  assert arms["int4/minirl_no_is"]["sampler.dtype"] == "int4"

@@ -4,11 +4,12 @@
   python scripts/ablate.py --grid=onpolicy --seeds=3 --workdir=runs/onpolicy
 
 Data: `data.task="chain"` (docs/data.md), 3-18 left-to-right +/- steps on operands below 10,
-modulo 100, each step written out: "5+0+2+4=" -> "5+0=5 5+2=7 7+4=11 #11". Worked
-solutions are 20-146 characters (median 78 over 2,000 problems) and their length follows the
+modulo 100, each step written out: "6-5-6+2=" -> "6-5=1 1-6=95 95+2=97 #97". Worked
+solutions are 20-146 tokens (median 78 over 2,000 problems) and their length follows the
 number of steps, so responses are long and vary in length (what token-level IS, length
-normalisation and routing replay act on). Prompts are <= 38 tokens (max_prompt_len 40).
-Reward: `ChainTask.reward`, 1 only if every step and the final `#answer` are right.
+normalisation and routing replay act on). Prompts are <= 38 tokens (max_prompt_len 40);
+max_new_tokens 147 = the longest solution + EOS. Reward: `ChainTask.reward`, 1 only if every
+step and the final `#answer` are right.
 
 Model: ~977k parameters (313k active per token), 3 MoE layers of 8 experts, top-2.
 RL: 8 prompts x 8 responses, one mini-batch of 64 (N = 1, on-policy); the off-policy grid
@@ -17,11 +18,15 @@ raises prompts_per_step at mini-batch 64.
 Sampler: fp8 (the paper's FP8 inference against a float32 trainer; README "A gap you can
 dial" says why the grids run there).
 
-Measured so far (2-core CPU, shared with other jobs): SFT runs at ~2.3 s per step and
-reached only ~1% held-out accuracy after 250 steps (it stops at 30% or 3,000 steps), so a
-cold start costs well over the ~5 minutes per arm the grids are budgeted for. Calibrating
-this config (model and SFT sizes, then one timed arm on an idle machine) comes before any
-grid runs; these settings are a starting point, not a measured recipe.
+Measured once on the 2-core CPU (timings with it idle; shared, it ran ~2x slower), to be
+re-measured before sizing a grid. SFT: ~2.0 s per step; held-out accuracy (temperature 1) is
+~0 until step 250, then 0.09 at 300, 0.23 at 375 and 0.33 at 475, where target_accuracy 0.3
+stops it (~17 minutes with evaluations; the grids share one cold start per seed). RL, one grid
+arm: ~5.4 s per step, ~30 s for the first (compiling), ~+10 s every
+objective.grad_cosine_every steps, so 40 steps and 5 evaluations take ~5 minutes. From that
+cold start, held-out accuracy went 0.37 -> 0.32 in 12 RL steps (within the +-0.04 noise of 128
+problems) while reward/mean ranged 0.03-0.72 step to step (it follows the batch's chain
+lengths); what 40 steps do has not been measured.
 """
 from minirl_jax import config_base
 
@@ -35,7 +40,7 @@ def get_config():
   config.sampler.update(dtype="fp8", max_new_tokens=147,
                         prompt_bucket=8)  # longest solution (146) + EOS
   # N = 1 (on-policy): one mini-batch of 8 x 8; the off-policy grid raises prompts_per_step.
-  config.rl.update(steps=50, prompts_per_step=8, group_size=8, mini_batch_size=64,
+  config.rl.update(steps=40, prompts_per_step=8, group_size=8, mini_batch_size=64,
                    eval_every=10, learning_rate=2e-4)
   # Stops at target_accuracy (held-out, temperature 1), evaluated every 25 steps.
   config.sft.update(max_steps=1000, batch_size=64, eval_every=25, eval_size=128,

@@ -51,7 +51,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       # "package.module:function" computing R(prompt, completion, answer) in [0, 1];
       # unset: exact match (synthetic task) or math_reward (data.path).
       reward=config_dict.placeholder(str),
-      reward_timeout_s=5.0)  # a reward call past this scores 0 (counted in reward/timeouts)
+      reward_timeout_s=5.0,  # a reward call past this scores 0 (counted in reward/timeouts)
+      # the run stops when more than this fraction of a step's reward calls fail (raise,
+      # time out, or return anything but a number in [0, 1]) for 3 steps in a row
+      reward_max_error_frac=0.5)
   config.sampler = dict(dtype="int8", temperature=1.0, top_p=1.0, top_k=0,
                         max_new_tokens=16, prompt_bucket=8,
                         activation_dtype=config_dict.placeholder(str),
@@ -71,12 +74,17 @@ def get_base_config() -> ml_collections.ConfigDict:
       steps=150, prompts_per_step=64, group_size=8,
       mini_batch_size=512,  # sequences per optimizer update: N = 64 * 8 / 512 = 1
       routing_replay="none",  # "none" | "r2" | "r3"
-      eval_every=25, learning_rate=2e-4, warmup_steps=0)
+      eval_every=25, learning_rate=2e-4, warmup_steps=0,
+      allow_greedy=False)  # True: allow samplers whose G responses cannot differ
   config.sft = dict(
       max_steps=2000, batch_size=64, learning_rate=3e-3, warmup_steps=50,
       eval_every=50, eval_size=128,  # a cheap held-out check that stops SFT early
       target_accuracy=0.3)
-  config.optim = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
+  config.optim = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+                      # a run stops after this many steps in a row whose loss, gradients,
+                      # update or new parameters were not all finite (each left the state as
+                      # it was)
+                      max_skipped_in_a_row=10)
   config.checkpoint = dict(every=50, keep=2)
   config.log = dict(progress=True, plots=True)
   return ml_collections.ConfigDict(config)

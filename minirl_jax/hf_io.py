@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from minirl_jax import checkpoint
+from minirl_jax import errors
 from minirl_jax.models import hf_config
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
@@ -56,7 +57,7 @@ class _Reader:
                      for p in glob.glob(os.path.join(directory, "*.safetensors")))
       weight_map = None
     if not files:
-      raise FileNotFoundError(f"no *.safetensors files in {directory}")
+      raise errors.MissingPath(f"no *.safetensors files in {directory}")
     safe_open = _safetensors().safe_open
     self._handles = {f: safe_open(os.path.join(directory, f), framework="np") for f in files}
     self.files = {}

@@ -3,7 +3,10 @@ import json
 import os
 from typing import Callable, Mapping
 
+from absl import logging
 import numpy as np
+
+from minirl_jax import errors
 
 PLOTS = (("reward/mean", "training reward"), ("eval/accuracy", "held-out accuracy"),
          ("policy/entropy", "token entropy"), ("mismatch/kl_mu_pi_old", "train-infer KL"))
@@ -15,7 +18,6 @@ def quiet_library_logs() -> None:
   asked for more with --verbosity."""
   import logging as py_logging
   from absl import flags
-  from absl import logging
   if flags.FLAGS["verbosity"].present:
     return
   own = os.sep + "minirl_jax" + os.sep
@@ -63,16 +65,28 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: str, drop_cut_last_line: bool = False) -> list[dict]:
+  """The records of a JSONL file. A last line cut off mid-write (a killed process) is
+  dropped with a warning when `drop_cut_last_line`; any other bad line raises naming it."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+  records = []
+  for n, line in lines:
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if drop_cut_last_line and n == lines[-1][0] and not line.endswith("\n"):
+        logging.warning("%s: line %d was cut off mid-write; dropped it", path, n)
+        continue
+      raise errors.UserError(f"{path}: line {n}: invalid JSON: {e}") from None
+  return records
 
 
 def keep_only(path: str, keep: Callable[[dict], bool]) -> None:
   """Rewrites a JSONL file keeping the records `keep` accepts (used on resume)."""
   if not os.path.exists(path):
     return
-  records = [r for r in read_jsonl(path) if keep(r)]
+  records = [r for r in read_jsonl(path, drop_cut_last_line=True) if keep(r)]
   with open(path, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r) + "\n" for r in records)
 

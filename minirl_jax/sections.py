@@ -6,10 +6,12 @@ is invalid: every error names the field as the user writes it (`rl.mini_batch_si
 import dataclasses
 from typing import Any, Mapping
 
+from minirl_jax import errors
+
 
 def fail(field: str, message: str):
-  """Raises the ValueError every config check uses: `"{field} {message}"`."""
-  raise ValueError(f"{field} {message}")
+  """Raises the error every config check uses: `"{field} {message}"`."""
+  raise errors.UserError(f"{field} {message}")
 
 
 def build(cls, values: Mapping[str, Any], name: str, **extra):

@@ -2,6 +2,7 @@
 
   python scripts/ablate.py --grid=quick --seeds=1 --workdir=runs/quick
   python scripts/ablate.py --grid=onpolicy --seeds=3 --workdir=runs/onpolicy --jobs=1
+  python scripts/ablate.py --grid=onpolicy --seeds=3 --workdir=runs/onpolicy --report_only
 Grids: minirl_jax/experiments/grids.py. Rerunning skips finished arms and resumes
 interrupted ones. Last line: one JSON object (table, figure, rows).
 """
@@ -11,6 +12,7 @@ import os
 from absl import app
 from absl import flags
 
+from minirl_jax import errors
 from minirl_jax.experiments import grids
 from minirl_jax.experiments import report
 from minirl_jax.experiments import runner
@@ -20,6 +22,9 @@ _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per arm (>= 3 for a verdict).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Grid output directory.", required=True)
 _JOBS = flags.DEFINE_integer("jobs", 1, "Arms run at once (each its own process).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar over runs.")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Run nothing: write the table and figure of the finished runs "
+    "(a grid cut short, or one still running elsewhere).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,12 +35,13 @@ def main(argv):
   if _SEEDS.value < 1 or _JOBS.value < 1:
     raise SystemExit("--seeds and --jobs must be >= 1")
   workdir = os.path.abspath(_WORKDIR.value)
-  runner.run_grid(grid, seeds=_SEEDS.value, workdir=workdir, max_jobs=_JOBS.value,
-                  root=ROOT, progress=_PROGRESS.value)
+  if not _REPORT_ONLY.value:
+    runner.run_grid(grid, seeds=_SEEDS.value, workdir=workdir, max_jobs=_JOBS.value,
+                    root=ROOT, progress=_PROGRESS.value)
   result = report.write_report(grid, _SEEDS.value, workdir)
   print(open(result["table_md"], encoding="utf-8").read())
   print(json.dumps({"grid": grid.name, "seeds": _SEEDS.value, **result}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.reporting(main))

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minirl_jax import errors
 from minirl_jax.models import moe
 from minirl_jax.models import moe_reference
 from minirl_jax.models.config import ModelConfig
@@ -78,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.reporting(main))

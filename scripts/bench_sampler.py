@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from minirl_jax import config_base
+from minirl_jax import errors
 from minirl_jax.models import config as model_config
 from minirl_jax.models import transformer
 from minirl_jax.sampling import quantize
@@ -155,4 +156,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.reporting(main))

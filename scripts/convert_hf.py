@@ -9,6 +9,7 @@
 from absl import app
 from absl import flags
 
+from minirl_jax import errors
 from minirl_jax import hf_io
 
 _DIRECTION = flags.DEFINE_enum("direction", "import", ["import", "export"],
@@ -38,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.reporting(main))

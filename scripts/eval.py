@@ -11,6 +11,7 @@ from absl import flags
 import jax
 
 from minirl_jax import config_base
+from minirl_jax import errors
 from minirl_jax import metrics
 from minirl_jax import sharding
 from minirl_jax.rl import checkpointing
@@ -33,11 +34,8 @@ def main(argv):
   s = settings.from_config(_CONFIG.value)
   mesh = sharding.make_mesh(s.mesh)
   data = rl_data.build(s)
-  try:
-    state, progress = checkpointing.read_latest(_WORKDIR.value, s.checkpoint,
-                                                state_lib.abstract_state(s, mesh))
-  except FileNotFoundError as e:
-    raise SystemExit(str(e)) from None
+  state, progress = checkpointing.read_latest(_WORKDIR.value, s.checkpoint,
+                                              state_lib.abstract_state(s, mesh))
   size = _SIZE.value or s.data.eval_size
   fns = step.bind(s, mesh, data.tokenizer, data.reward_fn)
   try:
@@ -51,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.reporting(main))

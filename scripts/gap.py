@@ -15,6 +15,7 @@ from absl import flags
 import jax
 
 from minirl_jax import config_base
+from minirl_jax import errors
 from minirl_jax import metrics
 from minirl_jax import sharding
 from minirl_jax.rl import checkpointing
@@ -44,11 +45,8 @@ def main(argv):
       gap.parse_level(level)  # fail before restoring anything
   mesh = sharding.make_mesh(s.mesh)
   data = rl_data.build(s)
-  try:
-    state, progress = checkpointing.read_latest(_WORKDIR.value, s.checkpoint,
-                                                state_lib.abstract_state(s, mesh))
-  except FileNotFoundError as e:
-    raise SystemExit(str(e)) from None
+  state, progress = checkpointing.read_latest(_WORKDIR.value, s.checkpoint,
+                                              state_lib.abstract_state(s, mesh))
   prompts = _PROMPTS.value or s.rl.prompts_per_step
   samples = _SAMPLES.value or s.rl.group_size
   batches = list(itertools.islice(
@@ -66,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.reporting(main))

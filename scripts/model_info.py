@@ -7,6 +7,7 @@ import json
 from absl import app
 
 from minirl_jax import config_base
+from minirl_jax import errors
 from minirl_jax.models import config as model_config
 from minirl_jax.models import info
 
@@ -29,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.reporting(main))

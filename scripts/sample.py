@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from minirl_jax import config_base
+from minirl_jax import errors
 from minirl_jax import metrics
 from minirl_jax import sharding
 from minirl_jax.data import pipeline
@@ -38,11 +39,8 @@ def main(argv):
   data = rl_data.build(s)
   progress = "initial params"
   if _WORKDIR.value:
-    try:
-      state, progress = checkpointing.read_latest(_WORKDIR.value, s.checkpoint,
-                                                  state_lib.abstract_state(s, mesh))
-    except FileNotFoundError as e:
-      raise SystemExit(str(e)) from None
+    state, progress = checkpointing.read_latest(_WORKDIR.value, s.checkpoint,
+                                                state_lib.abstract_state(s, mesh))
   else:
     state, _ = state_lib.create(s, mesh, jax.random.fold_in(jax.random.key(s.seed), 0))
   tok, fmt = data.tokenizer, data.format_prompt or (lambda text: text)
@@ -63,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.reporting(main))

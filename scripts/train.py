@@ -11,6 +11,7 @@ from absl import flags
 import jax
 
 from minirl_jax import config_base
+from minirl_jax import errors
 from minirl_jax import metrics
 from minirl_jax.rl import loop
 from minirl_jax.rl import settings
@@ -35,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.reporting(main))

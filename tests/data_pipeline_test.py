@@ -88,10 +88,10 @@ def test_rl_iterator_state_resumes_exactly():
 def test_too_long_prompt_raises_naming_the_record():
   records = _records(5)
   records[3] = {"prompt": "1234+5678=", "answer": "6912"}
-  with pytest.raises(ValueError, match=r"record 3 has 10 tokens > max_prompt_len 6"):
+  with pytest.raises(ValueError, match=r"record 3 \(0-based\): prompt has 10 tokens > data.max_prompt_len 6"):
     _rl(records)
   lazy = iter(_rl(records, check_lengths=False, global_batch_size=5))
-  with pytest.raises(ValueError, match=r"record 3 has 10 tokens"):
+  with pytest.raises(ValueError, match=r"record 3 \(0-based\): prompt has 10 tokens"):
     next(lazy)
 
 
@@ -131,9 +131,9 @@ def test_sft_shapes_are_fixed_and_state_resumes_exactly():
 
 
 def test_sft_rejects_missing_or_too_long_solutions():
-  with pytest.raises(ValueError, match="record 0 has no 'solution'"):
+  with pytest.raises(ValueError, match=r"record 0 \(0-based\): no 'solution'"):
     _sft([{"prompt": "1+2=", "answer": "3"}])
-  with pytest.raises(ValueError, match=r"solution of record 1 has 7 tokens with EOS > max_len - max_prompt_len = 6"):
+  with pytest.raises(ValueError, match=r"record 1 \(0-based\): solution has 7 tokens with EOS > max_len - max_prompt_len = 6"):
     _sft([{"prompt": "1=", "answer": "1", "solution": "1 #1"},
           {"prompt": "1=", "answer": "1", "solution": "11 #11"}])
   with pytest.raises(ValueError, match="must exceed"):

@@ -5,7 +5,10 @@ import sys
 import grain
 import pytest
 
+from minirl_jax import errors
+from minirl_jax.data import pipeline
 from minirl_jax.data import sources
+from minirl_jax.data import tokenizer
 
 
 def _write_jsonl(path, lines):
@@ -19,9 +22,10 @@ def test_jsonl_rows_become_records(tmp_path):
       "",
       json.dumps({"prompt": "Half of 3?", "answer": "\\frac{3}{2}", "solution": "3/2 \\boxed{\\frac{3}{2}}"}),
   ])
-  assert sources.load_records(path) == [
-      {"prompt": "What is 1+1?", "answer": "2"},
-      {"prompt": "Half of 3?", "answer": "\\frac{3}{2}", "solution": "3/2 \\boxed{\\frac{3}{2}}"},
+  assert sources.load_records(path) == [  # each record names its file and 1-based line
+      {"prompt": "What is 1+1?", "answer": "2", "where": f"{path}: line 1"},
+      {"prompt": "Half of 3?", "answer": "\\frac{3}{2}", "solution": "3/2 \\boxed{\\frac{3}{2}}",
+       "where": f"{path}: line 3"},
   ]
 
 
@@ -29,7 +33,8 @@ def test_prompt_dataset_is_a_grain_map_dataset(tmp_path):
   path = _write_jsonl(tmp_path / "p.jsonl", [json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(3)])
   dataset = sources.prompt_dataset(path)
   assert isinstance(dataset, grain.MapDataset)
-  assert len(dataset) == 3 and dataset[2] == {"prompt": "q2", "answer": "2"}
+  assert len(dataset) == 3
+  assert dataset[2] == {"prompt": "q2", "answer": "2", "where": f"{path}: line 3"}
 
 
 @pytest.mark.parametrize("bad_line, message", [
@@ -46,6 +51,20 @@ def test_bad_jsonl_row_raises_naming_file_and_line(tmp_path, bad_line, message):
   with pytest.raises(ValueError, match=message) as error:
     sources.load_records(path)
   assert str(error.value).startswith(f"{path}: ")
+
+
+def test_non_utf8_line_and_too_long_prompt_name_file_and_line(tmp_path):
+  path = tmp_path / "latin1.jsonl"
+  good = json.dumps({"prompt": "1+2=", "answer": "3"}).encode()
+  path.write_bytes(good + b"\n" + '{"prompt": "caf\u00e9", "answer": "1"}'.encode("latin-1") + b"\n")
+  with pytest.raises(errors.UserError, match=r"latin1.jsonl: line 2: not UTF-8"):
+    sources.load_records(str(path))
+  long = _write_jsonl(tmp_path / "long.jsonl", [good.decode(), good.decode(),
+                                                json.dumps({"prompt": "1234+5678=", "answer": "1"})])
+  records = sources.load_records(long)
+  with pytest.raises(errors.UserError, match=rf"{long}: line 3: prompt has 10 tokens > "
+                     r"data.max_prompt_len 6"):
+    pipeline.check_prompt_lengths(records, tokenizer.CharTokenizer(), 6)
 
 
 def test_empty_missing_and_unknown_files_raise(tmp_path):
@@ -75,7 +94,9 @@ def test_parquet_rows_become_records(tmp_path):
   pq = pytest.importorskip("pyarrow.parquet")
   path = str(tmp_path / "p.parquet")
   pq.write_table(pa.table({"prompt": ["a?", "b?"], "answer": ["1", "2"], "extra": [0, 1]}), path)
-  assert sources.load_records(path) == [{"prompt": "a?", "answer": "1"}, {"prompt": "b?", "answer": "2"}]
+  assert sources.load_records(path) == [
+      {"prompt": "a?", "answer": "1", "where": f"{path}: row 1"},
+      {"prompt": "b?", "answer": "2", "where": f"{path}: row 2"}]
 
 
 def test_bad_parquet_rows_raise_naming_the_row(tmp_path):

@@ -25,7 +25,7 @@ def _write_run(run_dir, records, wall_s=10.0):
 
 
 def _rl(step, acc=None, entropy=0.3, kl=1e-3, reward=0.5, skipped=0.0):
-  r = {"step": step, "policy/entropy": entropy, "mismatch/kl_mu_pi_old": kl,
+  r = {"step": step, "policy/entropy": entropy, "mismatch/kl_k3": kl,
        "reward/mean": reward, "optim/skipped": skipped}
   return r | ({"eval/accuracy": acc} if acc is not None else {})
 
@@ -47,31 +47,40 @@ def test_collapse_criterion(records, want):
 
 
 def test_table_aggregates_seeds(tmp_path):
-  grid = grids.Grid("t", "configs/smoke.py", (grids.Arm("a"), grids.Arm("b")), "test")
+  grid = grids.Grid("t", "configs/smoke.py",
+                    tuple(grids.Arm(name) for name in ("a", "b", "c", "never_ran")), "test")
   for seed, (peak, final) in enumerate(((0.4, 0.3), (0.6, 0.5))):
     _write_run(tmp_path / "a" / f"seed_{seed}", [
         {"step": 0, "eval/accuracy": 0.2}, _rl(1, acc=peak, kl=2e-3), _rl(2, acc=final)])
     _write_run(tmp_path / "b" / f"seed_{seed}", [
         {"step": 0, "eval/accuracy": 0.2}, _rl(1, acc=0.5), _rl(2, acc=0.1, entropy=0.5)])
+  # c: seed 0 finished, seed 1 interrupted (no summary); a grid cut short reports what it has
+  _write_run(tmp_path / "c" / "seed_0", [{"step": 0, "eval/accuracy": 0.2}, _rl(1, acc=0.7)])
+  _write_run(tmp_path / "c" / "seed_1", [{"step": 0, "eval/accuracy": 0.2}])
+  os.remove(tmp_path / "c" / "seed_1" / runner.SUMMARY)
   rows = {r.arm: r for r in report.write_table(grid, 2, str(tmp_path))}
+  assert list(rows) == ["a", "b", "c"] and rows["c"].seeds == 1
+  assert rows["c"].peak_accuracy == pytest.approx(0.7)
   a, b = rows["a"], rows["b"]
   assert (a.peak_accuracy, a.final_accuracy) == pytest.approx((0.5, 0.4))
   assert a.peak_accuracy_std == pytest.approx(0.1) and a.max_kl == pytest.approx(2e-3)
   assert a.collapsed == 0 and b.collapsed == 2 and b.collapse_step_median == 2
   assert b.final_entropy == pytest.approx(0.5) and a.wall_s == 10.0
   with open(tmp_path / "table.csv") as f:
-    assert [r["arm"] for r in csv.DictReader(f)] == ["a", "b"]
+    assert [r["arm"] for r in csv.DictReader(f)] == ["a", "b", "c"]
   assert "| b | 2 |" in (tmp_path / "table.md").read_text()
 
 
 def test_plan_shares_cold_starts_and_names_run_dirs(tmp_path):
   grid = grids.get("coldstart")
   cold, arms = runner.plan(grid, 2, str(tmp_path))
-  assert len(cold) == 3 * 2 and len(arms) == 3 * 2  # three cold starts, each its own
-  assert all("--config.rl.steps=0" in j.flags for j in cold)
+  assert len(cold) == 3 and len(arms) == 3 * 2  # three cold starts, shared by the RL seeds
+  assert all("--config.rl.steps=0" in j.flags and "--config.seed=0" in j.flags for j in cold)
   cold, arms = runner.plan(grids.get("onpolicy"), 3, str(tmp_path))
-  assert len(cold) == 3 and len(arms) == 10 * 3  # every on-policy arm shares its seed's start
+  assert len(cold) == 1 and len(arms) == 10 * 3  # every on-policy arm and seed: one start
   assert arms[0].workdir == str(tmp_path / "minirl" / "seed_0")
+  assert arms[0].cold_start == arms[-1].cold_start == cold[0].workdir
+  assert "--config.seed=2" in arms[-1].flags
   assert "--config.rl.routing_replay=r3" in arms[1].flags
   assert grids.flags({"objective.clip": False, "rl.steps": 2}) == [
       "--config.objective.clip=False", "--config.rl.steps=2"]

@@ -3,9 +3,11 @@ import importlib.util
 import json
 import os
 import pathlib
+import signal
 
 import pytest
 
+from minirl_jax import errors
 from minirl_jax.rl import loop
 from minirl_jax.rl import settings
 from minirl_jax.rl import state as state_lib
@@ -61,9 +63,22 @@ def test_main_job_outputs_and_resume_equivalence(tmp_path):
     assert os.path.getsize(os.path.join(full, f"{name}.png")) > 1000
   assert summary["rl_steps"] == 4 and os.listdir(os.path.join(full, "tensorboard"))
 
-  # Interrupted after RL step 2, then the same command again: it resumes and logs the same.
+  # SIGTERM (preemption) during RL step 2: the step finishes, a checkpoint is written, the
+  # run stops with 128 + 15; the same command resumes and logs the same numbers.
   resumed = str(tmp_path / "resumed")
-  smoke_run(resumed, **{"rl.steps": 2}).run()
+  run = smoke_run(resumed, **{"rl.steps": 4})
+  rl_step = run._rl_step
+  def preempted_in_step_2(step, sampler_params):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return rl_step(step, sampler_params)
+  run._rl_step = preempted_in_step_2
+  with pytest.raises(errors.RunStopped, match=r"SIGTERM after rl step 2: checkpoint 6 saved "
+                     r"under .*; run the same command to resume") as stop:
+    run.run()
+  assert stop.value.status == 128 + signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+  assert max(r["step"] for r in _records(resumed) if r["stage"] == "rl") == 2
   smoke_run(resumed, **{"rl.steps": 4}).run()
   again = _records(resumed)
   assert [(r["stage"], r["step"]) for r in again] == [(r["stage"], r["step"]) for r in records]

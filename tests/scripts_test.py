@@ -1,8 +1,11 @@
 """The command-line tools a user runs first, as subprocesses."""
 import json
 import pathlib
+import re
+import signal
 import subprocess
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -27,17 +30,45 @@ def test_scripts_find_their_default_config_from_any_directory():
   assert info["top_k"] == 1 and info["num_experts"] == 4  # configs/tiny.py, overridden
 
 
-def test_train_then_eval_and_sample_the_checkpoint(tmp_path):
+def _preempted_train(train, workdir):
+  """Starts `train`, sends SIGTERM once its first SFT step is logged; returns the result."""
+  proc = subprocess.Popen(train, cwd=ROOT / "tests", stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 600
+  while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=600)
+  return proc.returncode, out, err
+
+
+def test_train_preempted_then_eval_and_sample_the_checkpoint(tmp_path):
   smoke = [f"--config={ROOT / 'configs' / 'smoke.py'}", "--config.rl.steps=1",
-           "--config.sft.max_steps=2", "--config.log.plots=False"]
-  workdir = str(tmp_path / "run")
-  _, summary = _last_json([str(ROOT / "scripts" / "train.py"), *smoke, f"--workdir={workdir}"])
-  assert summary["sft_steps"] == 2 and summary["rl_steps"] == 1
+           "--config.sft.max_steps=40", "--config.sft.eval_every=40",
+           "--config.log.plots=False"]
+  workdir = tmp_path / "run"
+  train = [sys.executable, str(ROOT / "scripts" / "train.py"), *smoke, f"--workdir={workdir}"]
+  # SIGTERM (preemption): the step finishes, a checkpoint is written, exit 128 + 15, one line.
+  status, _, err = _preempted_train(train, workdir)
+  assert status == 128 + signal.SIGTERM, err
+  assert "Traceback" not in err
+  stopped = err.strip().splitlines()[-1]
+  step = int(re.match(r"stopped: SIGTERM after sft step (\d+): checkpoint (\d+) saved under ",
+                      stopped).group(1))
+  assert 1 <= step < 40 and (workdir / "checkpoints" / str(step)).is_dir()
+  # The same command resumes: every SFT step logged exactly once.
+  _, summary = _last_json(train[1:])
+  assert summary["sft_steps"] == 40 and summary["rl_steps"] == 1
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in records if r["stage"] == "sft"] == list(range(1, 41))
+  workdir = str(workdir)
 
   # eval.py and sample.py restore params and call the RL step's functions, no training run.
   _, result = _last_json([str(ROOT / "scripts" / "eval.py"), *smoke, f"--workdir={workdir}",
                           "--samples=2", "--size=16"])
-  assert result["problems"] == 16 and result["rl_step"] == 1 and result["sft_step"] == 2
+  assert result["problems"] == 16 and result["rl_step"] == 1 and result["sft_step"] == 40
   assert 0.0 <= result["avg@2"] <= result["pass@2"] <= 1.0
   out = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), *smoke,
                         f"--workdir={workdir}", "--prompts=3+4=,9-2=",
@@ -48,12 +79,22 @@ def test_train_then_eval_and_sample_the_checkpoint(tmp_path):
 
   _check_gap(workdir, smoke)
 
-  # A workdir without a checkpoint: one line, a non-zero exit, and nothing created.
+  # A workdir without a checkpoint: one line, exit 2, and nothing created.
   missing = tmp_path / "missing"
   run = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval.py"), *smoke,
                         f"--workdir={missing}"], capture_output=True, text=True, timeout=900)
-  assert run.returncode != 0 and "no checkpoint under" in run.stderr
-  assert "Traceback" not in run.stderr and not missing.exists()
+  assert run.returncode == 2 and "Traceback" not in run.stderr and not missing.exists()
+  assert run.stderr.strip().splitlines()[-1].startswith("error: no checkpoint under")
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path):
+  workdir = tmp_path / "never"
+  run = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"),
+                        f"--config={ROOT / 'configs' / 'smoke.py'}", "--config.optim.eps=1e-50",
+                        f"--workdir={workdir}"], capture_output=True, text=True, timeout=900)
+  assert run.returncode == 2 and "Traceback" not in run.stderr and not workdir.exists()
+  assert run.stderr.strip().splitlines() == [
+      "error: optim.eps is 1e-50, which is 0.0 in the parameter dtype float32"]
 
 
 def _check_gap(workdir, smoke):

@@ -3,6 +3,8 @@ import os
 from collections.abc import Sequence
 from typing import Optional
 
+from minirl_jax import errors
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
@@ -62,7 +64,7 @@ def load_hf_tokenizer(path: str) -> HFTokenizer:
   tokenizers = _import_tokenizers()
   file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
   if not os.path.isfile(file):
-    raise FileNotFoundError(f"no tokenizer.json at {file}")
+    raise errors.MissingPath(f"no tokenizer.json at {file}")
   return HFTokenizer(tokenizers.Tokenizer.from_file(file))
 
 

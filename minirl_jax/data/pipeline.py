@@ -11,6 +11,7 @@ import grain
 import jax
 import numpy as np
 
+from minirl_jax import errors
 from minirl_jax.data.tokenizer import Tokenizer
 
 Records = Union[Sequence[dict[str, str]], grain.MapDataset]
@@ -152,6 +153,11 @@ def _identity(text: str) -> str:
   return text
 
 
+def _where(record: dict[str, Any]) -> str:
+  """A record's place: `path: line N` (1-based) for file records, else its 0-based index."""
+  return record.get("where") or f"record {record['index']} (0-based)"
+
+
 def _with_index(index: int, record: dict[str, str]) -> dict[str, Any]:
   return {**record, "index": index}
 
@@ -180,10 +186,14 @@ def _endless_shard(records, global_batch_size, shard_index, shard_count):
 
 def _prompt_ids(record: dict[str, Any], tokenizer: Tokenizer, max_prompt_len: int,
                 format_prompt: FormatPrompt) -> list[int]:
-  ids = tokenizer.encode(format_prompt(record["prompt"]))
+  try:
+    ids = tokenizer.encode(format_prompt(record["prompt"]))
+  except ValueError as e:  # a character or token the tokenizer cannot encode
+    raise errors.UserError(f"{_where(record)}: {e}") from None
   if len(ids) > max_prompt_len:
-    raise ValueError(f"prompt of record {record['index']} has {len(ids)} tokens > max_prompt_len "
-                     f"{max_prompt_len} (prompts are never truncated): {record['prompt'][:80]!r}")
+    raise errors.UserError(
+        f"{_where(record)}: prompt has {len(ids)} tokens > data.max_prompt_len "
+        f"{max_prompt_len} (prompts are never truncated): {record['prompt'][:80]!r}")
   return ids
 
 
@@ -198,14 +208,14 @@ def _encode_prompt(record: dict[str, Any], tokenizer: Tokenizer, max_prompt_len:
 def _encode_sft(record: dict[str, Any], tokenizer: Tokenizer, max_prompt_len: int, max_len: int,
                 format_prompt: FormatPrompt) -> dict[str, np.ndarray]:
   if "solution" not in record:
-    raise ValueError(f"record {record['index']} has no 'solution': SFT needs worked solutions")
+    raise errors.UserError(f"{_where(record)}: no 'solution': SFT needs worked solutions")
   prompt_tokens, prompt_mask = left_pad(
       _prompt_ids(record, tokenizer, max_prompt_len, format_prompt), max_prompt_len, tokenizer.pad_id)
   target = tokenizer.encode(record["solution"]) + [tokenizer.eos_id]
   room = max_len - max_prompt_len
   if len(target) > room:
-    raise ValueError(f"solution of record {record['index']} has {len(target)} tokens with EOS > "
-                     f"max_len - max_prompt_len = {room} (never truncated)")
+    raise errors.UserError(f"{_where(record)}: solution has {len(target)} tokens with EOS > "
+                           f"max_len - max_prompt_len = {room} (never truncated)")
   tokens = np.full(max_len, tokenizer.pad_id, np.int32)
   tokens[:max_prompt_len] = prompt_tokens
   tokens[max_prompt_len:max_prompt_len + len(target)] = target

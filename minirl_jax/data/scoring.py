@@ -1,37 +1,54 @@
 """Scoring completions with a reward function in worker processes, each call under a timeout.
 
-A call that raises, returns anything but a number in [0, 1], crashes its worker or runs past
-its timeout scores 0 and is counted; scoring never raises because of a completion.
+A call that raises, returns anything but a number in [0, 1] (`reward_worker.as_reward`),
+crashes its worker or runs past its timeout scores 0 and is counted, and the first of each
+distinct failure is logged; scoring never raises because of a completion. `ErrorStreak`
+stops a run whose reward function fails on most calls step after step.
 """
-import importlib
-import math
+import dataclasses
 import multiprocessing
+import os
 import pickle
+import signal
+import subprocess
+import sys
 import time
+import weakref
 from collections.abc import Sequence
 from multiprocessing import connection
 from typing import Optional
 
+from absl import logging
 import numpy as np
 
+import minirl_jax
+from minirl_jax import errors
 from minirl_jax.data.rewards import RewardFn
 from minirl_jax.data.rewards import math_reward
 
+# Distinct failures logged per scorer; a message that quotes the completion makes every
+# failure distinct, and past this many they are only counted.
+MAX_LOGGED = 20
 
-def _worker_main(conn, reward_fn, preload):
-  """Scores (index, prompt, completion, answer) calls from `conn` until it receives None."""
-  for module in preload:  # slow imports happen before "ready", outside any call's timeout
-    try:
-      importlib.import_module(module)
-    except ImportError:
-      pass
-  conn.send("ready")
-  while (calls := conn.recv()) is not None:
-    for index, prompt, completion, answer in calls:
-      try:
-        conn.send((index, "ok", reward_fn(prompt, completion, answer)))
-      except Exception as e:  # pylint: disable=broad-exception-caught
-        conn.send((index, "error", f"{type(e).__name__}: {e}"))
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+  """A batch's rewards and its failed calls."""
+  rewards: np.ndarray  # float32 [calls], 0 where the call failed
+  failures: dict[int, str]  # call index -> what went wrong
+  timeouts: int  # how many of `failures` ran past the timeout
+
+  @property
+  def metrics(self) -> dict[str, float]:
+    return {"reward/errors": float(len(self.failures) - self.timeouts),
+            "reward/timeouts": float(self.timeouts)}
+
+  def first_failure(self) -> Optional[str]:
+    """`what went wrong (prompt i)` for the lowest failed index i; None without failures."""
+    if not self.failures:
+      return None
+    index = min(self.failures)
+    return f"{self.failures[index]} (prompt {index})"
 
 
 class RewardScorer:
@@ -40,14 +57,19 @@ class RewardScorer:
   Processes, not threads: a thread cannot be stopped, and a reward call stuck in C code
   (e.g. sympy evaluating 9^{9^{9^9}} inside math-verify) holds the GIL and freezes every
   thread, the caller's included; SIGALRM timeouts only work on the main thread. A worker is
-  killed and replaced on timeout or crash. Workers are spawned (never forked: JAX is
-  multithreaded), so `reward_fn` must be picklable, e.g. a module-level function.
+  killed and replaced on timeout or crash. Workers are fresh interpreters running
+  `minirl_jax.data.reward_worker` (never forked: JAX is multithreaded; never multiprocessing's
+  spawn, which re-imports the training script and JAX in each one), so `reward_fn` must be
+  picklable by reference from an importable module, e.g. a module-level function.
   """
 
   def __init__(self, reward_fn: RewardFn, *, timeout_s: float = 5.0, num_workers: int = 1,
                preload: Optional[Sequence[str]] = None, startup_timeout_s: float = 120.0):
+    if getattr(reward_fn, "__module__", None) == "__main__":
+      raise TypeError(f"reward_fn {reward_fn!r} is defined in the script being run: reward "
+                      "workers import it by module name, so move it to a module")
     try:
-      pickle.dumps(reward_fn)
+      self._reward_pickle = pickle.dumps(reward_fn)
     except Exception as e:
       raise TypeError(f"reward_fn {reward_fn!r} must be picklable (e.g. a module-level function): "
                       "rewards run in worker processes") from e
@@ -59,41 +81,53 @@ class RewardScorer:
     self._preload = tuple(preload) if preload is not None else (
         ("math_verify",) if reward_fn is math_reward else ())
     self._startup_timeout_s = startup_timeout_s
-    self._context = multiprocessing.get_context("spawn")
-    self._workers = [self._start_worker() for _ in range(num_workers)]
+    self._logged, self._quiet = set(), False  # failures logged; past MAX_LOGGED
+    self._workers = []  # [(process, connection)], replaced in place
+    self._stop_workers = weakref.finalize(self, _stop_all, self._workers)
+    for _ in range(num_workers):
+      self._workers.append(self._start_worker())
 
   def _start_worker(self):
-    parent, child = self._context.Pipe()
-    process = self._context.Process(
-        target=_worker_main, args=(child, self.reward_fn, self._preload), daemon=True)
-    process.start()
-    child.close()
+    conn, child = multiprocessing.Pipe()  # a socket pair; the worker is told its end's number
+    with child:
+      process = subprocess.Popen(
+          [sys.executable, "-m", "minirl_jax.data.reward_worker", str(child.fileno())],
+          pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env())
+    problem = None
     try:
-      if not parent.poll(self._startup_timeout_s):
-        raise TimeoutError(f"not ready after {self._startup_timeout_s} s")
-      parent.recv()
-    except (EOFError, OSError, TimeoutError) as e:
-      process.kill()
-      raise RuntimeError(f"reward worker for {self.reward_fn!r} failed to start ({e!r}); a "
-                         "spawned process must be able to import reward_fn by its module name") from e
-    return process, parent
+      conn.send((sys.path, self._reward_pickle, self._preload))
+      if conn.poll(self._startup_timeout_s):
+        status, detail = conn.recv()
+        problem = None if status == "ready" else detail
+      else:
+        problem = f"not ready after {self._startup_timeout_s} s"
+    except (EOFError, OSError) as e:
+      problem = f"{e!r}; see its stderr"
+    if problem is not None:
+      _stop(process, conn)
+      raise RuntimeError(f"reward worker for {self.reward_fn!r} failed to start ({problem}); "
+                         "a worker imports reward_fn by its module name")
+    return process, conn
 
   def _replace_worker(self, slot: int):
-    process, conn = self._workers[slot]
-    process.kill()
-    process.join()
-    conn.close()
+    _stop(*self._workers[slot])
     self._workers[slot] = self._start_worker()
 
   def score(self, prompts: Sequence[str], completions: Sequence[str],
             answers: Sequence[str]) -> tuple[np.ndarray, dict[str, float]]:
     """Scores a batch; see `score_batch`."""
+    scored = self.score_detailed(prompts, completions, answers)
+    return scored.rewards, scored.metrics
+
+  def score_detailed(self, prompts: Sequence[str], completions: Sequence[str],
+                     answers: Sequence[str]) -> Scored:
+    """Scores a batch and says which calls failed and why; logs each new kind of failure."""
     if not len(prompts) == len(completions) == len(answers):
       raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(completions)} completions, "
                        f"{len(answers)} answers")
     calls = [(i, str(p), str(c), str(a)) for i, (p, c, a) in enumerate(zip(prompts, completions, answers))]
     rewards = np.zeros(len(calls), np.float32)
-    counts = {"errors": 0, "timeouts": 0}
+    failures, timeouts = {}, []
     # Each worker takes a contiguous chunk and streams back one result per call; a call's
     # clock starts when the previous result of its worker arrives.
     chunks = np.array_split(np.arange(len(calls)), len(self._workers))
@@ -102,10 +136,11 @@ class RewardScorer:
       self._workers[slot][1].send(chunk)
     started = {slot: time.monotonic() for slot in pending}
     while pending:
-      self._collect(pending, started, rewards, counts)
-    return rewards, {"reward/errors": float(counts["errors"]), "reward/timeouts": float(counts["timeouts"])}
+      self._collect(pending, started, rewards, failures, timeouts)
+    self._log_new(failures)
+    return Scored(rewards, failures, len(timeouts))
 
-  def _collect(self, pending, started, rewards, counts):
+  def _collect(self, pending, started, rewards, failures, timeouts):
     """Waits for the next result or deadline and books it."""
     conn_slot = {self._workers[slot][1]: slot for slot in pending}
     deadline = min(started.values()) + self.timeout_s
@@ -114,17 +149,20 @@ class RewardScorer:
       try:
         index, status, value = conn.recv()
       except (EOFError, OSError):  # the worker died mid-call
-        self._fail_current(slot, pending, started, counts, "errors")
+        failures[pending[slot][0][0]] = _death(self._workers[slot][0])
+        self._fail_current(slot, pending, started)
         continue
-      reward = _valid_reward(value) if status == "ok" else None
-      if reward is None:
-        counts["errors"] += 1
+      if status == "ok":
+        rewards[index] = value
       else:
-        rewards[index] = reward
+        failures[index] = value
       self._advance(slot, pending, started)
     now = time.monotonic()
     for slot in [s for s in pending if now - started[s] >= self.timeout_s]:
-      self._fail_current(slot, pending, started, counts, "timeouts")
+      index = pending[slot][0][0]
+      failures[index] = f"timed out after {self.timeout_s:g} s"
+      timeouts.append(index)
+      self._fail_current(slot, pending, started)
 
   def _advance(self, slot, pending, started):
     pending[slot] = pending[slot][1:]
@@ -132,26 +170,30 @@ class RewardScorer:
     if not pending[slot]:
       del pending[slot], started[slot]
 
-  def _fail_current(self, slot, pending, started, counts, kind):
-    counts[kind] += 1
+  def _fail_current(self, slot, pending, started):
     self._replace_worker(slot)
     self._advance(slot, pending, started)
     if slot in pending:
       self._workers[slot][1].send(pending[slot])
 
+  def _log_new(self, failures: dict[int, str]):
+    """Logs the first occurrence of each distinct failure, in call order."""
+    for index in sorted(failures):
+      text = failures[index]
+      if text in self._logged or self._quiet:
+        continue
+      if len(self._logged) == MAX_LOGGED:
+        self._quiet = True
+        logging.warning("reward function: over %d distinct failures; new ones are only counted "
+                        "in reward/errors and reward/timeouts", MAX_LOGGED)
+        continue
+      self._logged.add(text)
+      logging.warning("reward function failed on prompt %d: %s (logged once; repeats are only "
+                      "counted)", index, text)
+
   def close(self):
     """Stops the workers."""
-    for process, conn in self._workers:
-      try:
-        conn.send(None)
-      except (BrokenPipeError, OSError):
-        pass
-      process.join(timeout=1.0)
-      if process.is_alive():
-        process.kill()
-        process.join()
-      conn.close()
-    self._workers = []
+    self._stop_workers()
 
   def __enter__(self):
     return self
@@ -160,13 +202,63 @@ class RewardScorer:
     self.close()
 
 
-def _valid_reward(value) -> Optional[float]:
-  """The reward as a float if it is a real number in [0, 1], else None."""
-  if isinstance(value, (bool, int, float, np.integer, np.floating)):
-    value = float(value)
-    if math.isfinite(value) and 0.0 <= value <= 1.0:
-      return value
-  return None
+class ErrorStreak:
+  """Stops a run once more than `max_frac` of a training step's reward calls fail (errors and
+  timeouts) for `steps` steps in a row: a broken reward scores 0 everywhere, and the run would
+  otherwise finish having learned nothing."""
+
+  def __init__(self, max_frac: float, steps: int = 3):
+    self.max_frac, self.steps, self._bad = max_frac, steps, 0
+
+  def update(self, failed: int, calls: int, first_failure: Optional[str]):
+    """Books a training step's `failed` of `calls`; raises `errors.RunStopped` on the
+    `steps`-th bad step in a row, naming `first_failure` (this process's first)."""
+    self._bad = self._bad + 1 if calls and failed / calls > self.max_frac else 0
+    if self._bad >= self.steps:
+      raise errors.RunStopped(
+          f"reward function failed on {failed}/{calls} calls ({100 * failed / calls:.3g}%) for "
+          f"{self._bad} steps in a row (data.reward_max_error_frac={self.max_frac}); first "
+          f"error: {first_failure or 'none on this process'}")
+
+
+def _worker_env() -> dict[str, str]:
+  """The environment, plus the directory holding `minirl_jax` so `-m` finds it from any cwd."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(minirl_jax.__file__)))
+  return {**os.environ, "PYTHONPATH": os.pathsep.join(
+      filter(None, [os.environ.get("PYTHONPATH"), root]))}
+
+
+def _death(process) -> str:
+  """What a worker that closed its connection died of."""
+  try:
+    status = process.wait(timeout=1.0)
+  except subprocess.TimeoutExpired:
+    return "reward worker closed its connection"
+  if status < 0:
+    return f"reward worker killed by {signal.Signals(-status).name}"
+  return f"reward worker exited with status {status}"
+
+
+def _stop(process, conn):
+  process.kill()
+  process.wait()
+  conn.close()
+
+
+def _stop_all(workers):
+  """Asks each worker to finish, killing any that does not (e.g. one stuck in a call)."""
+  for process, conn in workers:
+    try:
+      conn.send(None)
+    except OSError:
+      pass
+  for process, conn in workers:
+    try:
+      process.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+      pass
+    _stop(process, conn)
+  workers.clear()
 
 
 def score_batch(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[str],

@@ -10,6 +10,8 @@ from typing import Any
 
 import grain
 
+from minirl_jax import errors
+
 REQUIRED_FIELDS = ("prompt", "answer")
 OPTIONAL_FIELDS = ("solution",)  # a worked completion, needed only for SFT
 
@@ -24,7 +26,7 @@ def load_records(path: str) -> list[dict[str, str]]:
     One dict per row with "prompt", "answer" and, when the file has it, "solution".
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no prompt file at {path}")
+    raise errors.MissingPath(f"no prompt file at {path}")
   if path.endswith(".jsonl"):
     rows = _jsonl_rows(path)
     where = "line"
@@ -32,10 +34,11 @@ def load_records(path: str) -> list[dict[str, str]]:
     rows = _parquet_rows(path)
     where = "row"
   else:
-    raise ValueError(f"{path}: unknown prompt file format; use .jsonl or .parquet")
-  records = [_validated(row, f"{path}: {where} {number}") for number, row in rows]
+    raise errors.UserError(f"{path}: unknown prompt file format; use .jsonl or .parquet")
+  records = [{**_validated(row, f"{path}: {where} {number}"), "where": f"{path}: {where} {number}"}
+             for number, row in rows]
   if not records:
-    raise ValueError(f"{path}: no rows")
+    raise errors.UserError(f"{path}: no rows")
   return records
 
 
@@ -45,15 +48,20 @@ def prompt_dataset(path: str) -> grain.MapDataset:
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
-  """(line number, parsed object) for each non-blank line."""
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
+  """(1-based line number, parsed object) for each non-blank line."""
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise errors.UserError(f"{path}: line {number}: not UTF-8 ({e.reason} at byte "
+                               f"{e.start} of the line)") from None
       if not line.strip():
         continue
       try:
         yield number, json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {number}: invalid JSON: {e}") from e
+        raise errors.UserError(f"{path}: line {number}: invalid JSON: {e}") from None
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
@@ -66,7 +74,7 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
   table = pq.read_table(path)
   missing = [f for f in REQUIRED_FIELDS if f not in table.column_names]
   if missing:
-    raise ValueError(f"{path}: missing column(s) {missing}; columns are {table.column_names}")
+    raise errors.UserError(f"{path}: missing column(s) {missing}; columns are {table.column_names}")
   columns = [f for f in REQUIRED_FIELDS + OPTIONAL_FIELDS if f in table.column_names]
   yield from enumerate(table.select(columns).to_pylist(), start=1)
 
@@ -74,16 +82,16 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
 def _validated(row: Any, where: str) -> dict[str, str]:
   """The record of one row; raises naming `where` if a field is missing, not a string or empty."""
   if not isinstance(row, dict):
-    raise ValueError(f"{where}: expected an object with {list(REQUIRED_FIELDS)}, got {type(row).__name__}")
+    raise errors.UserError(f"{where}: expected an object with {list(REQUIRED_FIELDS)}, got {type(row).__name__}")
   record = {}
   for field in REQUIRED_FIELDS + OPTIONAL_FIELDS:
     if field not in row and field in OPTIONAL_FIELDS:
       continue
     value = row.get(field)
     if not isinstance(value, str):
-      raise ValueError(f"{where}: field {field!r} must be a string, got {repr(value)[:80]} "
+      raise errors.UserError(f"{where}: field {field!r} must be a string, got {repr(value)[:80]} "
                        "(write numeric answers as strings, e.g. \"42\")")
     if not value.strip():
-      raise ValueError(f"{where}: field {field!r} is empty")
+      raise errors.UserError(f"{where}: field {field!r} is empty")
     record[field] = value
   return record

@@ -8,6 +8,7 @@ skipped for a non-finite gradient.
 """
 import csv
 import dataclasses
+import json
 import math
 import os
 from typing import Optional
@@ -23,7 +24,7 @@ COLLAPSE_MIN_PEAK = 0.1
 COLLAPSE_ENTROPY_FLOOR = 0.02
 # The paper's Figures 1-4: one panel per tracked metric against the RL step.
 PANELS = (("reward/mean", "training reward"), ("eval/accuracy", "held-out accuracy"),
-          ("policy/entropy", "token entropy"), ("mismatch/kl_mu_pi_old", "train-infer KL"))
+          ("policy/entropy", "token entropy"), ("mismatch/kl_k3", "train-infer KL (k3)"))
 
 
 def rl_records(workdir: str) -> list[dict]:
@@ -82,20 +83,26 @@ def arm_row(arm: str, run_dirs: list[str]) -> ArmRow:
       final_accuracy_std=float(np.std(finals)), collapsed=len(collapsed),
       collapse_step_median=float(np.median(collapsed)) if collapsed else None,
       final_entropy=float(np.mean([_series(r, "policy/entropy")[-1][1] for r in runs])),
-      max_kl=float(np.mean([max(v for _, v in _series(r, "mismatch/kl_mu_pi_old"))
+      max_kl=float(np.mean([max(v for _, v in _series(r, "mismatch/kl_k3"))
                             for r in runs])),
       wall_s=float(np.mean(walls)))
 
 
 def runner_summary(run_dir: str) -> dict:
-  import json
   with open(os.path.join(run_dir, runner.SUMMARY), encoding="utf-8") as f:
     return json.load(f)
 
 
 def _by_arm(grid: grids.Grid, seeds: int, workdir: str) -> dict[str, list[str]]:
-  return {arm.name: [os.path.join(workdir, arm.name, f"seed_{k}") for k in range(seeds)]
-          for arm in grid.arms}
+  """Each arm's finished runs (seeds 0..seeds-1 with a summary); arms with none are left
+  out, so a grid cut short reports what it has and the table says how many seeds each had."""
+  by_arm = {}
+  for arm in grid.arms:
+    dirs = [os.path.join(workdir, arm.name, f"seed_{k}") for k in range(seeds)]
+    finished = [d for d in dirs if os.path.exists(os.path.join(d, runner.SUMMARY))]
+    if finished:
+      by_arm[arm.name] = finished
+  return by_arm
 
 
 def write_table(grid: grids.Grid, seeds: int, workdir: str) -> list[ArmRow]:

@@ -1,7 +1,9 @@
 """Runs a grid's arms as separate `scripts/train.py` processes, at most J at once, resumably.
 
 Layout under the grid's workdir:
-  _coldstart/<key>/seed_<k>/   SFT only (rl.steps=0), shared by arms with the same cold start
+  _coldstart/<key>/seed_0/     SFT only (rl.steps=0), shared by every arm and seed with the
+                               same cold-start overrides (the paper starts all arms from one
+                               cold-start model; seeds vary the RL run: sampling, mini-batches)
   <arm>/seed_<k>/              the arm: starts from a copy of its cold start's checkpoints
   each run dir: metrics.jsonl, checkpoints/, log.txt, and summary.json once it finished
 A rerun skips finished runs (summary.json) and resumes interrupted ones from their latest
@@ -43,17 +45,23 @@ def _key(overrides) -> str:
   return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+COLD_START_SEED = 0
+
+
 def plan(grid: grids.Grid, seeds: int, workdir: str) -> tuple[list[Job], list[Job]]:
-  """(cold-start jobs, arm jobs) of a grid at seeds 0..seeds-1, seed by seed: every arm
+  """(cold-start jobs, arm jobs) of a grid at RL seeds 0..seeds-1, seed by seed: every arm
   has a first seed before any has a second, so a grid cut short still compares all arms."""
   cold, arms = {}, []
   for seed in range(seeds):
     for arm in grid.arms:
-      seed_flags = [f"--config.seed={seed}", *grids.flags(arm.cold_start)]
-      cold_dir = os.path.join(workdir, "_coldstart", _key(arm.cold_start), f"seed_{seed}")
-      cold.setdefault(cold_dir, Job(cold_dir, (*seed_flags, "--config.rl.steps=0")))
+      cold_flags = grids.flags(arm.cold_start)
+      cold_dir = os.path.join(workdir, "_coldstart", _key(arm.cold_start),
+                              f"seed_{COLD_START_SEED}")
+      cold.setdefault(cold_dir, Job(cold_dir, (f"--config.seed={COLD_START_SEED}",
+                                               *cold_flags, "--config.rl.steps=0")))
       arms.append(Job(os.path.join(workdir, arm.name, f"seed_{seed}"),
-                      (*seed_flags, *grids.flags(arm.overrides)), cold_start=cold_dir))
+                      (f"--config.seed={seed}", *cold_flags, *grids.flags(arm.overrides)),
+                      cold_start=cold_dir))
   return list(cold.values()), arms
 
 
@@ -102,11 +110,13 @@ class _Process:
 
 def run_jobs(jobs: list[Job], *, base_config: str, root: str, max_jobs: int,
              desc: str, progress: bool = True) -> None:
-  """Runs the unfinished jobs, at most `max_jobs` at once; raises if one fails."""
+  """Runs the unfinished jobs, at most `max_jobs` at once. A failed job does not stop the
+  others (a long grid keeps going unattended); the failures are raised together at the end."""
   todo = [j for j in jobs if not j.done]
   bar = tqdm.tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc,
                   disable=not progress, dynamic_ncols=True)
   running: list[_Process] = []
+  failures = []
   try:
     while todo or running:
       while todo and len(running) < max_jobs:
@@ -114,13 +124,18 @@ def run_jobs(jobs: list[Job], *, base_config: str, root: str, max_jobs: int,
       time.sleep(0.2)
       for p in [p for p in running if p.proc.poll() is not None]:
         running.remove(p)
-        p.finish()
+        try:
+          p.finish()
+        except RuntimeError as e:
+          failures.append(str(e))
         bar.update(1)
   finally:
     for p in running:
       p.proc.kill()
       p.proc.wait()
     bar.close()
+  if failures:
+    raise RuntimeError(f"{len(failures)} run(s) failed:\n" + "\n".join(failures))
 
 
 def run_grid(grid: grids.Grid, *, seeds: int, workdir: str, max_jobs: int, root: str,

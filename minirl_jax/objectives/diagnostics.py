@@ -3,6 +3,7 @@
 Means divide by the batch's GLOBAL counts, so shards' values add up to the full batch's;
 `*_max` metrics combine across shards with a max.
 """
+import functools
 from typing import Any
 
 import jax
@@ -123,14 +124,36 @@ def grad_cosine(grad_a: Any, grad_b: Any) -> jax.Array:
   """Cosine between two gradient pytrees of the same structure, in float32.
 
   Used for `is/grad_cosine_token_seq` between the token objective's and J_seq's
-  parameter gradients. Returns 0 when either gradient is zero.
+  parameter gradients. Returns 0 when either gradient is zero. Gradients whose squared
+  norms leave float32's normal range (norms past ~1e19, as J_seq's reaches once a
+  sequence's log-weight passes ~44 nats, or below ~1e-19) are first scaled by their
+  largest entry.
   """
   if jax.tree.structure(grad_a) != jax.tree.structure(grad_b):
     raise ValueError("grad_cosine needs two pytrees of the same structure")
   leaves_a = [x.astype(jnp.float32) for x in jax.tree.leaves(grad_a)]
   leaves_b = [x.astype(jnp.float32) for x in jax.tree.leaves(grad_b)]
-  dot = sum(jnp.vdot(a, b) for a, b in zip(leaves_a, leaves_b))
-  norm_a = jnp.sqrt(sum(jnp.vdot(a, a) for a in leaves_a))
-  norm_b = jnp.sqrt(sum(jnp.vdot(b, b) for b in leaves_b))
-  denom = norm_a * norm_b
-  return jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+  cosine, in_range = _cosine(leaves_a, leaves_b, jnp.vdot)
+  # The cosine is scale-free; an elementwise sum rather than vdot lets XLA fuse the
+  # scaling into the reduction instead of copying the gradients.
+  scaled, _ = _cosine(_unit_max(leaves_a), _unit_max(leaves_b),
+                      lambda x, y: jnp.sum(x.ravel() * y.ravel()))
+  return jnp.where(in_range, cosine, scaled)
+
+
+def _cosine(leaves_a, leaves_b, dot_fn):
+  """(cosine, whether every squared norm and their product is a normal float32)."""
+  dot = sum(dot_fn(a, b) for a, b in zip(leaves_a, leaves_b))
+  sq_a = sum(dot_fn(a, a) for a in leaves_a)
+  sq_b = sum(dot_fn(b, b) for b in leaves_b)
+  denom = jnp.sqrt(sq_a) * jnp.sqrt(sq_b)
+  cosine = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+  normal = lambda x: (x >= jnp.finfo(jnp.float32).tiny) & (x < jnp.inf)
+  return cosine, normal(sq_a) & normal(sq_b) & normal(denom)
+
+
+def _unit_max(leaves):
+  """The leaves divided by their largest |entry| (unchanged when all are zero)."""
+  top = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0) for x in leaves],
+                         jnp.float32(0.0))
+  return [x / jnp.where(top > 0, top, 1.0) for x in leaves]

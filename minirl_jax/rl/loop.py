@@ -5,13 +5,18 @@ Every step's metrics go to DIR/metrics.jsonl and TensorBoard; orbax checkpoints 
 resume where it stopped.
 """
 import os
+import signal
+import threading
 import time
 from typing import Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import tqdm
 
+from minirl_jax import errors
 from minirl_jax import metrics as metrics_lib
 from minirl_jax import sharding
 from minirl_jax.rl import checkpointing
@@ -20,6 +25,7 @@ from minirl_jax.rl import rollout as rollout_lib
 from minirl_jax.rl import settings as settings_lib
 from minirl_jax.rl import state as state_lib
 from minirl_jax.rl import step as step_lib
+from minirl_jax.rl import train_step
 
 
 class Clock:
@@ -36,6 +42,63 @@ class Clock:
     self.metrics[f"time/{name}_s"] = now - self._last
     self._last = now
     return value
+
+
+class SkipGuard:
+  """Counts steps in a row whose update was skipped as not finite (`train_step.GUARDED`);
+  at `limit` the run stops, naming the step and the first quantity that was not finite."""
+
+  def __init__(self, limit: int):
+    self.limit, self.in_a_row = limit, 0
+
+  def observe(self, stage: str, step: int, m: dict) -> None:
+    if not m.get("optim/skipped", 0.0) > 0:
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    first = next((q for q in train_step.GUARDED if m.get(f"optim/nonfinite_{q}", 0.0) > 0),
+                 "update")
+    logging.warning("%s step %d: %s not finite, update skipped (%d in a row)", stage, step,
+                    first, self.in_a_row)
+    if self.in_a_row >= self.limit:
+      raise errors.RunStopped(
+          f"{stage} step {step}: {self.in_a_row} updates in a row were skipped because the "
+          f"{first} was not finite (optim.max_skipped_in_a_row={self.limit}); nothing was "
+          "saved after the last finite checkpoint. Lower the learning rate or check the data")
+
+
+class StopSignals:
+  """SIGTERM / SIGINT (preemption, Ctrl-C) ask the loop to stop after the current step;
+  a second SIGINT interrupts at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: Optional[int] = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    if self.received == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signum
+    logging.warning("received %s: stopping after this step", signal.Signals(signum).name)
+
+  def requested(self) -> bool:
+    """Whether any process received a stop signal (all processes stop at the same step)."""
+    flag = self.received is not None
+    if jax.process_count() > 1:
+      flag = bool(multihost_utils.process_allgather(np.array(flag)).any())
+    return flag
 
 
 class Run:
@@ -58,6 +121,8 @@ class Run:
     self.progress = checkpointing.Progress()
     self.ckpt = checkpointing.Manager(os.path.join(workdir, "checkpoints"), s.checkpoint)
     self.writer: Optional[metrics_lib.MetricWriter] = None
+    self.guard = SkipGuard(s.rl_optim().max_skipped_in_a_row)
+    self.signals = StopSignals()
 
   def run(self) -> dict:
     if self.restore():
@@ -67,9 +132,10 @@ class Run:
       metrics_lib.keep_only(os.path.join(self.workdir, "metrics.jsonl"), self._logged_before)
     self.writer = metrics_lib.MetricWriter(self.workdir, enabled=lead)
     try:
-      if not self.progress.sft_done:
-        self._sft()
-      summary = self._rl()
+      with self.signals:
+        if not self.progress.sft_done:
+          self._sft()
+        summary = self._rl()
     finally:
       self.close()
     if self.s.log.plots and lead:
@@ -124,7 +190,11 @@ class Run:
           not self.progress.sft_done):
         self._log_sft(bar, *pending)
         pending = None
-        self.ckpt.save(self.progress, self.state, self.sft_iter, self.rl_iter)
+        self._save()
+      if self.signals.requested():
+        if pending:
+          self._log_sft(bar, *pending)
+        self._stop_for_signal("sft")
     if pending:
       self._log_sft(bar, *pending)
     self.progress.sft_done = True
@@ -132,7 +202,7 @@ class Run:
     # RL starts with a fresh optimizer from the cold-start weights.
     self.state = state_lib.fresh_optimizer(self.state.params, self.fns.rl_optimizer,
                                            self.state_sharding)
-    self.ckpt.save(self.progress, self.state, self.sft_iter, self.rl_iter, force=True)
+    self._save()
 
   def _log_sft(self, bar, step, metrics, extra):
     m = {**metrics_lib.to_python(metrics), **extra}
@@ -140,6 +210,20 @@ class Run:
     m["time/step_s"], self._sft_clock = now - self._sft_clock, now
     self.writer.write(step, "sft", m)
     self._advance(bar, m, ("sft/loss", "eval/accuracy"))
+    self.guard.observe("sft", step, m)
+
+  def _save(self):
+    self.ckpt.save(self.progress, self.state, self.sft_iter, self.rl_iter)
+
+  def _stop_for_signal(self, stage: str):
+    """Saves the state after the finished step and stops (the same command resumes)."""
+    self._save()  # written by the time the error reaches the script (`run` closes)
+    name = signal.Signals(self.signals.received or signal.SIGTERM).name
+    step = self.progress.sft_step if stage == "sft" else self.progress.rl_step
+    raise errors.RunStopped(
+        f"{name} after {stage} step {step}: checkpoint {self.progress.global_step} saved "
+        f"under {self.ckpt.directory}; run the same command to resume",
+        status=128 + (self.signals.received or signal.SIGTERM))
 
   # --- RL ----------------------------------------------------------------------------------
 
@@ -162,8 +246,11 @@ class Run:
       self.writer.write(step, "rl", m)
       self._advance(bar, m, ("reward/mean", "eval/accuracy", "policy/entropy",
                              "mismatch/kl_mu_pi_old"))
+      self.guard.observe("rl", step, m)
       if step % self.s.checkpoint.every == 0 or step == cfg.steps:
-        self.ckpt.save(self.progress, self.state, self.sft_iter, self.rl_iter)
+        self._save()
+      if step < cfg.steps and self.signals.requested():
+        self._stop_for_signal("rl")
     bar.close()
     if acc is None:
       acc = self.evaluate(self.s.data.eval_size, eval_key)["avg@1"]

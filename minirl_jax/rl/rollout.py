@@ -4,7 +4,7 @@ Plain functions over explicit arguments; `rl.step.bind` closes them over a run's
 once. Batches are global `jax.Array`s sharded over the mesh's batch axes; each process
 decodes and scores only the rows it holds.
 """
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,23 +66,32 @@ def completions(rollout: sampler.Rollout, tokenizer, eos_ids) -> list[str]:
 
 
 def score(rollout: sampler.Rollout, prompts: dict, *, group_size: int,
-          scorer: scoring.RewardScorer, tokenizer, eos_ids, mesh):
+          scorer: scoring.RewardScorer, tokenizer, eos_ids, mesh,
+          streak: Optional[scoring.ErrorStreak] = None):
   """Rewards R(x, y) of every response.
+
+  Args:
+    streak: given on training steps only: told how many of the global batch's calls failed,
+      it raises `errors.RunStopped` when most fail step after step. Evaluation passes None.
 
   Returns:
     (rewards [B * G] global float32 array, metrics: `reward/mean`, `reward/std` over the
     global batch, `reward/errors` and `reward/timeouts` counted on this process).
   """
   texts = completions(rollout, tokenizer, eos_ids)
-  rewards, counts = scorer.score(list(np.repeat(prompts["prompt"], group_size)), texts,
+  scored = scorer.score_detailed(list(np.repeat(prompts["prompt"], group_size)), texts,
                                  list(np.repeat(prompts["answer"], group_size)))
-  rewards = to_global(rewards, mesh)
-  return rewards, {**_reward_stats(rewards), **counts}
+  failed = np.array([i in scored.failures for i in range(len(texts))], np.float32)
+  rewards = to_global(scored.rewards, mesh)
+  stats, num_failed = _reward_stats(rewards, to_global(failed, mesh))
+  if streak is not None:  # global counts, so every process stops on the same step
+    streak.update(int(num_failed), rewards.shape[0], scored.first_failure())
+  return rewards, {**stats, **scored.metrics}
 
 
 @jax.jit
-def _reward_stats(rewards):
-  return {"reward/mean": jnp.mean(rewards), "reward/std": jnp.std(rewards)}
+def _reward_stats(rewards, failed):
+  return {"reward/mean": jnp.mean(rewards), "reward/std": jnp.std(rewards)}, jnp.sum(failed)
 
 
 def evaluate(sampler_params, batches, key: jax.Array, *, samples: int,

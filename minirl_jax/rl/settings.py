@@ -8,6 +8,8 @@ names the offending field (`rl.mini_batch_size ...`).
 import dataclasses
 from typing import Mapping, Optional
 
+import numpy as np
+
 from minirl_jax import objectives
 from minirl_jax import sections
 from minirl_jax.models.config import ModelConfig
@@ -37,6 +39,7 @@ class DataConfig:
   tokenizer: Optional[str]
   reward: Optional[str]
   reward_timeout_s: float
+  reward_max_error_frac: float
 
   def __post_init__(self):
     if self.max_prompt_len < 1 or self.eval_size < 1:
@@ -45,6 +48,8 @@ class DataConfig:
       _fail("data.task", f"must be one of {SYNTHETIC_TASKS}, got {self.task!r}")
     if not self.reward_timeout_s > 0:
       _fail("data.reward_timeout_s", f"must be > 0, got {self.reward_timeout_s}")
+    if not 0 <= self.reward_max_error_frac <= 1:
+      _fail("data.reward_max_error_frac", f"must be in [0, 1], got {self.reward_max_error_frac}")
     if self.path and not self.eval_path:
       _fail("data.eval_path", "must be set with data.path (a held-out set to report accuracy on)")
 
@@ -60,6 +65,7 @@ class RLConfig:
   eval_every: int
   learning_rate: float
   warmup_steps: int
+  allow_greedy: bool  # a sampler whose G responses cannot differ is then not an error
 
   def __post_init__(self):
     if not isinstance(self.steps, int) or self.steps < 0:
@@ -130,10 +136,11 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 0.0
   grad_clip: float = 1.0
+  max_skipped_in_a_row: int = 10
   stage: str = "optim"  # the section whose learning_rate/warmup_steps these are (errors)
 
   def __post_init__(self):
-    where = lambda field: f"{self.stage if field in _PER_STAGE else 'optim'}.{field}"
+    where = lambda field: where_field(self.stage, field)
     for field in ("learning_rate", "eps", "grad_clip"):
       if not getattr(self, field) > 0:
         _fail(where(field), f"must be > 0, got {getattr(self, field)}")
@@ -143,10 +150,27 @@ class OptimConfig:
     for field in ("warmup_steps", "weight_decay"):
       if getattr(self, field) < 0:
         _fail(where(field), f"must be >= 0, got {getattr(self, field)}")
+    if self.max_skipped_in_a_row < 1:
+      _fail(where("max_skipped_in_a_row"), f"must be >= 1, got {self.max_skipped_in_a_row}")
+
+  def check_representable(self, dtype) -> None:
+    """Values that round to 0 or inf in the parameter dtype (optimizer state shares it):
+    `eps=1e-50` is 0 in float32 and divides by zero at the first update."""
+    for field in ("learning_rate", "eps"):
+      value = np.asarray(getattr(self, field), dtype)
+      if not (np.isfinite(value) and value > 0):
+        _fail(where_field(self.stage, field), f"is {getattr(self, field)}, which is "
+              f"{value.item()} in the parameter dtype {np.dtype(dtype).name}")
 
 
 _PER_STAGE = ("learning_rate", "warmup_steps")
-_SHARED_OPTIM = ("b1", "b2", "eps", "weight_decay", "grad_clip")  # the `optim` section
+# the `optim` section
+_SHARED_OPTIM = ("b1", "b2", "eps", "weight_decay", "grad_clip", "max_skipped_in_a_row")
+
+
+def where_field(stage: str, field: str) -> str:
+  """The config key of an optimizer field: per-stage fields live in `rl.*` / `sft.*`."""
+  return f"{stage if field in _PER_STAGE else 'optim'}.{field}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +224,8 @@ def from_config(config, tokenizer: Optional[tokenizer_lib.Tokenizer] = None) -> 
   if unknown:
     _fail("optim", f"has unknown fields {unknown}; known: {list(_SHARED_OPTIM)} "
           "(learning_rate and warmup_steps are set per stage: rl.*, sft.*)")
-  settings.rl_optim(), settings.sft_optim()  # validate the optimizer section
+  for optim in (settings.rl_optim(), settings.sft_optim()):  # validates the optim section
+    optim.check_representable(model.weight_dtype)
   _check_together(settings, tokenizer)
   return settings
 
@@ -220,6 +245,13 @@ def _check_together(s: Settings, tokenizer) -> None:
 
 def check_trainable(s: Settings) -> None:
   """What training needs beyond a valid config (evaluation and sampling may differ)."""
+  if s.rl.steps == 0 or s.rl.allow_greedy:
+    return
   if s.sampler.greedy:
     _fail("sampler.temperature", "is 0 (greedy): every response of a group would be the "
-          "same, so every advantage is 0 and RL learns nothing; use a temperature > 0")
+          "same, so every advantage is 0 and RL learns nothing; use a temperature > 0 "
+          "(or rl.allow_greedy=True if that is intended)")
+  if s.sampler.top_k == 1:
+    _fail("sampler.top_k", "is 1: every response of a group would be the same, so every "
+          "advantage is 0 and RL learns nothing; use top_k 0 (off) or >= 2 (or "
+          "rl.allow_greedy=True if that is intended)")

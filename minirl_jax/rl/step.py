@@ -203,8 +203,11 @@ def bind(s: settings_lib.Settings, mesh, tokenizer, reward_fn, state_sharding=No
   scorer = scoring.RewardScorer(reward_fn, timeout_s=s.data.reward_timeout_s)
   sample = functools.partial(rollout_lib.sample, group_size=s.rl.group_size,
                              model_cfg=s.model, sampler_cfg=s.sampler, mesh=mesh)
-  score = functools.partial(rollout_lib.score, group_size=s.rl.group_size, scorer=scorer,
-                            tokenizer=tokenizer, eos_ids=s.sampler.eos_ids, mesh=mesh)
+  eval_score = functools.partial(rollout_lib.score, group_size=s.rl.group_size, scorer=scorer,
+                                 tokenizer=tokenizer, eos_ids=s.sampler.eos_ids, mesh=mesh)
+  # Only training steps count towards stopping a run whose reward function keeps failing.
+  score = functools.partial(eval_score,
+                            streak=scoring.ErrorStreak(s.data.reward_max_error_frac))
   step_kw = dict(donate_argnums=0)
   if state_sharding is not None:
     step_kw["out_shardings"] = (state_sharding, sharding.replicated(mesh))
@@ -238,6 +241,6 @@ def bind(s: settings_lib.Settings, mesh, tokenizer, reward_fn, state_sharding=No
           train_step.sft_step, model_cfg=s.model,
           optimizer=train_step.make_optimizer(s.sft_optim(), axes)), **step_kw),
       rl_optimizer=rl_optimizer,
-      evaluate=functools.partial(rollout_lib.evaluate, sample_fn=sample, score_fn=score,
+      evaluate=functools.partial(rollout_lib.evaluate, sample_fn=sample, score_fn=eval_score,
                                  mesh=mesh),
       scorer=scorer)

@@ -32,12 +32,10 @@ def make_optimizer(cfg: OptimConfig, axes) -> optax.GradientTransformation:
   schedule = optax.schedules.join_schedules(
       [optax.schedules.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
        optax.schedules.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
-  inner = optax.chain(
+  return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                   weight_decay=cfg.weight_decay, mask=weights.decay_mask(axes)))
-  # A non-finite gradient skips the update instead of poisoning the weights.
-  return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
 
 
 def init_state(params, optimizer) -> TrainState:
@@ -45,13 +43,31 @@ def init_state(params, optimizer) -> TrainState:
                     opt_state=optimizer.init(params))
 
 
-def _apply(state: TrainState, grads, optimizer) -> tuple[TrainState, dict]:
+# What must be finite for an update to be applied, in the order a stop message names them.
+GUARDED = ("loss", "gradients", "update", "parameters")
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _apply(state: TrainState, loss, grads, optimizer) -> tuple[TrainState, dict]:
+  """One optimizer update, applied only if the loss, gradients, update and new parameters
+  are all finite; otherwise the state (optimizer moments and step included) is left as it
+  was, `optim/skipped` is 1 and `optim/nonfinite_<quantity>` says what was not finite."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  finite = {name: _all_finite(x) for name, x in zip(GUARDED, (loss, grads, updates, params))}
+  ok = jnp.all(jnp.stack(list(finite.values())))
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
   metrics = {"optim/grad_norm": optax.tree.norm(grads),
              "optim/update_norm": optax.tree.norm(updates),
-             "optim/skipped": 1.0 - opt_state.last_finite.astype(jnp.float32)}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+             "optim/skipped": 1.0 - ok.astype(jnp.float32),
+             **{f"optim/nonfinite_{name}": 1.0 - f.astype(jnp.float32)
+                for name, f in finite.items()}}
+  return state, metrics
 
 
 def sft_loss(params, batch: dict, model_cfg: ModelConfig):
@@ -66,8 +82,9 @@ def sft_loss(params, batch: dict, model_cfg: ModelConfig):
 
 
 def sft_step(state: TrainState, batch: dict, *, model_cfg, optimizer):
-  grads, metrics = jax.grad(sft_loss, has_aux=True)(state.params, batch, model_cfg)
-  state, opt_metrics = _apply(state, grads, optimizer)
+  (loss, metrics), grads = jax.value_and_grad(sft_loss, has_aux=True)(
+      state.params, batch, model_cfg)
+  state, opt_metrics = _apply(state, loss, grads, optimizer)
   return state, {**metrics, **opt_metrics}
 
 
@@ -101,9 +118,9 @@ def next_token_entropy(logits_BTV: jax.Array) -> jax.Array:
 def rl_step(state: TrainState, batch: batch_lib.TrainBatch, *, model_cfg, obj_cfg, optimizer):
   """One optimizer update on one mini-batch of the objective `obj_cfg.name`."""
   loss_fn = objectives.OBJECTIVES[obj_cfg.name]
-  grads, metrics = jax.grad(policy_loss, has_aux=True)(
+  (loss, metrics), grads = jax.value_and_grad(policy_loss, has_aux=True)(
       state.params, batch, model_cfg, obj_cfg, loss_fn)
-  state, opt_metrics = _apply(state, grads, optimizer)
+  state, opt_metrics = _apply(state, loss, grads, optimizer)
   return state, {**metrics, **opt_metrics}
 
 

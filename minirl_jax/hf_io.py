@@ -64,12 +64,12 @@ class _Reader:
     for f, handle in self._handles.items():
       for name in handle.keys():
         if name in self.files:
-          raise ValueError(f"{directory}: tensor {name} is in both {self.files[name]} and {f}")
+          raise errors.UserError(f"{directory}: tensor {name} is in both {self.files[name]} and {f}")
         self.files[name] = f
     if weight_map is not None:
       lost = sorted(n for n, f in weight_map.items() if self.files.get(n) != f)
       if lost:
-        raise ValueError(f"{INDEX_FILE} lists tensors its files lack, e.g. {lost[:5]}")
+        raise errors.UserError(f"{INDEX_FILE} lists tensors its files lack, e.g. {lost[:5]}")
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._handles[self.files[name]].get_slice(name).get_shape())
@@ -161,7 +161,7 @@ def load_hf(directory: str, *, dtype: Optional[str] = None, shardings: Any = Non
     pieces = hf_config.layout(cfg, hf_config.fused_layers(cfg, reader.files))
     hf_config.check_tensors({n: reader.shape(n) for n in reader.files}, pieces, cfg)
   except ValueError as e:
-    raise ValueError(f"{directory}: {e}") from e
+    raise errors.UserError(f"{directory}: {e}") from e
   shapes = hf_config.leaf_shapes(cfg)
   placement = _placement(shardings(cfg) if callable(shardings) else shardings, shapes)
   np_dtype = np.dtype(cfg.weight_dtype)
@@ -209,7 +209,7 @@ def _check_params(flat, cfg):
   got = {path: tuple(x.shape) for path, x in flat.items()}
   if got != want:
     bad = sorted(p for p in set(want) | set(got) if want.get(p) != got.get(p))
-    raise ValueError("params do not match the config at " + ", ".join(
+    raise errors.UserError("params do not match the config at " + ", ".join(
         f"{'/'.join(p)} (config {want.get(p)}, params {got.get(p)})" for p in bad))
 
 

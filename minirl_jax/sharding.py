@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from minirl_jax import batch as batch_lib
+from minirl_jax import errors
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -35,19 +36,19 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
   devices = list(devices if devices is not None else jax.devices())
   unknown = sorted(set(axis_sizes) - set(MESH_AXES))
   if unknown:
-    raise ValueError(f"mesh has unknown axes {unknown}; known: {MESH_AXES}")
+    raise errors.UserError(f"mesh has unknown axes {unknown}; known: {MESH_AXES}")
   sizes = {a: int(axis_sizes.get(a, 1)) for a in MESH_AXES}
   fill = [a for a, s in sizes.items() if s == -1]
   bad = [a for a, s in sizes.items() if s == 0 or s < -1]
   if len(fill) > 1 or bad:
-    raise ValueError(f"mesh sizes must be positive with at most one -1, got {sizes}")
+    raise errors.UserError(f"mesh sizes must be positive with at most one -1, got {sizes}")
   known = math.prod(s for s in sizes.values() if s != -1)
   if fill:
     if len(devices) % known:
-      raise ValueError(f"mesh: {len(devices)} devices do not divide by the fixed axes {sizes}")
+      raise errors.UserError(f"mesh: {len(devices)} devices do not divide by the fixed axes {sizes}")
     sizes[fill[0]] = len(devices) // known
   if math.prod(sizes.values()) != len(devices):
-    raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, "
+    raise errors.UserError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, "
                      f"found {len(devices)}")
   # jax.make_mesh orders devices by the physical topology (TPU ICI rings). Auto axes: jit
   # propagates shardings from in/out_shardings (jax.make_mesh defaults to Explicit).

@@ -33,7 +33,7 @@ def main(argv):
   del argv
   grid = grids.get(_GRID.value)
   if _SEEDS.value < 1 or _JOBS.value < 1:
-    raise SystemExit("--seeds and --jobs must be >= 1")
+    raise errors.UserError("--seeds and --jobs must be >= 1")
   workdir = os.path.abspath(_WORKDIR.value)
   if not _REPORT_ONLY.value:
     runner.run_grid(grid, seeds=_SEEDS.value, workdir=workdir, max_jobs=_JOBS.value,

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from minirl_jax import errors
 from minirl_jax.experiments import grids
 from minirl_jax.experiments import report
 from minirl_jax.experiments import runner
@@ -125,3 +126,24 @@ def test_gap_grid_pairs_minirl_and_no_is_at_every_level_from_zero():
   assert arms["zero/minirl"]["objective.behaviour_logp"] == "pi_old"
   assert arms["int4/minirl_no_is"]["objective.train_infer_is"] is False
   assert arms["int4/minirl_no_is"]["sampler.dtype"] == "int4"
+
+
+def test_a_run_the_guard_stopped_is_a_result_and_a_crash_is_a_failure(tmp_path, monkeypatch):
+  popen = subprocess.Popen
+  def fake_train(status):
+    code = (f"import sys; print('stopped: rl step 7: ...', file=sys.stderr); "
+            f"sys.exit({status})")
+    return lambda cmd, **kw: popen([sys.executable, "-c", code], **kw)
+  monkeypatch.setattr(runner.subprocess, "Popen", fake_train(errors.STOPPED_STATUS))
+  stopped = runner.Job(str(tmp_path / "stopped"), ())
+  runner.run_jobs([stopped], base_config="configs/smoke.py", root=str(ROOT), max_jobs=1,
+                  desc="t", progress=False)
+  assert stopped.done and report.runner_summary(stopped.workdir) == {
+      "stopped": "stopped: rl step 7: ...", "wall_s": pytest.approx(0, abs=60)}
+  monkeypatch.setattr(runner.subprocess, "Popen", fake_train(1))
+  crashed, after = runner.Job(str(tmp_path / "crashed"), ()), runner.Job(str(tmp_path / "b"), ())
+  with pytest.raises(RuntimeError, match=r"2 run\(s\) failed:\n.*crashed failed \(exit 1\)"):
+    runner.run_jobs([crashed, after], base_config="configs/smoke.py", root=str(ROOT),
+                    max_jobs=1, desc="t", progress=False)
+  assert not crashed.done and not after.done  # the next job still ran (and failed alike)
+  assert (tmp_path / "b" / "log.txt").exists()

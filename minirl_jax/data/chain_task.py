@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 
+from minirl_jax import errors
 from minirl_jax.data import rewards
 from minirl_jax.data import tasks
 
@@ -39,17 +40,17 @@ class ChainTask(tasks.HeldoutSplit):
 
   def __post_init__(self):
     if not 1 <= self.min_steps <= self.max_steps:
-      raise ValueError(f"min_steps / max_steps must satisfy 1 <= min_steps <= max_steps, got "
+      raise errors.UserError(f"min_steps / max_steps must satisfy 1 <= min_steps <= max_steps, got "
                        f"{self.min_steps} / {self.max_steps}")
     if self.max_value < 2:
-      raise ValueError(f"max_value must be >= 2, got {self.max_value}")
+      raise errors.UserError(f"max_value must be >= 2, got {self.max_value}")
     if self.modulus < 2:
-      raise ValueError(f"modulus must be >= 2, got {self.modulus}")
+      raise errors.UserError(f"modulus must be >= 2, got {self.modulus}")
     if not self.operators or set(self.operators) - set(_OPERATORS):
-      raise ValueError(f"operators must be a non-empty subset of {_OPERATORS!r}, "
+      raise errors.UserError(f"operators must be a non-empty subset of {_OPERATORS!r}, "
                        f"got {self.operators!r}")
     if not 0.0 < self.heldout_fraction < 1.0:
-      raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+      raise errors.UserError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
   @property
   def max_prompt_chars(self) -> int:

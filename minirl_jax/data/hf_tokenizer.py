@@ -39,7 +39,7 @@ class HFTokenizer:
   def _required_id(self, token: str) -> int:
     token_id = self._tok.token_to_id(token)
     if token_id is None:
-      raise ValueError(f"tokenizer has no token {token!r}; a Qwen3 tokenizer.json has "
+      raise errors.UserError(f"tokenizer has no token {token!r}; a Qwen3 tokenizer.json has "
                        f"{IM_START!r}, {IM_END!r} and {END_OF_TEXT!r}")
     return token_id
 

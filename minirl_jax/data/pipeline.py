@@ -92,7 +92,7 @@ def sft_dataset(records: Records, tokenizer: Tokenizer, *, global_batch_size: in
         is predicted, `batch.TrainBatch` convention). index: int64 [b].
   """
   if max_len <= max_prompt_len:
-    raise ValueError(f"max_len ({max_len}) must exceed max_prompt_len ({max_prompt_len})")
+    raise errors.UserError(f"max_len ({max_len}) must exceed max_prompt_len ({max_prompt_len})")
   format_prompt = format_prompt or _identity
   encode = lambda r: _encode_sft(r, tokenizer, max_prompt_len, max_len, format_prompt)
   if check_lengths:
@@ -119,7 +119,7 @@ def eval_prompt_dataset(records: Records, tokenizer: Tokenizer, *, global_batch_
   format_prompt = format_prompt or _identity
   batch_size, dataset = _shard(records, global_batch_size, shard_index, shard_count)
   if not len(dataset):
-    raise ValueError(f"{len(records)} eval records cannot fill every one of the data shards")
+    raise errors.UserError(f"{len(records)} eval records cannot fill every one of the data shards")
   num_shards = global_batch_size // batch_size
   largest_shard = -(-len(records) // num_shards)
   padded_len = -(-largest_shard // batch_size) * batch_size
@@ -168,7 +168,7 @@ def _shard(records: Records, global_batch_size: int, shard_index: Optional[int],
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
   if global_batch_size % shard_count:
-    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
+    raise errors.UserError(f"global_batch_size {global_batch_size} is not divisible by the "
                      f"{shard_count} data shards (processes)")
   # Not `map_with_index`: past the first epoch it sees indices beyond len(records).
   dataset = grain.MapDataset.range(len(records)).map(lambda i: _with_index(i, records[i]))
@@ -180,7 +180,7 @@ def _endless_shard(records, global_batch_size, shard_index, shard_count):
   """`_shard` for repeated reading: a shard must not be empty (batches may span epochs)."""
   batch_size, dataset = _shard(records, global_batch_size, shard_index, shard_count)
   if not len(dataset):
-    raise ValueError(f"{len(records)} records cannot fill every one of the data shards")
+    raise errors.UserError(f"{len(records)} records cannot fill every one of the data shards")
   return batch_size, dataset
 
 

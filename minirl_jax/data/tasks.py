@@ -5,6 +5,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from minirl_jax import errors
+
 ANSWER_MARKER = "#"
 _OPERATORS = "+-*"
 # The held-out split is a property of the problem text alone, so it is the same for every
@@ -79,13 +81,13 @@ class ArithmeticTask(HeldoutSplit):
 
   def __post_init__(self):
     if self.num_operands < 2:
-      raise ValueError(f"num_operands must be >= 2, got {self.num_operands}")
+      raise errors.UserError(f"num_operands must be >= 2, got {self.num_operands}")
     if self.max_value < 2:
-      raise ValueError(f"max_value must be >= 2, got {self.max_value}")
+      raise errors.UserError(f"max_value must be >= 2, got {self.max_value}")
     if not self.operators or set(self.operators) - set(_OPERATORS):
-      raise ValueError(f"operators must be a non-empty subset of {_OPERATORS!r}, got {self.operators!r}")
+      raise errors.UserError(f"operators must be a non-empty subset of {_OPERATORS!r}, got {self.operators!r}")
     if not 0.0 < self.heldout_fraction < 1.0:
-      raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+      raise errors.UserError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
   @property
   def max_prompt_chars(self) -> int:

@@ -7,6 +7,8 @@ differ only in what the arm changes.
 import dataclasses
 from typing import Mapping
 
+from minirl_jax import errors
+
 # Overrides of one arm: dotted config keys (`objective.clip`) -> value.
 Overrides = Mapping[str, object]
 
@@ -107,7 +109,7 @@ GRIDS = {
 
 def get(name: str) -> Grid:
   if name not in GRIDS:
-    raise ValueError(f"--grid must be one of {sorted(GRIDS)}, got {name!r}")
+    raise errors.UserError(f"--grid must be one of {sorted(GRIDS)}, got {name!r}")
   return GRIDS[name]
 
 

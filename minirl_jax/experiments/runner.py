@@ -21,6 +21,7 @@ from typing import Optional
 
 import tqdm
 
+from minirl_jax import errors
 from minirl_jax.experiments import grids
 
 SUMMARY = "summary.json"
@@ -95,14 +96,21 @@ class _Process:
     self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
 
   def finish(self) -> None:
-    """Waits for the process; writes summary.json from its last output line."""
+    """Waits for the process; writes summary.json from its last output line. A run the
+    non-finite guard or the reward check stopped (`errors.STOPPED_STATUS`) is a finished
+    result, not a failure: its metrics say where it collapsed."""
     out, _ = self.proc.communicate()
     self.log.write(out)
     self.log.close()
-    if self.proc.returncode:
+    log_path = os.path.join(self.job.workdir, "log.txt")
+    if self.proc.returncode == errors.STOPPED_STATUS:
+      with open(log_path, encoding="utf-8") as f:
+        summary = {"stopped": f.read().strip().splitlines()[-1]}
+    elif self.proc.returncode:
       raise RuntimeError(f"{self.job.workdir} failed (exit {self.proc.returncode}); see "
-                         f"{os.path.join(self.job.workdir, 'log.txt')}")
-    summary = json.loads(out.strip().splitlines()[-1])
+                         f"{log_path}")
+    else:
+      summary = json.loads(out.strip().splitlines()[-1])
     summary["wall_s"] = time.time() - self.start
     with open(os.path.join(self.job.workdir, SUMMARY), "w", encoding="utf-8") as f:
       json.dump(summary, f)

@@ -10,6 +10,7 @@ import flax
 import jax
 import numpy as np
 
+from minirl_jax import errors
 from minirl_jax.models import config as config_lib
 from minirl_jax.models.config import ModelConfig
 from minirl_jax.models import transformer
@@ -23,7 +24,7 @@ _REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
 
 
 def _reject(message):
-  raise ValueError(f"Unsupported Hugging Face config: {message}")
+  raise errors.UserError(f"Unsupported Hugging Face config: {message}")
 
 
 def _rope_theta(hf: dict) -> float:

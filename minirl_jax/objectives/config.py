@@ -4,6 +4,8 @@ import math
 import numbers
 from typing import Optional
 
+from minirl_jax import errors
+
 NAMES = ("minirl", "grpo", "cispo")
 TIS_TARGETS = ("pi_theta_mu", "pi_old_mu")
 STD_DDOFS = (0, 1)
@@ -180,4 +182,4 @@ def _or(value: Optional[bool], default: bool) -> bool:
 
 def _check(ok: bool, field: str, rule: str, value) -> None:
   if not ok:
-    raise ValueError(f"objective.{field} {rule}, got {value!r}")
+    raise errors.UserError(f"objective.{field} {rule}, got {value!r}")

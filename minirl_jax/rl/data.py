@@ -3,6 +3,7 @@ import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
+from minirl_jax import errors
 from minirl_jax.data import chain_task
 from minirl_jax.data import hf_tokenizer
 from minirl_jax.data import pipeline
@@ -25,11 +26,11 @@ class RunData:
 
   def sft_iterator(self, s: settings_lib.Settings):
     if s.sft.max_steps and "solution" not in self.train_records[0]:
-      raise ValueError("sft.max_steps > 0 needs a 'solution' field in every data.path row; "
+      raise errors.UserError("sft.max_steps > 0 needs a 'solution' field in every data.path row; "
                        "set --config.sft.max_steps=0 to start RL from the initial weights")
     if self.max_solution_tokens is not None and (
         self.max_solution_tokens + 1 > s.sampler.max_new_tokens):
-      raise ValueError(f"sampler.max_new_tokens ({s.sampler.max_new_tokens}) is shorter than "
+      raise errors.UserError(f"sampler.max_new_tokens ({s.sampler.max_new_tokens}) is shorter than "
                        f"the longest worked solution + EOS ({self.max_solution_tokens + 1})")
     return iter(pipeline.sft_dataset(
         self.train_records, self.tokenizer, global_batch_size=s.sft.batch_size,
@@ -55,13 +56,13 @@ def load_reward(name: str) -> Callable[[str, str, str], float]:
   """Imports a user reward `package.module:function` (picklable: it runs in workers)."""
   module_name, sep, attr = name.partition(":")
   if not sep or not module_name or not attr:
-    raise ValueError(f"data.reward must look like 'package.module:function', got {name!r}")
+    raise errors.UserError(f"data.reward must look like 'package.module:function', got {name!r}")
   try:
     fn = getattr(importlib.import_module(module_name), attr)
   except (ImportError, AttributeError) as e:
-    raise ValueError(f"data.reward {name!r} cannot be imported: {e}") from e
+    raise errors.UserError(f"data.reward {name!r} cannot be imported: {e}") from e
   if not callable(fn):
-    raise ValueError(f"data.reward {name!r} is not callable")
+    raise errors.UserError(f"data.reward {name!r} is not callable")
   return fn
 
 
@@ -84,7 +85,7 @@ def _build(s: settings_lib.Settings, tokenizer) -> RunData:
   eval_size = max(cfg.eval_size, s.sft.eval_size)
   if cfg.path:
     if not cfg.tokenizer:
-      raise ValueError("data.tokenizer must name a tokenizer.json when data.path is set")
+      raise errors.UserError("data.tokenizer must name a tokenizer.json when data.path is set")
     return RunData(tokenizer=tokenizer, train_records=sources.load_records(cfg.path),
                    eval_records=sources.load_records(cfg.eval_path)[:eval_size],
                    reward_fn=rewards_lib.math_reward,
@@ -99,7 +100,7 @@ def _build(s: settings_lib.Settings, tokenizer) -> RunData:
                                 operators=cfg.operators)
     reward_fn = rewards_lib.exact_match
   if task.max_prompt_chars > cfg.max_prompt_len:
-    raise ValueError(f"data.max_prompt_len ({cfg.max_prompt_len}) is shorter than the "
+    raise errors.UserError(f"data.max_prompt_len ({cfg.max_prompt_len}) is shorter than the "
                      f"task's longest prompt ({task.max_prompt_chars} tokens)")
   return RunData(tokenizer=tokenizer, train_records=tasks.TrainSource(task, seed=s.seed),
                  eval_records=tasks.heldout_records(task, eval_size),

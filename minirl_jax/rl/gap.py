@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minirl_jax import batch as batch_lib
+from minirl_jax import errors
 from minirl_jax import objectives
 from minirl_jax.models import transformer
 from minirl_jax.rl import rollout as rollout_lib
@@ -32,7 +33,7 @@ def parse_level(level: str):
   """"dtype[:activation_dtype]" (as scripts/bench_sampler.py spells them) -> (dtype, act)."""
   dtype, _, activations = level.partition(":")
   if dtype not in quantize.DTYPES:
-    raise ValueError(f"level {level!r}: the dtype must be one of {quantize.DTYPES}")
+    raise errors.UserError(f"level {level!r}: the dtype must be one of {quantize.DTYPES}")
   return dtype, activations or None
 
 

@@ -298,5 +298,5 @@ def _check_batch_sizes(s: settings_lib.Settings, mesh, num_eval_records: int) ->
                        ("data.eval_size", eval_batch(s.data.eval_size)),
                        ("sft.eval_size", eval_batch(s.sft.eval_size))):
     if value % multiple:
-      raise ValueError(f"{field} ({value}) must be a multiple of the data-parallel size "
+      raise errors.UserError(f"{field} ({value}) must be a multiple of the data-parallel size "
                        f"({multiple} = mesh data x fsdp)")

@@ -5,6 +5,7 @@ import os
 import jax
 
 from minirl_jax import checkpoint
+from minirl_jax import errors
 from minirl_jax import sharding
 from minirl_jax.models import transformer
 from minirl_jax.rl import settings as settings_lib
@@ -57,5 +58,5 @@ def fresh_optimizer(params, optimizer, shardings):
 def check_same_model(saved, wanted, where):
   for field in ARCHITECTURE:
     if getattr(saved, field) != getattr(wanted, field):
-      raise ValueError(f"model.{field} ({getattr(wanted, field)!r}) differs from the "
+      raise errors.UserError(f"model.{field} ({getattr(wanted, field)!r}) differs from the "
                        f"checkpoint's ({getattr(saved, field)!r}) in init_from={where}")

@@ -5,6 +5,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from minirl_jax import errors
 from minirl_jax.models import linear
 from minirl_jax.models import weights
 
@@ -52,9 +53,9 @@ def quantize(params, dtype: str, axes, *, group_size: int = DEFAULT_GROUP_SIZE,
       group size that does not divide a grouped axis (named).
   """
   if dtype not in DTYPES:
-    raise ValueError(f"sampler.dtype must be one of {DTYPES}, got {dtype!r}")
+    raise errors.UserError(f"sampler.dtype must be one of {DTYPES}, got {dtype!r}")
   if not isinstance(group_size, int) or group_size < 1:
-    raise ValueError(f"sampler.int4_group_size must be an integer >= 1, got {group_size!r}")
+    raise errors.UserError(f"sampler.int4_group_size must be an integer >= 1, got {group_size!r}")
   flat_axes = flax.traverse_util.flatten_dict(axes)
   return _quantize(params, dtype, tuple(sorted(flat_axes.items())),
                    group_size if dtype in GROUPED else None, bool(quantize_embeddings))

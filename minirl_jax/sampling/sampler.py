@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from minirl_jax import batch as batch_lib
+from minirl_jax import errors
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
 from minirl_jax.sampling import quantize
@@ -198,12 +199,12 @@ def _check(params, model_cfg, sampler_cfg):
   found = quantize.describe(params)
   wanted = quantize.options(sampler_cfg, model_cfg.d_model)
   if found != wanted:
-    raise ValueError(f"sampler.dtype is {sampler_cfg.dtype!r} but the params hold {found} "
+    raise errors.UserError(f"sampler.dtype is {sampler_cfg.dtype!r} but the params hold {found} "
                      f"weights, not {wanted}: pass sampling.quantize.for_sampler(params, "
                      "sampler_cfg, axes)")
   bad = [i for i in sampler_cfg.eos_ids + (sampler_cfg.pad_id,) if i >= model_cfg.vocab_size]
   if bad:
-    raise ValueError(f"sampler.eos_ids/pad_id {bad} must be < model.vocab_size "
+    raise errors.UserError(f"sampler.eos_ids/pad_id {bad} must be < model.vocab_size "
                      f"({model_cfg.vocab_size})")
 
 

@@ -13,6 +13,7 @@ from absl import app
 from absl import flags
 
 from minirl_jax import errors
+from minirl_jax.experiments import early_warning
 from minirl_jax.experiments import grids
 from minirl_jax.experiments import report
 from minirl_jax.experiments import runner
@@ -39,6 +40,7 @@ def main(argv):
     runner.run_grid(grid, seeds=_SEEDS.value, workdir=workdir, max_jobs=_JOBS.value,
                     root=ROOT, progress=_PROGRESS.value)
   result = report.write_report(grid, _SEEDS.value, workdir)
+  result.update(early_warning.write(report.finished_runs(grid, _SEEDS.value, workdir), workdir))
   print(open(result["table_md"], encoding="utf-8").read())
   print(json.dumps({"grid": grid.name, "seeds": _SEEDS.value, **result}))
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from minirl_jax import errors
+from minirl_jax.experiments import early_warning
 from minirl_jax.experiments import grids
 from minirl_jax.experiments import report
 from minirl_jax.experiments import runner
@@ -147,3 +148,28 @@ def test_a_run_the_guard_stopped_is_a_result_and_a_crash_is_a_failure(tmp_path, 
                     max_jobs=1, desc="t", progress=False)
   assert not crashed.done and not after.done  # the next job still ran (and failed alike)
   assert (tmp_path / "b" / "log.txt").exists()
+
+
+def test_early_warning_leads_by_the_stated_thresholds(tmp_path):
+  # Baseline (steps 1-5): first-order error 0.1, cosine 0.95, KL 1e-3, entropy 0.4.
+  records = [{"step": 0, "eval/accuracy": 0.3}]
+  for step in range(1, 21):
+    records.append({"step": step, "policy/entropy": 0.4 if step < 16 else 0.15,
+                    "mismatch/kl_k3": 1e-3, "reward/mean": 0.5,
+                    "is/first_order_error": 0.1 if step < 9 else 0.25,  # x2.5 at step 9
+                    "optim/skipped": 0.0})
+    if step % 2 == 0:
+      records[-1]["is/grad_cosine_token_seq_last"] = 0.95 if step < 12 else 0.85  # 1-c x3
+    if step % 5 == 0:
+      records[-1]["eval/accuracy"] = {5: 0.4, 10: 0.42, 15: 0.4, 20: 0.1}[step]
+  _write_run(tmp_path / "arm" / "seed_0", records)
+  _write_run(tmp_path / "calm" / "seed_0", [
+      {"step": 0, "eval/accuracy": 0.3}, _rl(1, acc=0.3), _rl(2, acc=0.31)])
+  runs = {"arm": [str(tmp_path / "arm" / "seed_0")], "calm": [str(tmp_path / "calm" / "seed_0")]}
+  leads = early_warning.warnings_for(runs)
+  assert len(leads) == 1 and leads[0].run == "arm/seed_0" and leads[0].collapse_step == 20
+  assert leads[0].leads == {"is/first_order_error": 11, "is/grad_cosine_token_seq_last": 8,
+                            "mismatch/kl_k3": None, "policy/entropy": 4}
+  out = early_warning.write(runs, str(tmp_path))
+  assert "| arm/seed_0 | 20 | +11 | +8 | never | +4 |" in open(out["early_warning_md"]).read()
+  assert os.path.getsize(out["early_warning_figure"]) > 10_000

@@ -113,6 +113,17 @@ def get(name: str) -> Grid:
   return GRIDS[name]
 
 
+def apply(config, overrides: Overrides):
+  """`config` (a ConfigDict) with the overrides set in place, as the flags would set them."""
+  for key, value in overrides.items():
+    *sections, field = key.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[field] = value
+  return config
+
+
 def flags(overrides: Overrides) -> list[str]:
   """`--config.key=value` flags for an override mapping (bools and None as Python writes
   them, which ml_collections parses)."""

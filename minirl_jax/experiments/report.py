@@ -89,11 +89,14 @@ def arm_row(arm: str, run_dirs: list[str]) -> ArmRow:
 
 
 def runner_summary(run_dir: str) -> dict:
+  """The run's summary.json ({} for a run made outside a grid, e.g. in a notebook)."""
+  if not os.path.exists(os.path.join(run_dir, runner.SUMMARY)):
+    return {}
   with open(os.path.join(run_dir, runner.SUMMARY), encoding="utf-8") as f:
     return json.load(f)
 
 
-def _by_arm(grid: grids.Grid, seeds: int, workdir: str) -> dict[str, list[str]]:
+def finished_runs(grid: grids.Grid, seeds: int, workdir: str) -> dict[str, list[str]]:
   """Each arm's finished runs (seeds 0..seeds-1 with a summary); arms with none are left
   out, so a grid cut short reports what it has and the table says how many seeds each had."""
   by_arm = {}
@@ -107,7 +110,7 @@ def _by_arm(grid: grids.Grid, seeds: int, workdir: str) -> dict[str, list[str]]:
 
 def write_table(grid: grids.Grid, seeds: int, workdir: str) -> list[ArmRow]:
   """DIR/table.csv and DIR/table.md, one row per arm."""
-  rows = [arm_row(arm, dirs) for arm, dirs in _by_arm(grid, seeds, workdir).items()]
+  rows = [arm_row(arm, dirs) for arm, dirs in finished_runs(grid, seeds, workdir).items()]
   fields = [f.name for f in dataclasses.fields(ArmRow)]
   with open(os.path.join(workdir, "table.csv"), "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=fields)
@@ -158,7 +161,7 @@ def plot_arms(arm_dirs: dict[str, list[str]], path: str, title: str = "") -> str
 def write_report(grid: grids.Grid, seeds: int, workdir: str) -> dict:
   """Table and figure of a finished grid; returns where they are and the rows."""
   rows = write_table(grid, seeds, workdir)
-  figure = plot_arms(_by_arm(grid, seeds, workdir), os.path.join(workdir, "curves.png"),
+  figure = plot_arms(finished_runs(grid, seeds, workdir), os.path.join(workdir, "curves.png"),
                      f"{grid.name}: mean over {seeds} seed(s), band = min-max")
   return {"table_csv": os.path.join(workdir, "table.csv"),
           "table_md": os.path.join(workdir, "table.md"), "figure": figure,

@@ -66,25 +66,25 @@ def plan(grid: grids.Grid, seeds: int, workdir: str) -> tuple[list[Job], list[Jo
   return list(cold.values()), arms
 
 
-def _branch(job: Job) -> None:
-  """Seeds a fresh arm dir with its cold start's checkpoints and SFT metrics."""
-  if os.path.exists(os.path.join(job.workdir, "checkpoints")):
-    return  # started before: it resumes from its own checkpoints
-  staging = job.workdir + ".staging"
+def branch(cold_start: str, workdir: str) -> None:
+  """Seeds a fresh run dir with a cold start's checkpoints and SFT metrics, so the run
+  resumes from there (a dir that has checkpoints already resumes from its own)."""
+  if os.path.exists(os.path.join(workdir, "checkpoints")):
+    return
+  staging = workdir + ".staging"
   shutil.rmtree(staging, ignore_errors=True)
-  shutil.copytree(os.path.join(job.cold_start, "checkpoints"),
-                  os.path.join(staging, "checkpoints"))
-  shutil.copy(os.path.join(job.cold_start, "metrics.jsonl"), staging)
-  os.makedirs(os.path.dirname(job.workdir), exist_ok=True)
-  if os.path.exists(job.workdir):  # a dir without checkpoints: an attempt that never began
-    shutil.rmtree(job.workdir)
-  os.rename(staging, job.workdir)
+  shutil.copytree(os.path.join(cold_start, "checkpoints"), os.path.join(staging, "checkpoints"))
+  shutil.copy(os.path.join(cold_start, "metrics.jsonl"), staging)
+  os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
+  if os.path.exists(workdir):  # a dir without checkpoints: an attempt that never began
+    shutil.rmtree(workdir)
+  os.rename(staging, workdir)
 
 
 class _Process:
   def __init__(self, job: Job, base_config: str, root: str):
     if job.cold_start:
-      _branch(job)
+      branch(job.cold_start, job.workdir)
     os.makedirs(job.workdir, exist_ok=True)
     self.job, self.start = job, time.time()
     self.log = open(os.path.join(job.workdir, "log.txt"), "a", encoding="utf-8")

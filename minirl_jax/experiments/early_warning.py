@@ -1,0 +1,130 @@
+"""Early warning: which signal crossed its threshold, and how many RL steps before a run
+collapsed (`report.collapse_step`).
+
+Thresholds, fixed before any grid was run: a signal's baseline is its median over RL steps
+1..BASELINE_STEPS; it crosses at the first later step where it has deteriorated by a factor
+of FACTOR from that baseline, in the direction that signals trouble:
+- first-order error (`is/first_order_error`): rises above FACTOR x baseline (the paper's
+  theory: J_token is a first-order approximation of J_seq while this error is small);
+- gradient cosine J_token vs J_seq on the last mini-batch (`is/grad_cosine_token_seq_last`):
+  its distance from 1 grows above FACTOR x the baseline distance;
+- train-infer KL (`mismatch/kl_k3`): rises above FACTOR x baseline;
+- entropy (`policy/entropy`): falls below baseline / FACTOR.
+The lead of a signal is collapse step - crossing step (positive: it warned first).
+"""
+import csv
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+
+from minirl_jax.experiments import report
+
+BASELINE_STEPS = 5
+FACTOR = 2.0
+# (metric, label, how a value becomes "badness" that rises with trouble)
+SIGNALS = (("is/first_order_error", "first-order error", lambda v: v),
+           ("is/grad_cosine_token_seq_last", "1 - grad cosine (last mini-batch)",
+            lambda v: 1.0 - v),
+           ("mismatch/kl_k3", "train-infer KL (k3)", lambda v: v),
+           ("policy/entropy", "1 / entropy", lambda v: 1.0 / max(v, 1e-12)))
+
+
+@dataclasses.dataclass
+class Lead:
+  run: str
+  collapse_step: int
+  leads: dict[str, Optional[int]]  # signal metric -> lead in steps, None: never crossed
+
+
+def _badness(records, metric, transform) -> list[tuple[int, float]]:
+  return [(r["step"], transform(r[metric])) for r in records
+          if r["step"] > 0 and metric in r]
+
+
+def crossing_step(records: list[dict], metric: str, transform=lambda v: v) -> Optional[int]:
+  """The first step after the baseline window where the signal's badness exceeds FACTOR x
+  its baseline (module docstring), or None."""
+  series = _badness(records, metric, transform)
+  base = [v for step, v in series if step <= BASELINE_STEPS]
+  if not base:
+    return None
+  baseline = float(np.median(base))
+  for step, value in series:
+    if step > BASELINE_STEPS and value > FACTOR * baseline and value > 0:
+      return step
+  return None
+
+
+def warnings_for(run_dirs: dict[str, list[str]]) -> list[Lead]:
+  """One row per collapsed run of every arm."""
+  rows = []
+  for arm, dirs in run_dirs.items():
+    for run_dir in dirs:
+      records = report.rl_records(run_dir)
+      collapse = report.collapse_step(records)
+      if collapse is None:
+        continue
+      leads = {}
+      for metric, _, transform in SIGNALS:
+        crossed = crossing_step(records, metric, transform)
+        leads[metric] = None if crossed is None else collapse - crossed
+      rows.append(Lead(f"{arm}/{os.path.basename(run_dir)}", collapse, leads))
+  return rows
+
+
+def write(run_dirs: dict[str, list[str]], workdir: str) -> dict:
+  """DIR/early_warning.{csv,md} and DIR/early_warning.png; returns their paths."""
+  rows = warnings_for(run_dirs)
+  metrics = [m for m, _, _ in SIGNALS]
+  with open(os.path.join(workdir, "early_warning.csv"), "w", newline="",
+            encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(["run", "collapse_step", *metrics])
+    writer.writerows([r.run, r.collapse_step, *(r.leads[m] for m in metrics)] for r in rows)
+  fmt = lambda lead: "never" if lead is None else f"{lead:+d}"
+  lines = ["| run | collapse step | " + " | ".join(label for _, label, _ in SIGNALS) + " |",
+           "|---|---|" + "---|" * len(SIGNALS)]
+  lines += [f"| {r.run} | {r.collapse_step} | " + " | ".join(fmt(r.leads[m]) for m in metrics)
+            + " |" for r in rows]
+  if not rows:
+    lines.append("| (no run collapsed) |" + " |" * (len(SIGNALS) + 1))
+  with open(os.path.join(workdir, "early_warning.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  figure = _plot(run_dirs, os.path.join(workdir, "early_warning.png"))
+  return {"early_warning_md": os.path.join(workdir, "early_warning.md"),
+          "early_warning_figure": figure, "collapsed_runs": len(rows)}
+
+
+def _plot(run_dirs: dict[str, list[str]], path: str) -> str:
+  """Each signal's badness over its baseline against RL step, one line per run; the
+  threshold FACTOR dashed; a collapsed run's collapse step marked with an x."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  fig, axes = plt.subplots(1, len(SIGNALS), figsize=(4.2 * len(SIGNALS), 3.4))
+  for arm_index, (arm, dirs) in enumerate(run_dirs.items()):
+    color = f"C{arm_index % 10}"
+    for k, run_dir in enumerate(dirs):
+      records = report.rl_records(run_dir)
+      collapse = report.collapse_step(records)
+      for ax, (metric, label, transform) in zip(axes, SIGNALS):
+        series = _badness(records, metric, transform)
+        base = [v for step, v in series if step <= BASELINE_STEPS]
+        if not base or np.median(base) <= 0:
+          continue
+        steps = [s for s, _ in series]
+        ratio = [v / float(np.median(base)) for _, v in series]
+        ax.plot(steps, ratio, color=color, alpha=0.7, lw=1, label=arm if k == 0 else None)
+        if collapse is not None and collapse in steps:
+          ax.plot(collapse, ratio[steps.index(collapse)], "x", color=color, ms=8)
+        ax.set(xlabel="RL step", title=f"{label} / baseline", yscale="log")
+  for ax in axes:
+    ax.axhline(FACTOR, ls="--", color="k", lw=0.8)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

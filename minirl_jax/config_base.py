@@ -19,7 +19,10 @@ def model_section() -> ml_collections.ConfigDict:
       norm_topk_prob=True, rope_theta=10_000.0, rms_norm_eps=1e-6, tie_embeddings=False,
       param_dtype="float32", compute_dtype="float32", load_balance_coef=0.0,
       router_z_coef=0.0, moe_impl="blocks", moe_block_size=128,
-      init_std=config_dict.placeholder(float), remat=False))
+      init_std=config_dict.placeholder(float), remat=False,
+      # the trainer's log-probs take this many positions' logits at a time (and this many
+      # vocabulary columns; 0: all): never the whole [B, T, V] (models/logprobs.py)
+      logits_chunk=512, vocab_chunk=0))
 
 
 # Qwen3-30B-A3B exactly (Hugging Face config.json of Qwen/Qwen3-30B-A3B-Base).
@@ -75,11 +78,14 @@ def get_base_config() -> ml_collections.ConfigDict:
       mini_batch_size=512,  # sequences per optimizer update: N = 64 * 8 / 512 = 1
       routing_replay="none",  # "none" | "r2" | "r3"
       eval_every=25, learning_rate=2e-4, warmup_steps=0,
-      allow_greedy=False)  # True: allow samplers whose G responses cannot differ
+      allow_greedy=False,  # True: allow samplers whose G responses cannot differ
+      # rows per forward/backward in an update, pi_old and the gradient cosine; 0: whole
+      # mini-batch (global batch for pi_old). Activation memory follows it; values do not.
+      micro_batch_size=0)
   config.sft = dict(
       max_steps=2000, batch_size=64, learning_rate=3e-3, warmup_steps=50,
       eval_every=50, eval_size=128,  # a cheap held-out check that stops SFT early
-      target_accuracy=0.3)
+      target_accuracy=0.3, micro_batch_size=0)
   config.optim = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
                       # a run stops after this many steps in a row whose loss, gradients,
                       # update or new parameters were not all finite (each left the state as

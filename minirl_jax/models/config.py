@@ -27,6 +27,10 @@ class ModelConfig:
     moe_block_size: upper bound on the rows per block of the "blocks" kernel.
     remat: recompute each layer's activations in the backward pass (`jax.checkpoint`)
       instead of storing them: memory for compute, what large models train with.
+    logits_chunk: positions whose logits the trainer holds at once when it takes token
+      log-probs and entropies (`models.logprobs`); 0: all positions.
+    vocab_chunk: vocabulary columns per step of those log-probs' online log-sum-exp; 0:
+      the whole vocabulary at once.
   """
   vocab_size: int = 32
   d_model: int = 64
@@ -51,6 +55,8 @@ class ModelConfig:
   moe_block_size: int = 128
   init_std: Optional[float] = None  # None: 1/sqrt(fan_in)
   remat: bool = False
+  logits_chunk: int = 512
+  vocab_chunk: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "moe_layers_skip", tuple(int(i) for i in self.moe_layers_skip))
@@ -60,6 +66,11 @@ class ModelConfig:
       value = getattr(self, field)
       if not isinstance(value, int) or value < 1:
         sections.fail(f"model.{field}", f"must be a positive integer, got {value!r}")
+    for field in ("logits_chunk", "vocab_chunk"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value < 0:
+        sections.fail(f"model.{field}", f"must be an integer >= 0 (0: no chunking), got "
+                      f"{value!r}")
     if self.num_heads % self.num_kv_heads:
       sections.fail("model.num_heads", f"({self.num_heads}) must be divisible by num_kv_heads "
             f"({self.num_kv_heads})")

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from minirl_jax.models import layers
+from minirl_jax.models import logprobs
 from minirl_jax.models import linear
 from minirl_jax.models import moe
 from minirl_jax.models import weights
@@ -184,7 +185,29 @@ def _cast(tree, dtype):
 def forward(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
             attn_mask_BT: Optional[jax.Array] = None, routing: Optional[jax.Array] = None,
             kv_cache: Optional[KVCache] = None):
-  """Runs the decoder.
+  """Runs the decoder: `hidden_states` through the lm head.
+
+  Returns:
+    (logits_BTV float32, ForwardAux). The trainer takes log-probs from the hidden states in
+    chunks instead (`models.logprobs`), never holding [B, T, V].
+  """
+  x_BTD, aux = hidden_states(params, tokens_BT, cfg=cfg, attn_mask_BT=attn_mask_BT,
+                             routing=routing, kv_cache=kv_cache)
+  logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_weights(params, cfg),
+                          preferred_element_type=jnp.float32)
+  return logits_BTV, aux
+
+
+def head_weights(params, cfg: ModelConfig) -> jax.Array:
+  """The lm head [D, V] (the transposed embedding when tied), in the compute dtype."""
+  head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  return head.astype(cfg.dtype)
+
+
+def hidden_states(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
+                  attn_mask_BT: Optional[jax.Array] = None,
+                  routing: Optional[jax.Array] = None, kv_cache: Optional[KVCache] = None):
+  """Runs the decoder up to the final norm.
 
   Args:
     params: from `init_params` (or `sampling.quantize`).
@@ -197,7 +220,7 @@ def forward(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
       `kv_cache.end` and queries attend to every valid cached slot (the sampler's path).
 
   Returns:
-    (logits_BTV float32, ForwardAux).
+    (x_BTD after the final norm, in the compute dtype; ForwardAux).
   """
   b, t = tokens_BT.shape
   if attn_mask_BT is None:
@@ -240,16 +263,13 @@ def forward(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
     kvs.append(seg_kv)
 
   x_BTD = layers.rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps)
-  head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head.astype(cfg.dtype),
-                          preferred_element_type=jnp.float32)
 
   new_cache = None
   if kv_cache is not None:
     k, v, k_scale, v_scale = jax.tree.map(lambda *xs: jnp.concatenate(xs), *kvs)
     new_cache = KVCache(k_LBSGK=k, v_LBSGK=v, valid_BS=valid_BS, end=end + t,
                         k_scale_LBSG1=k_scale, v_scale_LBSG1=v_scale)
-  return logits_BTV, _collect_aux(routings, cfg, b, t, new_cache)
+  return x_BTD, _collect_aux(routings, cfg, b, t, new_cache)
 
 
 def _collect_aux(routings, cfg, b, t, kv_cache):
@@ -267,6 +287,19 @@ def _collect_aux(routings, cfg, b, t, kv_cache):
       routing=r.ids_BTk, live_routing=r.live_ids_BTk, router_logits=r.logits_BTE,
       router_probs=r.probs_BTE, expert_load=r.load_E, load_balance_loss=lb, router_z_loss=z,
       aux_loss=cfg.load_balance_coef * lb + cfg.router_z_coef * z, kv_cache=kv_cache)
+
+
+def token_logp_entropy(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
+                       attn_mask_BT: Optional[jax.Array] = None,
+                       routing: Optional[jax.Array] = None):
+  """(logp_BT, entropy_BT, ForwardAux) by teacher forcing, aligned like `token_logp`, the
+  logits taken `cfg.logits_chunk` positions (and `cfg.vocab_chunk` columns) at a time."""
+  x_BTD, aux = hidden_states(params, tokens_BT, cfg=cfg, attn_mask_BT=attn_mask_BT,
+                             routing=routing)
+  logp, entropy = logprobs.token_logp_entropy(
+      x_BTD, head_weights(params, cfg), tokens_BT, seq_chunk=cfg.logits_chunk,
+      vocab_chunk=cfg.vocab_chunk)
+  return logp, entropy, aux
 
 
 def token_logp(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:

@@ -294,7 +294,9 @@ def _check_batch_sizes(s: settings_lib.Settings, mesh, num_eval_records: int) ->
   multiple = sharding.batch_size_multiple(mesh)
   eval_batch = lambda size: min(rollout_lib.EVAL_BATCH, size, num_eval_records)
   for field, value in (("rl.mini_batch_size", s.rl.mini_batch_size),
+                       ("rl.micro_batch_size", s.rl.micro_batch_size or multiple),
                        ("sft.batch_size", s.sft.batch_size),
+                       ("sft.micro_batch_size", s.sft.micro_batch_size or multiple),
                        ("data.eval_size", eval_batch(s.data.eval_size)),
                        ("sft.eval_size", eval_batch(s.sft.eval_size))):
     if value % multiple:

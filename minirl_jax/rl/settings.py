@@ -66,6 +66,9 @@ class RLConfig:
   learning_rate: float
   warmup_steps: int
   allow_greedy: bool  # a sampler whose G responses cannot differ is then not an error
+  # Rows per forward/backward inside an update, pi_old and the gradient cosine (0: the
+  # mini-batch, and the global batch for pi_old): activation memory follows it.
+  micro_batch_size: int
 
   def __post_init__(self):
     if not isinstance(self.steps, int) or self.steps < 0:
@@ -79,6 +82,7 @@ class RLConfig:
     if self.global_batch % self.mini_batch_size:
       _fail("rl.mini_batch_size", f"({self.mini_batch_size}) must divide the global batch "
             f"rl.prompts_per_step * rl.group_size = {self.global_batch}")
+    _check_micro("rl", self.micro_batch_size, "mini_batch_size", self.mini_batch_size)
     if self.routing_replay not in ROUTING_REPLAY:
       _fail("rl.routing_replay", f"must be one of {ROUTING_REPLAY}, got {self.routing_replay!r}")
 
@@ -89,6 +93,25 @@ class RLConfig:
   @property
   def num_minibatches(self) -> int:
     return self.global_batch // self.mini_batch_size
+
+  @property
+  def micro_per_update(self) -> int:
+    return _micro(self.mini_batch_size, self.micro_batch_size)
+
+  @property
+  def micro_per_global_batch(self) -> int:
+    return _micro(self.global_batch, self.micro_batch_size)
+
+
+def _micro(rows: int, micro_batch_size: int) -> int:
+  return rows // micro_batch_size if micro_batch_size else 1
+
+
+def _check_micro(stage: str, micro_batch_size, of: str, rows: int) -> None:
+  if not isinstance(micro_batch_size, int) or micro_batch_size < 0 or (
+      micro_batch_size and rows % micro_batch_size):
+    _fail(f"{stage}.micro_batch_size", f"must be 0 (no micro-batches) or divide "
+          f"{stage}.{of} ({rows}), got {micro_batch_size!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +124,19 @@ class SFTConfig:
   eval_every: int
   eval_size: int
   target_accuracy: float
+  micro_batch_size: int  # rows per forward/backward inside an update; 0: the batch
 
   def __post_init__(self):
+    _check_micro("sft", self.micro_batch_size, "batch_size", self.batch_size)
     for field in ("batch_size", "eval_every", "eval_size"):
       if getattr(self, field) < 1:
         _fail(f"sft.{field}", f"must be >= 1, got {getattr(self, field)}")
     if self.max_steps < 0:
       _fail("sft.max_steps", f"must be >= 0 (0 skips SFT), got {self.max_steps}")
+
+  @property
+  def micro_per_update(self) -> int:
+    return _micro(self.batch_size, self.micro_batch_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,7 @@ TOKEN_MEANS = ("policy/entropy", "policy/ratio_mean", "policy/clip_frac",
 
 def old_policy(params, rollout: sampler.Rollout, advantages: jax.Array, *,
                model_cfg: ModelConfig, obj_cfg: objectives.ObjectiveConfig,
-               routing_replay: str, group_size: int):
+               routing_replay: str, group_size: int, micro_batches: int = 1):
   """pi_old by the training engine and the global TrainBatch the updates consume.
 
   Args:
@@ -52,6 +52,7 @@ def old_policy(params, rollout: sampler.Rollout, advantages: jax.Array, *,
     routing_replay: "none", "r2" (replay the experts this forward chose) or "r3" (replay
       the sampler's, here and in every update).
     group_size: G, responses per prompt (rows of a group are contiguous).
+    micro_batches: the forward runs over this many slices of the rows.
 
   Returns:
     (TrainBatch, metrics measured on the whole batch: train-infer mismatch, lengths and
@@ -59,7 +60,8 @@ def old_policy(params, rollout: sampler.Rollout, advantages: jax.Array, *,
   """
   replay_old = rollout.routing_mu if routing_replay == "r3" else None
   old_logp, routing_old, live_routing = train_step.old_policy(
-      params, rollout.tokens, rollout.attn_mask, replay_old, model_cfg=model_cfg)
+      params, rollout.tokens, rollout.attn_mask, replay_old, model_cfg=model_cfg,
+      micro_batches=micro_batches)
   # The behaviour policy: what the tokens were drawn from (objective.behaviour_logp);
   # "pi_old" is the zero-gap control, mu_old := pi_old exactly.
   mu_logp = {"processed": rollout.sample_logp, "raw": rollout.mu_logp,
@@ -213,12 +215,14 @@ def bind(s: settings_lib.Settings, mesh, tokenizer, reward_fn, state_sharding=No
     step_kw["out_shardings"] = (state_sharding, sharding.replicated(mesh))
   axes = transformer.param_axes(s.model)
   rl_optimizer = train_step.make_optimizer(s.rl_optim(), axes)
+  micro_batches = s.rl.micro_per_update
   rl_step = jax.jit(functools.partial(train_step.rl_step, model_cfg=s.model,
-                                      obj_cfg=s.objective, optimizer=rl_optimizer), **step_kw)
+                                      obj_cfg=s.objective, optimizer=rl_optimizer,
+                                      micro_batches=micro_batches), **step_kw)
   cosine = None
   if s.objective.grad_cosine_every:
     cosine = jax.jit(functools.partial(train_step.grad_cosine_token_seq, model_cfg=s.model,
-                                       obj_cfg=s.objective))
+                                       obj_cfg=s.objective, micro_batches=micro_batches))
   every = s.objective.grad_cosine_every
 
   def update(state, batch, step):
@@ -234,12 +238,14 @@ def bind(s: settings_lib.Settings, mesh, tokenizer, reward_fn, state_sharding=No
                                    std_ddof=s.objective.std_ddof),
       old_policy=jax.jit(functools.partial(
           old_policy, model_cfg=s.model, obj_cfg=s.objective,
-          routing_replay=s.rl.routing_replay, group_size=s.rl.group_size)),
+          routing_replay=s.rl.routing_replay, group_size=s.rl.group_size,
+          micro_batches=s.rl.micro_per_global_batch)),
       update=update,
       quantize=lambda params: quantize_lib.for_sampler(params, s.sampler, axes),
       sft_update=jax.jit(functools.partial(
           train_step.sft_step, model_cfg=s.model,
-          optimizer=train_step.make_optimizer(s.sft_optim(), axes)), **step_kw),
+          optimizer=train_step.make_optimizer(s.sft_optim(), axes),
+          micro_batches=s.sft.micro_per_update), **step_kw),
       rl_optimizer=rl_optimizer,
       evaluate=functools.partial(rollout_lib.evaluate, sample_fn=sample, score_fn=eval_score,
                                  mesh=mesh),

@@ -11,6 +11,7 @@ from minirl_jax import objectives
 from minirl_jax.models import transformer
 from minirl_jax.models import weights
 from minirl_jax.models.config import ModelConfig
+from minirl_jax.rl import micro
 from minirl_jax.rl.settings import OptimConfig
 
 
@@ -70,80 +71,91 @@ def _apply(state: TrainState, loss, grads, optimizer) -> tuple[TrainState, dict]
   return state, metrics
 
 
-def sft_loss(params, batch: dict, model_cfg: ModelConfig):
-  """Teacher-forced token cross-entropy on the solution tokens (cold start)."""
-  logits, aux = transformer.forward(params, batch["tokens"], cfg=model_cfg,
-                                    attn_mask_BT=batch["attn_mask"])
-  logp = transformer.token_logp(logits, batch["tokens"])
+def sft_loss(params, batch: dict, model_cfg: ModelConfig, aux_weight: float = 1.0):
+  """Teacher-forced token cross-entropy on the solution tokens (cold start), normalised by
+  `batch["num_tokens"]` (the whole batch's loss tokens, also in each micro-batch)."""
+  logp, _, aux = transformer.token_logp_entropy(params, batch["tokens"], cfg=model_cfg,
+                                                attn_mask_BT=batch["attn_mask"])
   mask = batch["loss_mask"].astype(jnp.float32)
-  nll = -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-  return nll + aux.aux_loss, {"sft/loss": nll, "moe/load_balance_loss": aux.load_balance_loss,
+  nll = -jnp.sum(logp * mask) / batch["num_tokens"]
+  return nll + aux_weight * aux.aux_loss, {
+      "sft/loss": nll, "moe/load_balance_loss": aux.load_balance_loss,
                               "moe/load_max": jnp.max(aux.expert_load, initial=0.0)}
 
 
-def sft_step(state: TrainState, batch: dict, *, model_cfg, optimizer):
-  (loss, metrics), grads = jax.value_and_grad(sft_loss, has_aux=True)(
-      state.params, batch, model_cfg)
+def sft_step(state: TrainState, batch: dict, *, model_cfg, optimizer, micro_batches: int = 1):
+  batch = {**batch, "num_tokens": jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)}
+  loss = lambda params, mb, aux_weight: sft_loss(params, mb, model_cfg, aux_weight)
+  (loss, metrics), grads = micro.value_and_grad(loss, state.params, batch, micro_batches)
   state, opt_metrics = _apply(state, loss, grads, optimizer)
   return state, {**metrics, **opt_metrics}
 
 
 def _policy_logp(params, batch: batch_lib.TrainBatch, model_cfg: ModelConfig):
-  """Teacher-forced log pi_theta, replaying `batch.routing` if set."""
-  logits, aux = transformer.forward(params, batch.tokens, cfg=model_cfg,
-                                    attn_mask_BT=batch.attn_mask, routing=batch.routing)
-  return transformer.token_logp(logits, batch.tokens), logits, aux
+  """Teacher-forced (log pi_theta, entropy, aux), replaying `batch.routing` if set."""
+  return transformer.token_logp_entropy(params, batch.tokens, cfg=model_cfg,
+                                        attn_mask_BT=batch.attn_mask, routing=batch.routing)
 
 
 def policy_loss(params, batch: batch_lib.TrainBatch, model_cfg: ModelConfig,
-                obj_cfg: objectives.ObjectiveConfig, loss_fn: Callable):
-  """The objective plus the MoE aux loss, with the objective's metrics and the entropy."""
-  logp, logits, aux = _policy_logp(params, batch, model_cfg)
+                obj_cfg: objectives.ObjectiveConfig, loss_fn: Callable,
+                aux_weight: float = 1.0):
+  """The objective plus `aux_weight` x the MoE aux loss, with the objective's metrics and
+  the entropy."""
+  logp, entropy_BT, aux = _policy_logp(params, batch, model_cfg)
   loss, metrics = loss_fn(logp, batch, obj_cfg)
-  entropy = objectives.masked_mean(next_token_entropy(logits), batch.loss_mask,
-                                   batch.num_tokens)
+  entropy = objectives.masked_mean(entropy_BT, batch.loss_mask, batch.num_tokens)
   metrics = {**metrics, "policy/entropy": entropy, "policy/loss": loss,
              "moe/load_balance_loss": aux.load_balance_loss,
              "moe/load_max": jnp.max(aux.expert_load, initial=0.0)}
-  return loss + aux.aux_loss, metrics
+  return loss + aux_weight * aux.aux_loss, metrics
 
 
-def next_token_entropy(logits_BTV: jax.Array) -> jax.Array:
-  """entropy[b, t] of the distribution token t was drawn from, aligned like `token_logp`:
-  logits[t - 1] predict token t, so position 0 (no context) gets 0."""
-  entropy_BT = objectives.token_entropy(logits_BTV[:, :-1])
-  return jnp.pad(entropy_BT, ((0, 0), (1, 0)))
-
-
-def rl_step(state: TrainState, batch: batch_lib.TrainBatch, *, model_cfg, obj_cfg, optimizer):
-  """One optimizer update on one mini-batch of the objective `obj_cfg.name`."""
-  loss_fn = objectives.OBJECTIVES[obj_cfg.name]
-  (loss, metrics), grads = jax.value_and_grad(policy_loss, has_aux=True)(
-      state.params, batch, model_cfg, obj_cfg, loss_fn)
+def rl_step(state: TrainState, batch: batch_lib.TrainBatch, *, model_cfg, obj_cfg, optimizer,
+            micro_batches: int = 1):
+  """One optimizer update on one mini-batch of the objective `obj_cfg.name`, its gradient
+  accumulated over `micro_batches` slices (`rl.micro`)."""
+  loss = lambda params, mb, aux_weight: policy_loss(
+      params, mb, model_cfg, obj_cfg, objectives.OBJECTIVES[obj_cfg.name], aux_weight)
+  (loss, metrics), grads = micro.value_and_grad(loss, state.params, batch, micro_batches)
   state, opt_metrics = _apply(state, loss, grads, optimizer)
   return state, {**metrics, **opt_metrics}
 
 
-def grad_cosine_token_seq(params, batch: batch_lib.TrainBatch, *, model_cfg, obj_cfg):
+def grad_cosine_token_seq(params, batch: batch_lib.TrainBatch, *, model_cfg, obj_cfg,
+                          micro_batches: int = 1):
   """Cosine between the parameter gradients of J_token (the objective) and J_seq (Eq. 1).
 
   Near 1 while the first-order approximation holds: the paper's thesis, measured. The MoE
   aux loss is left out, since a term shared by both would pull the cosine towards 1.
   """
   def grad_of(loss_fn):
-    objective = lambda p: loss_fn(_policy_logp(p, batch, model_cfg)[0], batch, obj_cfg)[0]
-    return jax.grad(objective)(params)
+    objective = lambda p, mb, _: (loss_fn(_policy_logp(p, mb, model_cfg)[0], mb, obj_cfg)[0],
+                                  {})
+    return micro.value_and_grad(objective, params, batch, micro_batches)[1]
   return objectives.grad_cosine(grad_of(objectives.OBJECTIVES[obj_cfg.name]),
                                 grad_of(objectives.sequence_loss))
 
 
-def old_policy(params, tokens, attn_mask, routing, *, model_cfg):
-  """pi_old by the training engine (no gradient), its routing, and its own top-k choice.
+def old_policy(params, tokens, attn_mask, routing, *, model_cfg, micro_batches: int = 1):
+  """pi_old by the training engine (no gradient), its routing, and its own top-k choice,
+  over `micro_batches` slices of the rows.
 
   Returns:
     (old_logp_BT, routing_LBTk: experts that ran, live_topk_LBTk: the trainer router's own
     top-k at every layer, which equals the routing when nothing is replayed).
   """
-  logits, aux = transformer.forward(params, tokens, cfg=model_cfg, attn_mask_BT=attn_mask,
-                                    routing=routing)
-  return transformer.token_logp(logits, tokens), aux.routing, aux.live_routing
+  rows_first = lambda r: None if r is None else jnp.moveaxis(r, 0, 1)  # [L, B] <-> [B, L]
+
+  def forward(xs):
+    tokens, attn_mask, routing = xs
+    logp, _, aux = transformer.token_logp_entropy(params, tokens, cfg=model_cfg,
+                                                  attn_mask_BT=attn_mask,
+                                                  routing=rows_first(routing))
+    return logp, rows_first(aux.routing), rows_first(aux.live_routing)
+
+  out = micro.map_batch(forward, (tokens, attn_mask, rows_first(routing)), micro_batches)
+  if micro_batches > 1:
+    out = jax.tree.map(micro.join, out)
+  logp, ran, live = out
+  return logp, rows_first(ran), rows_first(live)

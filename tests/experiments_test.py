@@ -122,8 +122,12 @@ def test_quick_grid_runs_resumably_as_processes(tmp_path):
 
 def test_gap_grid_pairs_minirl_and_no_is_at_every_level_from_zero():
   arms = {a.name: a.overrides for a in grids.get("gap").arms}
-  levels = [name.split("/")[0] for name in arms][::2]
+  levels = [name.split("/")[0] for name in arms][:14:2]
   assert levels == ["zero", "float32", "bfloat16", "float16", "int8", "fp8", "int4"]
+  # the head-to-head at the widest gap: token-level IS vs sequence-level and geometric
+  assert list(arms)[-2:] == ["int4/minirl_seq_tis", "int4/minirl_geo_mis"]
+  assert arms["int4/minirl_geo_mis"]["objective.is_level"] == "geometric"
+  assert arms["int4/minirl_seq_tis"]["sampler.dtype"] == "int4"
   assert arms["zero/minirl"]["objective.behaviour_logp"] == "pi_old"
   assert arms["int4/minirl_no_is"]["objective.train_infer_is"] is False
   assert arms["int4/minirl_no_is"]["sampler.dtype"] == "int4"

@@ -74,10 +74,16 @@ GAP_LEVELS = (("zero", {"sampler.dtype": "float32", "objective.behaviour_logp": 
 
 
 def _gap() -> tuple[Arm, ...]:
-  """MiniRL vs w/o train-infer IS at every gap level."""
-  return tuple(Arm(f"{level}/{name}", {**overrides, **level_overrides})
-               for level, level_overrides in GAP_LEVELS
-               for name, overrides in (("minirl", MINIRL), ("minirl_no_is", NO_IS)))
+  """MiniRL vs w/o train-infer IS at every gap level; at the widest (int4), also the
+  head-to-head of token-level IS (the paper) with sequence-level TIS and geometric masking
+  (its critics)."""
+  arms = [Arm(f"{level}/{name}", {**overrides, **level_overrides})
+          for level, level_overrides in GAP_LEVELS
+          for name, overrides in (("minirl", MINIRL), ("minirl_no_is", NO_IS))]
+  widest, widest_overrides = GAP_LEVELS[-1]
+  arms += [Arm(f"{widest}/{arm.name}", {**arm.overrides, **widest_overrides})
+           for arm in SEQUENCE_IS]
+  return tuple(arms)
 
 
 def _coldstart() -> tuple[Arm, ...]:

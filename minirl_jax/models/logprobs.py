@@ -34,6 +34,9 @@ def token_logp_entropy(x_BTD: jax.Array, head_DV: jax.Array, tokens_BT: jax.Arra
     return zeros, zeros
   chunk = n if seq_chunk <= 0 else min(seq_chunk, n)
   num = -(-n // chunk)
+  if num == 1:  # one chunk: no loop to compile
+    logp, entropy = _chunk_stats(x_BTD[:, :-1], tokens_BT[:, 1:], head_DV, vocab_chunk)
+    return jnp.pad(logp, ((0, 0), (1, 0))), jnp.pad(entropy, ((0, 0), (1, 0)))
   pad = num * chunk - n
   h = jnp.pad(x_BTD[:, :-1], ((0, 0), (0, pad), (0, 0)))
   y = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, pad)))

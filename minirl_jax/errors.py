@@ -30,11 +30,6 @@ class RunStopped(Exception):
     self.status = status
 
 
-def at(path: str, line: int) -> str:
-  """`path:line` (1-based line) as every data error names its place."""
-  return f"{path}:{line}"
-
-
 def reporting(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   """Wraps an absl `main`: user errors and stops become one line and an exit status."""
 

@@ -40,7 +40,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Start from converted weights (scripts/convert_hf.py --out=DIR) instead of a random init.
   config.init_from = config_dict.placeholder(str)
   config.model = model_section()
-  # Mesh axis sizes; -1 takes the remaining devices. Batches shard over data x fsdp.
+  # Mesh axis sizes; -1 takes the remaining devices. Batches shard over data x fsdp x expert.
   config.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
   config.data = dict(
       path=config_dict.placeholder(str),  # JSONL/Parquet {prompt, answer[, solution]}; unset: synthetic

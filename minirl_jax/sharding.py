@@ -1,7 +1,8 @@
 """The mesh (data, fsdp, expert, tensor), logical-axis rules, and the shardings of params,
 optimizer state and batches: one code path from 1 CPU device to a pod (docs/sharding.md)."""
+import functools
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
@@ -13,7 +14,9 @@ from minirl_jax import batch as batch_lib
 from minirl_jax import errors
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp")
+# The expert axis splits the batch too: outside the MoE layers it is data parallelism, and
+# inside them each device sends its tokens' assignments to the experts' owners.
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical name -> mesh axis (None: replicated).
 RULES = {
@@ -109,12 +112,22 @@ def like_params(abstract_tree, abstract_params, param_shardings, mesh):
   return jax.tree_util.tree_map_with_path(pick, abstract_tree)
 
 
+def on_mesh(mesh, fn: Callable) -> Callable:
+  """`fn` traced and run under `jax.set_mesh(mesh)`: how the MoE layer finds the expert
+  axis to split its experts over (`models.expert_parallel`)."""
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
-  """Shards one axis (the batch) over data x fsdp; the rest is replicated."""
+  """Shards one axis (the batch) over data x fsdp x expert; the rest is replicated."""
   spec = [None] * ndim
   spec[batch_axis] = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None
   return NamedSharding(mesh, P(*spec))
@@ -126,7 +139,7 @@ def batch_size_multiple(mesh) -> int:
 
 
 def shard_batch(batch, mesh):
-  """Places a batch on the mesh, its rows sharded over data x fsdp, scalars replicated.
+  """Places a batch on the mesh, its rows sharded over `BATCH_AXES`, scalars replicated.
 
   Rows are found by `batch.map_rows`: a record's declared axes, else axis 0. Host (numpy)
   arrays are this process's rows of the global batch (what the per-process grain pipelines

@@ -1,10 +1,24 @@
-"""Times sparse dropless MoE dispatch against the dense all-experts reference (fwd + bwd).
+"""Times sparse dropless MoE dispatch against the dense all-experts reference (fwd + bwd),
+or measures what expert parallelism saves per device.
 
   python scripts/bench_moe.py
 Last line: one JSON object with `speedup_vs_dense` (blocks kernel, E=64) and per-E timings.
+
+  python scripts/bench_moe.py --expert_parallel
+The MoE layer (fwd + bwd, and fwd alone) compiled for meshes with expert = 1, 2, 4, 8 at a
+fixed global batch: XLA's per-device FLOPs (cost analysis) of the expert-parallel layer and
+of the same layer left to XLA's partitioner. On a CPU host it runs on 8 fake devices. Last
+line: one JSON object with the FLOPs and their ratios to expert = 1.
 """
 import json
+import os
+import sys
 import time
+
+if "--expert_parallel" in sys.argv and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+  # Fake host devices for the meshes; only the CPU platform reads this flag.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
 
 from absl import app
 from absl import flags
@@ -13,13 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from minirl_jax import errors
+from minirl_jax import sharding
 from minirl_jax.models import moe
 from minirl_jax.models import moe_reference
+from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
 
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "Tokens per call.")
 _EXPERTS = flags.DEFINE_list("experts", ["8", "16", "64"], "Expert counts to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (best is reported).")
+_EXPERT_PARALLEL = flags.DEFINE_bool(
+    "expert_parallel", False, "Per-device FLOPs of the layer for expert = 1, 2, 4, 8 instead.")
+_D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width.")
+_FFN = flags.DEFINE_integer("expert_ffn_dim", 512, "Expert hidden width.")
 
 
 def _time(fn, *args):
@@ -32,7 +52,8 @@ def _time(fn, *args):
   return best
 
 
-def _bench(num_experts, d=256, f=512, top_k=2):
+def _bench(num_experts, top_k=2):
+  d, f = _D_MODEL.value, _FFN.value
   keys = jax.random.split(jax.random.key(num_experts), 5)
   p = {"router": jax.random.normal(keys[0], (d, num_experts)) / d ** 0.5,
        "w_gate": jax.random.normal(keys[1], (num_experts, d, f)) / d ** 0.5,
@@ -58,10 +79,66 @@ def _bench(num_experts, d=256, f=512, top_k=2):
   return row
 
 
+def _layer_flops(cfg, ep, expert_parallel):
+  """Per-device FLOPs of the compiled layer, fwd + bwd and fwd, on a mesh with expert = ep."""
+  mesh = sharding.make_mesh({"expert": ep}, devices=jax.devices()[:ep])
+  params = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))["moe"]
+  axes = transformer.param_axes(cfg)["moe"]
+  p = jax.tree.map(lambda w, names: jax.ShapeDtypeStruct(w.shape[1:], w.dtype, sharding=(
+      jax.sharding.NamedSharding(mesh, sharding.logical_spec(w.shape[1:], names[1:], mesh)))),
+      params, axes, is_leaf=lambda t: isinstance(t, tuple))
+  rows = 8
+  x = jax.ShapeDtypeStruct((rows, _TOKENS.value // rows, cfg.d_model), jnp.float32,
+                           sharding=sharding.batch_sharding(mesh, 3))
+  layer = lambda p, x: moe.moe_ffn(p, x, cfg, valid_BT=jnp.ones(x.shape[:2], bool))[0]
+  flops = {}
+  for name, fn in (("fwd_bwd", jax.grad(lambda p, x: jnp.sum(layer(p, x) ** 2), (0, 1))),
+                   ("fwd", layer)):
+    lower = lambda: jax.jit(fn).lower(p, x).compile()
+    if expert_parallel:
+      with jax.set_mesh(mesh):
+        compiled = lower()
+    else:
+      compiled = lower()
+    flops[name] = float(compiled.cost_analysis()["flops"])
+  return flops
+
+
+def _expert_parallel_main():
+  num_experts = max(map(int, _EXPERTS.value))
+  cfg = ModelConfig(d_model=_D_MODEL.value, num_experts=num_experts, top_k=2,
+                    expert_ffn_dim=_FFN.value)
+  sizes = [ep for ep in (1, 2, 4, 8) if ep <= jax.device_count() and num_experts % ep == 0]
+  print(f"MoE layer, {_TOKENS.value} tokens, d_model {cfg.d_model}, expert ffn "
+        f"{cfg.expert_ffn_dim}, E={num_experts}, top-2, capacity factor "
+        f"{cfg.expert_capacity_factor}: per-device GFLOP (XLA cost analysis)")
+  print(f"{'expert':>7}{'EP fwd+bwd':>12}{'EP fwd':>9}{'XLA fwd+bwd':>13}{'XLA fwd':>9}")
+  result = {"expert_parallel": {}, "xla_partitioned": {}}
+  for ep in sizes:
+    result["expert_parallel"][ep] = _layer_flops(cfg, ep, expert_parallel=True)
+    result["xla_partitioned"][ep] = _layer_flops(cfg, ep, expert_parallel=False)
+    e, x = result["expert_parallel"][ep], result["xla_partitioned"][ep]
+    print(f"{ep:>7}{e['fwd_bwd'] / 1e9:>12.3f}{e['fwd'] / 1e9:>9.3f}"
+          f"{x['fwd_bwd'] / 1e9:>13.3f}{x['fwd'] / 1e9:>9.3f}")
+  ratio = lambda layer: {str(ep): round(f["fwd_bwd"] / result[layer][1]["fwd_bwd"], 4)
+                         for ep, f in result[layer].items()}
+  print(json.dumps({
+      "tokens": _TOKENS.value, "experts": num_experts,
+      "capacity_factor": cfg.expert_capacity_factor,
+      "fwd_bwd_ratio_to_expert_1": {"expert_parallel": ratio("expert_parallel"),
+                                    "xla_partitioned": ratio("xla_partitioned")},
+      "gflops_per_device": {layer: {str(ep): {k: round(v / 1e9, 4) for k, v in f.items()}
+                                    for ep, f in r.items()} for layer, r in result.items()}}))
+
+
 def main(argv):
   del argv
+  if _EXPERT_PARALLEL.value:
+    _expert_parallel_main()
+    return
   results = {}
-  print(f"{_TOKENS.value} tokens, d_model 256, expert ffn 512, top_k 2, forward+backward, "
+  print(f"{_TOKENS.value} tokens, d_model {_D_MODEL.value}, expert ffn {_FFN.value}, top_k 2, "
+        f"forward+backward, "
         f"best of {_REPEATS.value} ({jax.devices()[0].platform})")
   print(f"{'E':>4}{'blocks ms':>12}{'ragged_dot ms':>15}{'dense ms':>11}{'blocks speedup':>16}")
   for e in map(int, _EXPERTS.value):

@@ -22,6 +22,7 @@ CONFIG_DIR = pathlib.Path(__file__).parents[1] / "configs"
     (dict(moe_layers_skip=(5,)), "model.moe_layers_skip"),
     (dict(moe_impl="megablocks"), "model.moe_impl"),
     (dict(rope_theta=-1.0), "model.rope_theta"),
+    (dict(expert_capacity_factor=0.0), "model.expert_capacity_factor"),
     (dict(load_balance_coef=-0.1), "model.load_balance_coef"),
 ])
 def test_invalid_fields_are_named(kwargs, field):

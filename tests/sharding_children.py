@@ -100,7 +100,8 @@ def _check_forward(model, params, host, out):
     placed = jax.device_put(params, sharding.tree_shardings(
         params, transformer.param_axes(model), mesh))
     batch = sharding.shard_batch(host, mesh)
-    logits, aux = _forward(model)(placed, batch.tokens, attn_mask_BT=batch.attn_mask)
+    logits, aux = sharding.on_mesh(mesh, _forward(model))(placed, batch.tokens,
+                                                          attn_mask_BT=batch.attn_mask)
     out["forward"][name] = dict(
         specs={"/".join(k): _spec(v)
                for k, v in flax.traverse_util.flatten_dict(placed).items()},
@@ -131,7 +132,8 @@ def _check_rl_step_and_checkpoint(model, params, host, workdir, out):
   with _section(out, "rl_step"):
     mesh = sharding.make_mesh(MESH_A)
     sh_a = state_lib.state_shardings(model, mesh, abstract)
-    step_a = jax.jit(step, out_shardings=(sh_a, sharding.replicated(mesh)))
+    step_a = sharding.on_mesh(mesh, jax.jit(step, out_shardings=(sh_a,
+                                                                 sharding.replicated(mesh))))
     new_a, m_a = step_a(jax.device_put(state0, sh_a), sharding.shard_batch(host, mesh))
     out["rl_step"] = dict(
         moved=_max_err(ref1.params, params), params_err=_max_err(new_a.params, ref1.params),
@@ -144,7 +146,8 @@ def _check_rl_step_and_checkpoint(model, params, host, workdir, out):
     mesh = sharding.make_mesh(MESH_B)
     sh_b = state_lib.state_shardings(model, mesh, abstract)
     restored = checkpoint.restore_params(directory, checkpoint.abstract_like(abstract, sh_b))
-    step_b = jax.jit(step, out_shardings=(sh_b, sharding.replicated(mesh)))
+    step_b = sharding.on_mesh(mesh, jax.jit(step, out_shardings=(sh_b,
+                                                                 sharding.replicated(mesh))))
     new_b, m_b = step_b(restored, sharding.shard_batch(host2, mesh))
     out["checkpoint"] = dict(
         restored_equal=_max_err(restored, new_a) == 0.0,
@@ -170,7 +173,7 @@ def _smoke_config():
   spec.loader.exec_module(module)
   config = module.get_config()
   config.mesh = dict(MESH_A, tensor=1)
-  config.rl.steps = 1  # 4 prompts x 4 = 16 rows in mini-batches of 8: divisible by 2 x 2
+  config.rl.steps = 1  # 4 prompts x 4 = 16 rows in mini-batches of 8: divisible by 2 x 2 x 2
   config.sft.update(max_steps=2, eval_every=2)
   config.log.update(progress=False, plots=False)
   return config
@@ -184,10 +187,12 @@ def _check_sampler(run, out):
   kw = dict(model_cfg=run.s.model, sampler_cfg=run.s.sampler)
   params = run.fns.quantize(run.state.params)
   placed = sharding.shard_batch((tokens, lengths), run.mesh)
-  state = sampler.prefill_jit(params, *sampler.bucket_prompts(*placed, run.s.sampler),
-                              jax.random.key(7), **kw)
+  prefill, decode = (sharding.on_mesh(run.mesh, f) for f in (sampler.prefill_jit,
+                                                               sampler.decode_jit))
+  state = prefill(params, *sampler.bucket_prompts(*placed, run.s.sampler), jax.random.key(7),
+                  **kw)
   cache_spec = _spec(state.cache.k_LBSGK)
-  got = sampler.to_rollout(sampler.decode_jit(params, state, **kw))
+  got = sampler.to_rollout(decode(params, state, **kw))
   one_device = jax.device_put(params, jax.devices()[0])
   want = sampler.generate(one_device, tokens, lengths, jax.random.key(7), **kw)
   out["sampler"] = dict(cache_spec=cache_spec,
@@ -198,7 +203,7 @@ def _check_sampler(run, out):
 def _child_run(workdir, out):
   with _section(out, "eval_size"):
     config = _smoke_config()
-    config.data.eval_size = 10  # evaluation batches of 10 rows do not split 4 ways
+    config.data.eval_size = 10  # evaluation batches of 10 rows do not split 8 ways
     with pytest.raises(ValueError, match="data.eval_size") as error:
       loop.Run(settings_lib.from_config(config), workdir + "_bad_eval_size")
     out["eval_size_error"] = str(error.value)

@@ -48,7 +48,8 @@ def test_make_mesh_fills_minus_one_and_defaults_to_one():
 def test_logical_spec_keeps_only_axes_that_divide():
   mesh = AbstractMesh((2, 2, 2, 4), sharding.MESH_AXES)
   spec = lambda shape, names: sharding.logical_spec(shape, names, mesh)
-  assert spec((8, 6), ("batch", "embed")) == P(("data", "fsdp"), None)
+  assert spec((8, 6), ("batch", "embed")) == P(("data", "fsdp", "expert"), None)
+  assert spec((4, 6), ("batch", "embed")) == P(("data", "fsdp"), None)
   # 2 rows: only `data` divides; `fsdp` stays free for the embedding dim.
   assert spec((2, 6), ("batch", "embed")) == P("data", "fsdp")
   assert spec((3, 6), ("batch", "embed")) == P(None, "fsdp")
@@ -143,8 +144,8 @@ def test_params_and_batch_are_really_sharded(children):
   assert a["specs"]["moe/w_down"] == [None, "expert", None, "fsdp"]
   assert a["specs"]["mlp/w_up"] == [None, "fsdp", None]
   assert a["w_gate_shard_shape"] == [1, 4 // 2, 32 // 2, 32]  # of [L, E, D, F] = [1, 4, 32, 32]
-  assert a["batch_spec"] == [["data", "fsdp"], None]
-  assert a["routing_spec"] == [None, ["data", "fsdp"], None, None]
+  assert a["batch_spec"] == [["data", "fsdp", "expert"], None]
+  assert a["routing_spec"] == [None, ["data", "fsdp", "expert"], None, None]
   # tensor=4 splits 4 query heads and the FFNs; 2 kv heads do not divide, so replicated.
   assert b["specs"]["moe/w_gate"] == [None, None, "fsdp", "tensor"]
   assert b["specs"]["attn/wq"] == [None, "fsdp", "tensor", None]
@@ -194,14 +195,14 @@ def test_run_on_a_mesh_completes(children):
 def test_run_rejects_eval_batches_the_mesh_cannot_split(children):
   out, errors = children.result("run")
   _ok(errors, "eval_size")
-  assert "multiple of the data-parallel size (4" in out["eval_size_error"]
+  assert "multiple of the data-parallel size (8" in out["eval_size_error"]
 
 
 def test_sampler_on_a_mesh_shards_the_cache_and_matches_one_device(children):
   out, errors = children.result("run")
   _ok(errors, "run", "sampler")
   samp = out["sampler"]
-  assert samp["cache_spec"][1] == ["data", "fsdp"]  # [L, B, S, G, K]: batch-sharded
+  assert samp["cache_spec"][1] == ["data", "fsdp", "expert"]  # [L, B, S, G, K]: batch-sharded
   assert samp["tokens_equal"] and samp["mu_logp_err"] < 1e-5, samp
 
 

@@ -25,6 +25,9 @@ class ModelConfig:
       grouped-matmul kernel; on CPU it lowers to a dense masked matmul). Pick by measuring
       (scripts/bench_moe.py), never by platform.
     moe_block_size: upper bound on the rows per block of the "blocks" kernel.
+    expert_capacity_factor: under expert parallelism (`models.expert_parallel`), the rows
+      one all-to-all round moves per device pair, as a multiple of a balanced share. Never
+      drops tokens (overflow runs another round); larger costs compute, smaller rounds.
     remat: recompute each layer's activations in the backward pass (`jax.checkpoint`)
       instead of storing them: memory for compute, what large models train with.
     logits_chunk: positions whose logits the trainer holds at once when it takes token
@@ -53,6 +56,7 @@ class ModelConfig:
   router_z_coef: float = 0.0
   moe_impl: str = "blocks"
   moe_block_size: int = 128
+  expert_capacity_factor: float = 1.25
   init_std: Optional[float] = None  # None: 1/sqrt(fan_in)
   remat: bool = False
   logits_chunk: int = 512
@@ -89,7 +93,7 @@ class ModelConfig:
                       f"must be one of {sorted(known)}, got {getattr(self, field)!r}")
     if self.moe_impl not in MOE_IMPLS:
       sections.fail("model.moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
-    for field in ("rope_theta", "rms_norm_eps"):
+    for field in ("rope_theta", "rms_norm_eps", "expert_capacity_factor"):
       if getattr(self, field) <= 0:
         sections.fail(f"model.{field}", f"must be > 0, got {getattr(self, field)}")
     for field in ("load_balance_coef", "router_z_coef"):

@@ -10,14 +10,18 @@ expert and run as a grouped matmul:
 - "ragged_dot": `jax.lax.ragged_dot`, the grouped-matmul kernel on TPU/GPU. On CPU it lowers
   to a dense masked matmul (E times the ideal FLOPs): select it by measurement
   (scripts/bench_moe.py), never by platform.
-The dense all-experts reference lives in the tests and the benchmark only.
+Under a mesh with an `expert` axis, each device runs only the experts it holds and token
+assignments travel to them by all-to-all (`expert_parallel`). The dense all-experts
+reference lives in the tests and the benchmark only.
 """
+import functools
 import math
 
 import flax
 import jax
 import jax.numpy as jnp
 
+from minirl_jax.models import expert_parallel
 from minirl_jax.models import linear
 
 
@@ -96,20 +100,33 @@ def _ragged_ffn(x_AD, group_sizes_E, p):
   return dot(h, p["w_down"])
 
 
-def experts_ffn(x_ND, ids_Nk, p, *, impl, max_block):
-  """Runs each token through its k experts; returns per-assignment outputs [N, k, D]."""
-  n, k = ids_Nk.shape
-  num_experts = p["router"].shape[-1]
-  e_A = ids_Nk.reshape(n * k)
+def _local_ffn(x_AD, e_A, p, *, impl, max_block):
+  """Runs row a through expert e_A[a] of the experts in `p` (w_gate, w_up, w_down [E, ...])."""
+  num_experts = jax.tree.leaves(p["w_gate"])[0].shape[0]
   order_A = jnp.argsort(e_A, stable=True)
   e_sorted_A = e_A[order_A]
-  x_sorted_AD = x_ND[order_A // k]
+  x_sorted_AD = x_AD[order_A]
   group_sizes_E = jnp.bincount(e_A, length=num_experts).astype(jnp.int32)
   if impl == "ragged_dot":
     y_sorted_AD = _ragged_ffn(x_sorted_AD, group_sizes_E, p)
   else:
     y_sorted_AD = _blocks_ffn(x_sorted_AD, e_sorted_A, group_sizes_E, p, max_block)
-  y_AD = jnp.zeros_like(y_sorted_AD).at[order_A].set(y_sorted_AD)
+  return jnp.zeros_like(y_sorted_AD).at[order_A].set(y_sorted_AD)
+
+
+def experts_ffn(x_ND, ids_Nk, p, *, cfg):
+  """Runs each token through its k experts; returns per-assignment outputs [N, k, D].
+
+  Under a mesh whose `expert` axis splits the experts, each device runs only its own
+  (`expert_parallel`); otherwise every device runs the whole layer.
+  """
+  n, k = ids_Nk.shape
+  local_ffn = functools.partial(_local_ffn, impl=cfg.moe_impl, max_block=cfg.moe_block_size)
+  mesh = expert_parallel.active_mesh(cfg.num_experts)
+  if mesh is not None:
+    return expert_parallel.experts_ffn(x_ND, ids_Nk, p, mesh, local_ffn=local_ffn,
+                                       capacity_factor=cfg.expert_capacity_factor)
+  y_AD = local_ffn(jnp.repeat(x_ND, k, axis=0), ids_Nk.reshape(n * k), p)
   return y_AD.reshape(n, k, -1)
 
 
@@ -148,7 +165,7 @@ def moe_ffn(p, x_BTD, cfg, *, valid_BT, replay_BTk=None):
   ids_Nk, weights_Nk, probs_NE = route(logits_NE, cfg.top_k, cfg.norm_topk_prob, replay_Nk)
   # route's own top_k on the same probs: XLA computes it once.
   live_Nk = ids_Nk if replay_Nk is None else jax.lax.top_k(probs_NE, cfg.top_k)[1]
-  y_NkD = experts_ffn(x_ND, ids_Nk, p, impl=cfg.moe_impl, max_block=cfg.moe_block_size)
+  y_NkD = experts_ffn(x_ND, ids_Nk, p, cfg=cfg)
   y_ND = jnp.einsum("nkd,nk->nd", y_NkD, weights_Nk.astype(y_NkD.dtype))
   load_E, lb, z = _aux_losses(logits_NE, probs_NE, ids_Nk, valid_BT.reshape(b * t))
   routing = Routing(

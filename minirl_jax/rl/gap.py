@@ -14,6 +14,7 @@ import numpy as np
 from minirl_jax import batch as batch_lib
 from minirl_jax import errors
 from minirl_jax import objectives
+from minirl_jax import sharding
 from minirl_jax.models import transformer
 from minirl_jax.rl import rollout as rollout_lib
 from minirl_jax.rl import step as step_lib
@@ -125,8 +126,8 @@ def measure(params, batches, key, *, levels, s, mesh, samples: int) -> dict[str,
     and routing_mu := the trainer's own routing (float32 is sampled for it if not listed).
   """
   axes = transformer.param_axes(s.model)
-  old_policy = functools.partial(jax.jit(functools.partial(
-      train_step.old_policy, model_cfg=s.model)), params)
+  old_policy = functools.partial(sharding.on_mesh(mesh, jax.jit(functools.partial(
+      train_step.old_policy, model_cfg=s.model))), params)
   levels = [level for level in dict.fromkeys(levels) if level != ZERO]
   specs = list(dict.fromkeys(["float32", *levels]))
   results, arrays = {}, {}

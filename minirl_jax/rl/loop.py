@@ -290,7 +290,7 @@ _LABELS = {"sft/loss": "loss", "eval/accuracy": "acc", "reward/mean": "reward",
 
 
 def _check_batch_sizes(s: settings_lib.Settings, mesh, num_eval_records: int) -> None:
-  """Every batch must split evenly over the mesh's batch axes (data x fsdp)."""
+  """Every batch must split evenly over the mesh's batch axes (data x fsdp x expert)."""
   multiple = sharding.batch_size_multiple(mesh)
   eval_batch = lambda size: min(rollout_lib.EVAL_BATCH, size, num_eval_records)
   for field, value in (("rl.mini_batch_size", s.rl.mini_batch_size),
@@ -301,4 +301,4 @@ def _check_batch_sizes(s: settings_lib.Settings, mesh, num_eval_records: int) ->
                        ("sft.eval_size", eval_batch(s.sft.eval_size))):
     if value % multiple:
       raise errors.UserError(f"{field} ({value}) must be a multiple of the data-parallel size "
-                       f"({multiple} = mesh data x fsdp)")
+                       f"({multiple} = mesh data x fsdp x expert)")

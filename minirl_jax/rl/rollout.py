@@ -54,8 +54,8 @@ def sample(sampler_params, prompts: dict, key: jax.Array, *, group_size: int,
   """
   tokens = to_global(np.repeat(prompts["prompt_tokens"], group_size, axis=0), mesh)
   lengths = to_global(np.repeat(prompts["prompt_mask"].sum(axis=1), group_size, axis=0), mesh)
-  return sampler.generate(sampler_params, tokens, lengths, key, model_cfg=model_cfg,
-                          sampler_cfg=sampler_cfg)
+  return sharding.on_mesh(mesh, sampler.generate)(
+      sampler_params, tokens, lengths, key, model_cfg=model_cfg, sampler_cfg=sampler_cfg)
 
 
 def completions(rollout: sampler.Rollout, tokenizer, eos_ids) -> list[str]:

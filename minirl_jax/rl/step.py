@@ -216,13 +216,15 @@ def bind(s: settings_lib.Settings, mesh, tokenizer, reward_fn, state_sharding=No
   axes = transformer.param_axes(s.model)
   rl_optimizer = train_step.make_optimizer(s.rl_optim(), axes)
   micro_batches = s.rl.micro_per_update
-  rl_step = jax.jit(functools.partial(train_step.rl_step, model_cfg=s.model,
-                                      obj_cfg=s.objective, optimizer=rl_optimizer,
-                                      micro_batches=micro_batches), **step_kw)
+  on_mesh = functools.partial(sharding.on_mesh, mesh)
+  rl_step = on_mesh(jax.jit(functools.partial(train_step.rl_step, model_cfg=s.model,
+                                              obj_cfg=s.objective, optimizer=rl_optimizer,
+                                              micro_batches=micro_batches), **step_kw))
   cosine = None
   if s.objective.grad_cosine_every:
-    cosine = jax.jit(functools.partial(train_step.grad_cosine_token_seq, model_cfg=s.model,
-                                       obj_cfg=s.objective, micro_batches=micro_batches))
+    cosine = on_mesh(jax.jit(functools.partial(
+        train_step.grad_cosine_token_seq, model_cfg=s.model, obj_cfg=s.objective,
+        micro_batches=micro_batches)))
   every = s.objective.grad_cosine_every
 
   def update(state, batch, step):
@@ -236,16 +238,16 @@ def bind(s: settings_lib.Settings, mesh, tokenizer, reward_fn, state_sharding=No
       advantages=functools.partial(objectives.group_advantages, group_size=s.rl.group_size,
                                    normalize_std=s.objective.use_normalize_std,
                                    std_ddof=s.objective.std_ddof),
-      old_policy=jax.jit(functools.partial(
+      old_policy=on_mesh(jax.jit(functools.partial(
           old_policy, model_cfg=s.model, obj_cfg=s.objective,
           routing_replay=s.rl.routing_replay, group_size=s.rl.group_size,
-          micro_batches=s.rl.micro_per_global_batch)),
+          micro_batches=s.rl.micro_per_global_batch))),
       update=update,
       quantize=lambda params: quantize_lib.for_sampler(params, s.sampler, axes),
-      sft_update=jax.jit(functools.partial(
+      sft_update=on_mesh(jax.jit(functools.partial(
           train_step.sft_step, model_cfg=s.model,
           optimizer=train_step.make_optimizer(s.sft_optim(), axes),
-          micro_batches=s.sft.micro_per_update), **step_kw),
+          micro_batches=s.sft.micro_per_update), **step_kw)),
       rl_optimizer=rl_optimizer,
       evaluate=functools.partial(rollout_lib.evaluate, sample_fn=sample, score_fn=eval_score,
                                  mesh=mesh),

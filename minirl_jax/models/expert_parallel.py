@@ -1,0 +1,106 @@
+"""Expert parallelism: each device runs only the experts it holds, under `jax.shard_map`.
+
+Active when the mesh set around the computation (`jax.set_mesh`, done by every caller
+through `sharding.on_mesh`) has an `expert` axis of size ep > 1 that divides num_experts.
+Every device holds E / ep experts and, since the batch is split over `expert` too
+(`sharding.BATCH_AXES`), its own slice of the tokens. Inside the MoE layer each device:
+  1. sorts its token-expert assignments by expert, which groups them by the owning device;
+  2. sends each owner its rows with an all-to-all of fixed-size slots;
+  3. runs the grouped expert kernel (`moe._local_ffn`) on the rows it received;
+  4. returns the outputs with the reverse all-to-all.
+Routing ids are data, so replay (R2/R3) needs nothing here.
+
+Dropless with static shapes: a round moves at most `slots` rows per (sender, owner) pair,
+slots = ceil(capacity_factor * assignments / ep). If some pair has more, further rounds
+run (a `lax.cond` per round inside a `lax.scan` over the worst case), so no assignment is
+dropped and the result does not depend on the capacity factor; only the time does. With
+a balanced router one round runs, and per-device expert compute is capacity_factor / ep
+of the whole batch's. `jax.lax.ragged_all_to_all` would avoid the slot padding, but
+XLA:CPU does not implement it (UNIMPLEMENTED in jax 0.10), so it could not be tested here.
+Inside the layer the `tensor` axis holds whole experts (the expert weights are gathered
+over `fsdp` and `tensor` at the layer's boundary): shard experts over `expert`.
+"""
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from minirl_jax import sharding
+
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def active_mesh(num_experts: int):
+  """The context mesh when it splits the experts (expert axis > 1, dividing E), else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "expert" not in mesh.axis_names:
+    return None
+  ep = mesh.shape["expert"]
+  return mesh if ep > 1 and num_experts % ep == 0 else None
+
+
+def experts_ffn(x_ND, ids_Nk, p, mesh, *, local_ffn: Callable, capacity_factor: float):
+  """Per-assignment expert outputs [N, k, D], the experts split over `mesh`'s expert axis.
+
+  Args:
+    x_ND: normalised activations.
+    ids_Nk: the experts each token runs (global ids).
+    p: the layer's params; only the expert weights [E, ...] are used.
+    mesh: from `active_mesh`.
+    local_ffn: (x_RD, expert_R, expert weights) -> y_RD on one device's experts.
+    capacity_factor: slot rows per (sender, owner) pair and round, as a multiple of a
+      perfectly balanced share.
+  """
+  rows = sharding.logical_spec(x_ND.shape[:1], ("batch",), mesh)[0]
+  weights = {name: p[name] for name in EXPERT_WEIGHTS}
+  body = functools.partial(_exchange, local_ffn=local_ffn, capacity_factor=capacity_factor,
+                           ep=mesh.shape["expert"], axes=tuple(mesh.axis_names))
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(rows), P(rows), P("expert")),
+                       out_specs=P(rows), check_vma=False)(x_ND, ids_Nk, weights)
+
+
+def rounds_bound(num_tokens: int, top_k: int, local_experts: int, slots: int) -> int:
+  """Rounds for the worst case: every token sends min(k, E / ep) assignments to one owner."""
+  return math.ceil(num_tokens * min(top_k, local_experts) / slots)
+
+
+def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes):
+  """One device's side of the layer (inside shard_map): n local tokens, E / ep experts."""
+  n, k = ids_nk.shape
+  d = x_nD.shape[-1]
+  num_local = jax.tree.leaves(weights)[0].shape[0]
+  a = n * k
+  e_A = ids_nk.reshape(a).astype(jnp.int32)
+  order_A = jnp.argsort(e_A, stable=True)
+  e_sorted_A = e_A[order_A]
+  x_sorted_AD = x_nD[order_A // k]
+  count_P = jnp.bincount(e_A // num_local, length=ep)  # P: the owning device
+  start_P = jnp.cumsum(count_P) - count_P
+  slots = max(1, math.ceil(capacity_factor * a / ep))
+  # Every device takes the same branch of each round's cond: the collectives inside agree.
+  rounds = jax.lax.pmax(-(-jnp.max(count_P) // slots), axes)
+  all_to_all = functools.partial(jax.lax.all_to_all, axis_name="expert", split_axis=0,
+                                 concat_axis=0)
+
+  def one_round(y_sorted_AD, r):
+    pos_PS = r * slots + jnp.arange(slots)[None, :]
+    sent_PS = pos_PS < count_P[:, None]
+    src_PS = jnp.minimum(start_P[:, None] + pos_PS, a - 1)
+    # Empty slots carry zero rows for the last local expert: computed, never read back.
+    x_PSD = jnp.where(sent_PS[..., None], x_sorted_AD[src_PS], 0)
+    e_PS = jnp.where(sent_PS, e_sorted_A[src_PS] % num_local, num_local - 1)
+    x_recv, e_recv = all_to_all(x_PSD), all_to_all(e_PS)
+    y_RD = local_ffn(x_recv.reshape(ep * slots, d), e_recv.reshape(ep * slots), weights)
+    y_PSD = all_to_all(y_RD.reshape(ep, slots, d))
+    return y_sorted_AD.at[src_PS].add(jnp.where(sent_PS[..., None], y_PSD, 0))
+
+  def step(y_sorted_AD, r):
+    return jax.lax.cond(r < rounds, one_round, lambda y, _: y, y_sorted_AD, r), None
+
+  max_rounds = rounds_bound(n, k, num_local, slots)
+  y_sorted_AD, _ = jax.lax.scan(step, jnp.zeros((a, d), x_nD.dtype), jnp.arange(max_rounds))
+  y_AD = jnp.zeros_like(y_sorted_AD).at[order_A].set(y_sorted_AD)
+  return y_AD.reshape(n, k, d)

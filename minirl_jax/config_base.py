@@ -19,7 +19,11 @@ def model_section() -> ml_collections.ConfigDict:
       norm_topk_prob=True, rope_theta=10_000.0, rms_norm_eps=1e-6, tie_embeddings=False,
       param_dtype="float32", compute_dtype="float32", load_balance_coef=0.0,
       router_z_coef=0.0, moe_impl="blocks", moe_block_size=128,
+      # expert parallelism's all-to-all rows per device pair and round, over a balanced share
+      expert_capacity_factor=1.25,
       init_std=config_dict.placeholder(float), remat=False,
+      # queries whose attention scores exist at once (0: all); memory O(T * chunk)
+      attention_chunk=512,
       # the trainer's log-probs take this many positions' logits at a time (and this many
       # vocabulary columns; 0: all): never the whole [B, T, V] (models/logprobs.py)
       logits_chunk=512, vocab_chunk=0))

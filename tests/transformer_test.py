@@ -137,6 +137,29 @@ def test_remat_gives_the_same_gradients(params, tokens):
   assert "remat" in jaxpr(remat_cfg) and "remat" not in jaxpr(CFG)
 
 
+def test_attention_chunks_give_the_same_values_and_gradients(params, tokens):
+  """Chunked queries (with padding of the last chunk and a cache path) equal one pass."""
+  import dataclasses
+  mask = jnp.broadcast_to(jnp.arange(T)[None] >= jnp.array([[0], [2], [4]]), (B, T))
+
+  def value_and_grads(chunk):
+    cfg = dataclasses.replace(CFG, attention_chunk=chunk)
+    loss = lambda p: jnp.mean(jnp.sin(transformer.forward(p, tokens, cfg=cfg,
+                                                          attn_mask_BT=mask)[0]))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  want = value_and_grads(0)
+  chex.assert_trees_all_close(value_and_grads(4), want, rtol=1e-6, atol=1e-7)  # 9 = 4+4+1
+  cfg = dataclasses.replace(CFG, attention_chunk=4)
+  cached = transformer.forward(params, tokens, cfg=cfg, attn_mask_BT=mask,
+                               kv_cache=transformer.init_kv_cache(cfg, B, T + 3))[0]
+  full = transformer.forward(params, tokens, cfg=CFG, attn_mask_BT=mask)[0]
+  np.testing.assert_allclose(np.asarray(cached)[np.asarray(mask)],
+                             np.asarray(full)[np.asarray(mask)], rtol=1e-5, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(lambda p: transformer.forward(p, tokens, cfg=cfg))(params))
+  assert "remat" in jaxpr  # each chunk's scores are recomputed, not stored, for backward
+
+
 def test_token_logp_alignment():
   logits = jnp.log(jnp.array([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
   logp = transformer.token_logp(logits, jnp.array([[1, 0, 1]]))

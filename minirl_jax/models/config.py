@@ -30,6 +30,8 @@ class ModelConfig:
       drops tokens (overflow runs another round); larger costs compute, smaller rounds.
     remat: recompute each layer's activations in the backward pass (`jax.checkpoint`)
       instead of storing them: memory for compute, what large models train with.
+    attention_chunk: queries whose attention scores are held at once (`layers.attend`),
+      each chunk recomputed in the backward pass; 0: all queries.
     logits_chunk: positions whose logits the trainer holds at once when it takes token
       log-probs and entropies (`models.logprobs`); 0: all positions.
     vocab_chunk: vocabulary columns per step of those log-probs' online log-sum-exp; 0:
@@ -59,6 +61,7 @@ class ModelConfig:
   expert_capacity_factor: float = 1.25
   init_std: Optional[float] = None  # None: 1/sqrt(fan_in)
   remat: bool = False
+  attention_chunk: int = 512
   logits_chunk: int = 512
   vocab_chunk: int = 0
 
@@ -70,7 +73,7 @@ class ModelConfig:
       value = getattr(self, field)
       if not isinstance(value, int) or value < 1:
         sections.fail(f"model.{field}", f"must be a positive integer, got {value!r}")
-    for field in ("logits_chunk", "vocab_chunk"):
+    for field in ("attention_chunk", "logits_chunk", "vocab_chunk"):
       value = getattr(self, field)
       if not isinstance(value, int) or value < 0:
         sections.fail(f"model.{field}", f"must be an integer >= 0 (0: no chunking), got "

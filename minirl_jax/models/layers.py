@@ -42,24 +42,41 @@ def qkv(p, x_BTD, positions_BT, cfg):
   return q_BTHK, k_BTGK, v_BTGK
 
 
-def attend(q_BTHK, k_BSGK, v_BSGK, mask_BTS):
-  """Grouped-query softmax attention; `mask_BTS` is True where a query may see a key."""
+def attend(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, query_slot_T, chunk: int = 0):
+  """Grouped-query softmax attention.
+
+  Query t sees key slot s iff `key_valid_BS[b, s]` and s <= `query_slot_T[t]` (causal over
+  cache slots). With `chunk` > 0, queries are taken `chunk` at a time and each chunk's
+  scores are recomputed in the backward pass (`jax.checkpoint`), so neither the [T, S]
+  mask nor more than [chunk, S] scores per head ever exist: memory O(T * chunk), not T^2.
+  """
+  t = q_BTHK.shape[1]
+  if not chunk or chunk >= t:
+    return _attend_block(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, query_slot_T)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  # Padded queries have slot -1: they see nothing, stay finite, and are cut off below.
+  q_nBcHK = jnp.pad(q_BTHK, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
+      q_BTHK.shape[0], n, chunk, *q_BTHK.shape[2:]).swapaxes(0, 1)
+  slot_nc = jnp.pad(query_slot_T, (0, pad), constant_values=-1).reshape(n, chunk)
+  block = jax.checkpoint(lambda qs: _attend_block(qs[0], k_BSGK, v_BSGK, key_valid_BS, qs[1]))
+  out_nBcHK = jax.lax.map(block, (q_nBcHK, slot_nc))
+  return out_nBcHK.swapaxes(0, 1).reshape(q_BTHK.shape[0], n * chunk,
+                                          *q_BTHK.shape[2:])[:, :t]
+
+
+def _attend_block(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, query_slot_T):
   b, t, h, d = q_BTHK.shape
   g = k_BSGK.shape[2]
   q_BTGRK = q_BTHK.reshape(b, t, g, h // g, d)
   scores = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK,
                       preferred_element_type=jnp.float32) * d ** -0.5
+  slots_S = jnp.arange(k_BSGK.shape[1])
+  mask_BTS = key_valid_BS[:, None, :] & (slots_S[None, None, :] <= query_slot_T[None, :, None])
   scores = jnp.where(mask_BTS[:, None, None], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BSGK.dtype)
   out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BSGK)
   return out.reshape(b, t, h, d)
-
-
-def causal_mask(attn_mask_BT: jax.Array) -> jax.Array:
-  """[B, T, T] mask: causal, and keys that are padding are never attended to."""
-  t = attn_mask_BT.shape[1]
-  causal_TT = jnp.tril(jnp.ones((t, t), dtype=bool))
-  return causal_TT[None] & attn_mask_BT[:, None, :].astype(bool)
 
 
 def swiglu(p, x_BTD):

@@ -145,7 +145,7 @@ def _cache_read(values_BSGK, scale_BSG1, dtype):
   return (values_BSGK.astype(jnp.float32) * scale_BSG1).astype(dtype)
 
 
-def _attention(p, x_BTD, positions_BT, mask_BTS, cfg, kv, end):
+def _attention(p, x_BTD, positions_BT, visible, cfg, kv, end):
   """Self-attention sublayer; with a cache (`kv` = keys, values, their scales or None),
   writes this chunk's keys at `end` and attends to the whole (dequantised) cache."""
   q, k, v = layers.qkv(p, x_BTD, positions_BT, cfg)
@@ -155,16 +155,16 @@ def _attention(p, x_BTD, positions_BT, mask_BTS, cfg, kv, end):
     v, v_scale = _cache_write(kv[1], kv[3], v, end)
     kv = (k, v, k_scale, v_scale)
   out = layers.attend(q, _cache_read(k, k_scale, q.dtype), _cache_read(v, v_scale, q.dtype),
-                      mask_BTS)
+                      *visible, chunk=cfg.attention_chunk)
   return linear.einsum("bthk,hkd->btd", out, p["wo"]), kv
 
 
-def _layer_fn(kind, cfg, positions_BT, mask_BTS, valid_BT, end):
+def _layer_fn(kind, cfg, positions_BT, visible, valid_BT, end):
   """Scan body for one layer of `kind` ("moe" or "dense")."""
   def body(x_BTD, xs):
     attn_p, ffn_p, replay_BTk, kv = xs
     h = layers.rms_norm(x_BTD, attn_p["norm"], cfg.rms_norm_eps)
-    attn_out, kv = _attention(attn_p, h, positions_BT, mask_BTS, cfg, kv, end)
+    attn_out, kv = _attention(attn_p, h, positions_BT, visible, cfg, kv, end)
     x_BTD = x_BTD + attn_out
     h = layers.rms_norm(x_BTD, ffn_p["norm"], cfg.rms_norm_eps)
     if kind == "moe":
@@ -227,15 +227,15 @@ def hidden_states(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
     attn_mask_BT = jnp.ones((b, t), bool)
   attn_mask_BT = attn_mask_BT.astype(bool)
   positions_BT = layers.positions_from_mask(attn_mask_BT)
+  # What each query sees (layers.attend): valid key slots up to its own slot.
   end = None
   if kv_cache is None:
-    mask_BTS = layers.causal_mask(attn_mask_BT)
+    visible = (attn_mask_BT, jnp.arange(t))
   else:
     end = kv_cache.end
     positions_BT = positions_BT + jnp.sum(kv_cache.valid_BS, axis=1, keepdims=True)
     valid_BS = jax.lax.dynamic_update_slice(kv_cache.valid_BS, attn_mask_BT, (0, end))
-    slots_S = jnp.arange(valid_BS.shape[1])
-    mask_BTS = valid_BS[:, None, :] & (slots_S[None, None, :] <= end + jnp.arange(t)[None, :, None])
+    visible = (valid_BS, end + jnp.arange(t))
   x_BTD = jnp.take(params["embed"], tokens_BT, axis=0).astype(cfg.dtype)
 
   routings, kvs = [], []
@@ -254,7 +254,7 @@ def hidden_states(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
       dense_at += n
     kv = None if kv_cache is None else jax.tree.map(lambda x: x[start:stop], (
         kv_cache.k_LBSGK, kv_cache.v_LBSGK, kv_cache.k_scale_LBSG1, kv_cache.v_scale_LBSG1))
-    body = _layer_fn(kind, cfg, positions_BT, mask_BTS, attn_mask_BT, end)
+    body = _layer_fn(kind, cfg, positions_BT, visible, attn_mask_BT, end)
     if cfg.remat:
       body = jax.checkpoint(body, prevent_cse=False)  # inside scan, CSE is not a risk
     x_BTD, (seg_routing, seg_kv) = jax.lax.scan(body, x_BTD, (attn_p, ffn_p, replay, kv))

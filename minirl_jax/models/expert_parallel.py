@@ -1,9 +1,11 @@
 """Expert parallelism: each device runs only the experts it holds, under `jax.shard_map`.
 
-Active when the mesh set around the computation (`jax.set_mesh`, done by every caller
-through `sharding.on_mesh`) has an `expert` axis of size ep > 1 that divides num_experts.
-Every device holds E / ep experts and, since the batch is split over `expert` too
-(`sharding.BATCH_AXES`), its own slice of the tokens. Inside the MoE layer each device:
+Under a mesh set around the computation (`jax.set_mesh`, done by every caller through
+`sharding.on_mesh`), the MoE layer runs per device: its expert weights are gathered over
+`fsdp` at the layer's boundary (FSDP) and its tokens stay where the batch put them, so
+what a device holds is predictable (`minirl_jax.plan`). With an `expert` axis of size
+ep > 1 (dividing num_experts), every device holds E / ep experts and, since the batch is
+split over `expert` too (`sharding.BATCH_AXES`), its own slice of the tokens. Each device:
   1. sorts its token-expert assignments by expert, which groups them by the owning device;
   2. sends each owner its rows with an all-to-all of fixed-size slots;
   3. runs the grouped expert kernel (`moe._local_ffn`) on the rows it received;
@@ -15,10 +17,10 @@ slots = ceil(capacity_factor * assignments / ep). If some pair has more, further
 run (a `lax.cond` per round inside a `lax.scan` over the worst case), so no assignment is
 dropped and the result does not depend on the capacity factor; only the time does. With
 a balanced router one round runs, and per-device expert compute is capacity_factor / ep
-of the whole batch's. `jax.lax.ragged_all_to_all` would avoid the slot padding, but
+of the whole batch's; overflow rounds are recomputed in the backward pass instead of kept. `jax.lax.ragged_all_to_all` would avoid the slot padding, but
 XLA:CPU does not implement it (UNIMPLEMENTED in jax 0.10), so it could not be tested here.
-Inside the layer the `tensor` axis holds whole experts (the expert weights are gathered
-over `fsdp` and `tensor` at the layer's boundary): shard experts over `expert`.
+With `tensor` > 1 the layer is left to XLA's partitioner, which splits the experts' hidden
+dim over `tensor` (no expert parallelism then).
 """
 import functools
 import math
@@ -34,12 +36,17 @@ EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
 def active_mesh(num_experts: int):
-  """The context mesh when it splits the experts (expert axis > 1, dividing E), else None."""
+  """The context mesh when the layer runs under shard_map here, else None.
+
+  It does on every mesh of more than one device whose `expert` axis divides E, except
+  with `tensor` > 1, where XLA's partitioner splits the experts' hidden dim instead.
+  """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or "expert" not in mesh.axis_names:
+  if mesh.empty or set(sharding.MESH_AXES) - set(mesh.axis_names):
     return None
-  ep = mesh.shape["expert"]
-  return mesh if ep > 1 and num_experts % ep == 0 else None
+  if mesh.size == 1 or mesh.shape["tensor"] > 1 or num_experts % mesh.shape["expert"]:
+    return None
+  return mesh
 
 
 def experts_ffn(x_ND, ids_Nk, p, mesh, *, local_ffn: Callable, capacity_factor: float):
@@ -71,6 +78,9 @@ def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes):
   """One device's side of the layer (inside shard_map): n local tokens, E / ep experts."""
   n, k = ids_nk.shape
   d = x_nD.shape[-1]
+  if ep == 1:  # every expert is here: no exchange
+    return local_ffn(jnp.repeat(x_nD, k, axis=0), ids_nk.reshape(n * k).astype(jnp.int32),
+                     weights).reshape(n, k, d)
   num_local = jax.tree.leaves(weights)[0].shape[0]
   a = n * k
   e_A = ids_nk.reshape(a).astype(jnp.int32)
@@ -97,10 +107,15 @@ def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes):
     y_PSD = all_to_all(y_RD.reshape(ep, slots, d))
     return y_sorted_AD.at[src_PS].add(jnp.where(sent_PS[..., None], y_PSD, 0))
 
-  def step(y_sorted_AD, r):
-    return jax.lax.cond(r < rounds, one_round, lambda y, _: y, y_sorted_AD, r), None
-
+  # Round 0 always runs. Overflow rounds are rematerialised in the backward pass, so their
+  # buffers are not kept for every possible round: memory stays one round's.
+  y_sorted_AD = one_round(jnp.zeros((a, d), x_nD.dtype), 0)
   max_rounds = rounds_bound(n, k, num_local, slots)
-  y_sorted_AD, _ = jax.lax.scan(step, jnp.zeros((a, d), x_nD.dtype), jnp.arange(max_rounds))
+  if max_rounds > 1:
+    @jax.checkpoint
+    def step(y_sorted_AD, r):
+      return jax.lax.cond(r < rounds, one_round, lambda y, _: y, y_sorted_AD, r)
+    y_sorted_AD, _ = jax.lax.scan(lambda y, r: (step(y, r), None), y_sorted_AD,
+                                  jnp.arange(1, max_rounds))
   y_AD = jnp.zeros_like(y_sorted_AD).at[order_A].set(y_sorted_AD)
   return y_AD.reshape(n, k, d)

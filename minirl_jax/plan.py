@@ -1,0 +1,293 @@
+"""Per-device memory of a run, from shapes alone: what `scripts/plan.py` prints.
+
+Parameters, optimizer state, sampler weights and the KV cache are exact: their shapes come
+from `jax.eval_shape` of the real initialisers and their per-device shards from the real
+sharding rules (`sharding.logical_spec`) on an abstract mesh. Activations are a model of
+what XLA keeps alive at the peak of each program, term by term below; tests compare the
+totals with XLA's own `memory_analysis()` on 8 fake CPU devices (within 25%).
+
+Three programs run on a device, one at a time, while the train state stays resident:
+  train step  (`rl_step`, one mini-batch in micro-batches): + gradients, activations
+  pi_old      (`old_policy`, the rollout batch in micro-batches): + forward activations
+  decode      (the sampler's loop): + sampler weights, KV cache and decode state
+"""
+import dataclasses
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh
+
+from minirl_jax import sharding
+from minirl_jax.models import expert_parallel
+from minirl_jax.models import transformer
+from minirl_jax.models.config import ModelConfig
+from minirl_jax.rl import settings as settings_lib
+from minirl_jax.rl import train_step
+from minirl_jax.sampling import quantize as quantize_lib
+from minirl_jax.sampling import sampler as sampler_lib
+
+GIB = 1024 ** 3
+
+
+def resolve_mesh(mesh: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes with -1 filled in for `num_devices` (sharding.make_mesh's rules)."""
+  sizes = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  return {a: (num_devices // fixed if v == -1 else v) for a, v in sizes.items()}
+
+
+def _abstract_mesh(sizes):
+  return AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+
+
+def _shard_bytes(shape, dtype, names, mesh) -> int:
+  spec = sharding.logical_spec(shape, names, mesh)
+  parts = math.prod(math.prod(mesh.shape[a] for a in (s if isinstance(s, tuple) else (s,)))
+                    for s in spec if s is not None)
+  return math.prod(shape) * jnp.dtype(dtype).itemsize // parts
+
+
+def _tree_bytes(tree, axes, mesh) -> int:
+  """Per-device bytes of a params-like tree (quantised records: each field by the leaf's
+  logical axes)."""
+  total = 0
+  for leaf, names in zip(jax.tree.leaves(tree, is_leaf=quantize_lib.linear.is_quantized),
+                         jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+    for part in jax.tree.leaves(leaf):
+      total += _shard_bytes(part.shape, part.dtype, names, mesh)
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """The sizes the activation terms need, per device."""
+  rows: int          # sequences per micro-batch on one device
+  length: int        # tokens per sequence (prompt + completion)
+  cfg: ModelConfig
+  mesh: dict
+
+  @property
+  def tokens(self) -> int:
+    return self.rows * self.length
+
+
+def _moe_rows(n_tok: int, cfg: ModelConfig, mesh) -> tuple[int, int]:
+  """(rows the expert kernel runs on one device, experts held there)."""
+  ep = mesh["expert"] if cfg.num_experts % mesh["expert"] == 0 else 1
+  assignments = n_tok * cfg.top_k
+  if ep == 1:
+    return assignments, cfg.num_experts
+  return ep * max(1, math.ceil(cfg.expert_capacity_factor * assignments / ep)), \
+      cfg.num_experts // ep
+
+
+def _moe_working_bytes(n_tok: int, cfg: ModelConfig, mesh, backward: bool) -> int:
+  """One MoE layer's transient buffers: its expert weights gathered over `fsdp`, the
+  kernel's rows and, for the "blocks" kernel, the expert weights it gathers per block of
+  rows (and the gradients of all of these in the backward)."""
+  c = jnp.dtype(cfg.dtype).itemsize
+  d, f = cfg.d_model, cfg.expert_ffn_dim
+  rows, local = _moe_rows(n_tok, cfg, mesh)
+  if mesh["tensor"] == 1:  # shard_map (expert_parallel): local experts gathered over fsdp
+    gathered, split = 3 * local * d * f * c, 1
+  else:  # XLA's partitioner keeps the weights' fsdp / tensor shards (an approximation)
+    gathered, split = 0, _divides(d, mesh["fsdp"]) * _divides(f, mesh["tensor"])
+  assignments = n_tok * cfg.top_k
+  kernel = 2 * assignments * d * c  # the tokens' rows by expert, and their outputs
+  if local < cfg.num_experts:
+    kernel += 2 * rows * d * c  # sent / received rows and outputs of the all-to-all
+  if cfg.moe_impl == "blocks":
+    mean = max(1, math.ceil(rows / local))
+    b = max(8, min(cfg.moe_block_size, 1 << (mean - 1).bit_length()))
+    blocks = -(-(rows + min(local, rows) * (b - 1)) // b)
+    weights = 3 * blocks * d * f * c // split
+    padded = blocks * b * (2 * d + 2 * f) * c  # x, gate, up, y per padded row
+  else:  # an ideal grouped matmul (TPU/GPU): rows in, hidden, out
+    weights, padded = 0, rows * (2 * d + 3 * f) * c
+  forward = kernel + weights + padded
+  if not backward:
+    return gathered + forward
+  # The backward holds a round's forward buffers, their gradients and recomputed rows.
+  # With overflow rounds possible, the first round's forward buffers are kept while an
+  # overflow round (rematerialised) runs its backward.
+  overflow = local < cfg.num_experts and expert_parallel.rounds_bound(
+      n_tok, cfg.top_k, local, rows // (cfg.num_experts // local)) > 1
+  return gathered + 2 * (kernel + weights) + 3 * padded + (forward if overflow else 0)
+
+
+def _attention_working_bytes(s: Shapes, keys: int, backward: bool) -> int:
+  """One attention sublayer's transient buffers: q, k, v, output, one query chunk's
+  float32 scores and probabilities (and their gradients in the backward)."""
+  cfg = s.cfg
+  c = jnp.dtype(cfg.dtype).itemsize
+  heads = cfg.num_heads // _divides(cfg.num_heads, s.mesh["tensor"])
+  kv = cfg.num_kv_heads // _divides(cfg.num_kv_heads, s.mesh["tensor"])
+  chunk = min(cfg.attention_chunk or s.length, s.length)
+  qkv = s.rows * (s.length * 2 * heads + keys * 2 * kv) * cfg.head_dim * c
+  scores = s.rows * heads * chunk * keys * 4 * 2
+  return (2 if backward else 1) * (qkv + scores)
+
+
+def _divides(n: int, size: int) -> int:
+  return size if size > 1 and n % size == 0 else 1
+
+
+def _logits_bytes(s: Shapes, backward: bool) -> int:
+  """One chunk of float32 logits over the (tensor-split) vocabulary and its softmax, and
+  the lm head gathered over `fsdp`."""
+  cfg = s.cfg
+  vocab = cfg.vocab_size // _divides(cfg.vocab_size, s.mesh["tensor"])
+  head = cfg.d_model * vocab * jnp.dtype(cfg.dtype).itemsize
+  if cfg.vocab_chunk:
+    vocab = min(vocab, cfg.vocab_chunk)
+  chunk = min(cfg.logits_chunk or s.length, s.length)
+  return head + s.rows * chunk * vocab * 4 * (3 if backward else 2)
+
+
+def _layer_carry_bytes(s: Shapes) -> int:
+  return s.tokens * s.cfg.d_model * jnp.dtype(s.cfg.dtype).itemsize
+
+
+def _stored_layer_bytes(s: Shapes) -> int:
+  """What one layer keeps for the backward pass without remat: the residual stream,
+  normalised inputs, q, k, v, attention output, router logits and probabilities, and the
+  MoE kernel's forward buffers."""
+  cfg = s.cfg
+  c = jnp.dtype(cfg.dtype).itemsize
+  attn = s.tokens * c * (3 * cfg.d_model + 2 * cfg.num_heads * cfg.head_dim
+                         + 2 * cfg.num_kv_heads * cfg.head_dim)
+  router = s.tokens * cfg.num_experts * 4 * 2
+  moe = _moe_working_bytes(s.tokens, cfg, s.mesh, backward=False)
+  return attn + router + moe
+
+
+def _working_bytes(s: Shapes, keys: int, backward: bool) -> int:
+  """The largest of one layer's or the logits' transient buffers, and the residual stream
+  in and out."""
+  return max(_attention_working_bytes(s, keys, backward),
+             _moe_working_bytes(s.tokens, s.cfg, s.mesh, backward),
+             _logits_bytes(s, backward)) + 2 * _layer_carry_bytes(s)
+
+
+def train_activation_bytes(s: Shapes, remat: bool) -> int:
+  """Activations of one micro-batch's forward and backward."""
+  per_layer = _layer_carry_bytes(s) if remat else _stored_layer_bytes(s)
+  return s.cfg.num_layers * per_layer + _working_bytes(s, s.length, backward=True)
+
+
+def forward_activation_bytes(s: Shapes, keys: int) -> int:
+  """A forward pass without gradients: one layer's buffers at a time."""
+  return _working_bytes(s, keys, backward=False)
+
+
+def train_batch_bytes(rows: int, length: int, cfg: ModelConfig, replay: bool) -> int:
+  """A TrainBatch's per-device bytes: tokens, masks, log-probs (and routing to replay)."""
+  per_token = 4 + 1 + 4 + 4 + 4 + (cfg.num_moe_layers * cfg.top_k if replay else 0)
+  return rows * (length * per_token + 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Per-device bytes of every part, and the peak of each program with what stays
+  resident."""
+  mesh: dict
+  parts: dict      # name -> bytes
+  programs: dict   # name -> bytes (that program's own arguments, outputs and temporaries)
+  peaks: dict      # name -> bytes on the device while that program runs
+
+  @property
+  def device_bytes(self) -> int:
+    return max(self.peaks.values())
+
+
+def make(s: settings_lib.Settings, num_devices: int) -> Plan:
+  """The plan of a run's settings on `num_devices` devices."""
+  sizes = resolve_mesh(s.mesh, num_devices)
+  mesh = _abstract_mesh(sizes)
+  cfg = s.model
+  axes = transformer.param_axes(cfg)
+  optimizer = train_step.make_optimizer(s.rl_optim(), axes)
+  state = jax.eval_shape(lambda: train_step.init_state(
+      transformer.init_params(cfg, jax.random.key(0)), optimizer))
+  params = _tree_bytes(state.params, axes, mesh)
+  moments = sum(_tree_bytes(optax_moment, axes, mesh)
+                for optax_moment in _adam_moments(state.opt_state))
+  sampler_params = jax.eval_shape(lambda p: quantize_lib.for_sampler(p, s.sampler, axes),
+                                  state.params)
+  sampler_weights = _tree_bytes(sampler_params, axes, mesh)
+
+  shards = math.prod(sizes[a] for a in sharding.BATCH_AXES)
+  length = _bucket(s.data.max_prompt_len, s.sampler.prompt_bucket) + s.sampler.max_new_tokens
+  rl = s.rl
+  train = Shapes(rows=max(1, rl.mini_batch_size // rl.micro_per_update // shards),
+                 length=length, cfg=cfg, mesh=sizes)
+  old = Shapes(rows=max(1, rl.global_batch // rl.micro_per_global_batch // shards),
+               length=length, cfg=cfg, mesh=sizes)
+  rollout_rows = max(1, s.rl.prompts_per_step * s.rl.group_size // shards)
+  engine = sampler_lib.engine_config(cfg, s.sampler)
+  cache = jax.eval_shape(lambda: transformer.init_kv_cache(
+      engine, rollout_rows * shards, length - 1, s.sampler.kv_cache_dtype))
+  cache_bytes = sum(_shard_bytes(x.shape, x.dtype, _cache_axes(x.ndim), mesh)
+                    for x in jax.tree.leaves(cache))
+  decode_state = rollout_rows * length * (4 * 4 + 1 + cfg.num_moe_layers * cfg.top_k)
+  decode = Shapes(rows=rollout_rows, length=1, cfg=engine, mesh=sizes)
+  replay = s.rl.routing_replay != "none"
+  mini = train_batch_bytes(max(1, s.rl.mini_batch_size // shards), length, cfg, replay)
+  # Gradients: the layer scan's backward double-buffers its stacked gradients, micro-batches
+  # add an accumulator, and the optimizer's update is one more params-sized temporary.
+  grads = params * (3 + (s.rl.micro_per_update > 1))
+
+  parts = {
+      "params": params,
+      "optimizer_state": moments,
+      "gradients": grads,
+      "activations_remat": train_activation_bytes(train, remat=True),
+      "activations_no_remat": train_activation_bytes(train, remat=False),
+      "logits_chunk": _logits_bytes(train, backward=True),
+      "train_batch": mini,
+      "pi_old_activations": forward_activation_bytes(old, keys=length),
+      "sampler_weights": sampler_weights,
+      "kv_cache": cache_bytes,
+      "decode_state": decode_state,
+      "decode_activations": forward_activation_bytes(decode, keys=length),
+  }
+  activations = parts["activations_remat" if cfg.remat else "activations_no_remat"]
+  rollout_batch = train_batch_bytes(rollout_rows, length, cfg, replay)
+  programs = {
+      "train_step": params + moments + parts["gradients"] + activations + mini,
+      "pi_old": params + parts["pi_old_activations"] + rollout_batch,
+      # The layer scan writes a new cache: two exist during a step.
+      "decode": sampler_weights + 2 * cache_bytes + decode_state + parts["decode_activations"],
+  }
+  resident = params + moments + sampler_weights
+  peaks = {
+      "train_step": resident + parts["gradients"] + activations + rollout_batch,
+      "pi_old": resident + parts["pi_old_activations"] + rollout_batch,
+      "decode": resident + 2 * cache_bytes + decode_state + parts["decode_activations"],
+  }
+  return Plan(mesh=sizes, parts=parts, programs=programs, peaks=peaks)
+
+
+def _adam_moments(opt_state):
+  """The params-shaped trees inside an optax state (Adam's mu and nu)."""
+  found = []
+  def visit(node):
+    if hasattr(node, "mu") and hasattr(node, "nu"):
+      found.extend([node.mu, node.nu])
+    elif isinstance(node, (tuple, list)):
+      for child in node:
+        visit(child)
+  visit(opt_state)
+  return found
+
+
+def _cache_axes(ndim: int):
+  """Logical axes of the KV cache's leaves ([L, B, S, G, K] values, [L, B, S, G, 1] scales,
+  [B, S] validity, [] end)."""
+  return {5: ("layers", "batch", None, "kv_heads", None), 2: ("batch", None), 0: ()}[ndim]
+
+
+def _bucket(length: int, bucket: int) -> int:
+  return -(-length // bucket) * bucket

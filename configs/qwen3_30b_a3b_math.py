@@ -2,13 +2,16 @@
 
 B=64 prompts x G=16 responses, mini-batch 1024 (N=1, on-policy; set rl.mini_batch_size to
 512/256/128 for N=2/4/8), eps_low 0.2, eps_high 0.27, TIS cap 5, bf16 training, and an int8
-(W8A8) sampler standing in for the paper's FP8 inference. Needs a TPU/GPU pod.
+(W8A8) sampler standing in for the paper's FP8 inference. Needs a TPU/GPU pod; the presets
+`:v5p` (TPU v5p-256) and `:h100` (8 x H100 80GB) set a mesh, micro-batches and chunks that
+fit by the memory plan:
+
+  python scripts/plan.py --config=configs/qwen3_30b_a3b_math.py:v5p
 
   python scripts/convert_hf.py --hf_dir=$CKPT/Qwen3-30B-A3B-coldstart --out=$CKPT/orbax
-  python scripts/train.py --config=configs/qwen3_30b_a3b_math.py --workdir=$RUNS/minirl \\
+  python scripts/train.py --config=configs/qwen3_30b_a3b_math.py:v5p --workdir=$RUNS/minirl \\
     --config.init_from=$CKPT/orbax --config.data.tokenizer=$CKPT/Qwen3-30B-A3B-coldstart \\
-    --config.data.path=$DATA/train.jsonl --config.data.eval_path=$DATA/aime.jsonl \\
-    --config.mesh.fsdp=-1 --config.mesh.data=1 --config.mesh.expert=8
+    --config.data.path=$DATA/train.jsonl --config.data.eval_path=$DATA/aime.jsonl
 Data rows are JSONL/Parquet {"prompt", "answer"}; rewards use math_reward (\\boxed{} answer,
 math-verify when installed: pip install -e ".[hf,math]"). The paper starts RL from a
 cold-start checkpoint, so SFT is off here (sft.max_steps=0).
@@ -16,12 +19,33 @@ cold-start checkpoint, so SFT is off here (sft.max_steps=0).
 from minirl_jax import config_base
 
 
-def get_config():
+# Mesh, micro-batches and chunks that fit by `scripts/plan.py` (README "Scaling up"), with
+# the grouped-matmul kernel of TPUs/GPUs (ragged_dot).
+PRESETS = {
+    # A TPU v5p-256 slice: 128 chips of 95 GiB.
+    "v5p": dict(hardware=dict(name="TPU v5p-256", devices=128, device_gib=95.0),
+                mesh=dict(data=1, fsdp=16, expert=8, tensor=1),
+                rl=dict(micro_batch_size=128), sampler=dict(batch_size=1024),
+                model=dict(attention_chunk=256)),
+    # One host of 8 x H100 80 GB, plain FSDP. The train state (bf16 weights, Adam moments
+    # and gradient buffers) takes ~50 GiB of each GPU, so the paper's 32k-token responses
+    # do not fit (train step 74.9 of 72 usable GiB by the plan); this preset samples up to
+    # 8k tokens.
+    "h100": dict(hardware=dict(name="8 x H100 80GB", devices=8, device_gib=80.0),
+                 mesh=dict(data=1, fsdp=8, expert=1, tensor=1),
+                 rl=dict(micro_batch_size=8),
+                 sampler=dict(batch_size=128, max_new_tokens=8192),
+                 model=dict(attention_chunk=128)),
+}
+
+
+def get_config(preset: str = ""):
   config = config_base.get_base_config()
   config.model.update(config_base.QWEN3_30B_A3B)
   config.mesh.update(data=1, fsdp=-1, expert=1, tensor=1)
   config.data.update(max_prompt_len=1024, eval_size=30)
-  config.sampler.update(dtype="int8", temperature=1.0, top_p=1.0, top_k=0,
+  config.sampler.update(dtype="int8", activation_dtype="bfloat16", temperature=1.0,
+                        top_p=1.0, top_k=0,
                         max_new_tokens=32_768, prompt_bucket=128)
   config.objective.update(name="minirl", eps_low=0.2, eps_high=0.27, tis_cap=5.0,
                           tis_target="pi_theta_mu", clip=True, grad_cosine_every=0)
@@ -30,4 +54,11 @@ def get_config():
   config.sft.max_steps = 0
   config.optim.update(b1=0.9, b2=0.95, weight_decay=0.0, grad_clip=1.0)
   config.checkpoint.update(every=20, keep=3)
+  if preset:
+    if preset not in PRESETS:
+      raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    config.hardware = dict(PRESETS[preset]["hardware"])
+    config.model.moe_impl = "ragged_dot"
+    for section in ("mesh", "rl", "sampler", "model"):
+      config[section].update(PRESETS[preset][section])
   return config

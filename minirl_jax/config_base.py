@@ -66,7 +66,8 @@ def get_base_config() -> ml_collections.ConfigDict:
                         max_new_tokens=16, prompt_bucket=8,
                         activation_dtype=config_dict.placeholder(str),
                         kv_cache_dtype=config_dict.placeholder(str),  # None: activation dtype
-                        quantize_embeddings=False, int4_group_size=32)
+                        quantize_embeddings=False, int4_group_size=32,
+                        batch_size=0)  # rows decoded at once (0: all): bounds the KV cache
   config.objective = dict(
       name="minirl", eps_low=0.2, eps_high=0.27, tis_cap=config_dict.placeholder(float),
       tis_target="pi_theta_mu", train_infer_is=config_dict.placeholder(bool),

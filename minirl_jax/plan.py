@@ -225,14 +225,15 @@ def make(s: settings_lib.Settings, num_devices: int) -> Plan:
                  length=length, cfg=cfg, mesh=sizes)
   old = Shapes(rows=max(1, rl.global_batch // rl.micro_per_global_batch // shards),
                length=length, cfg=cfg, mesh=sizes)
-  rollout_rows = max(1, s.rl.prompts_per_step * s.rl.group_size // shards)
+  rollout_rows = max(1, rl.global_batch // shards)
+  decode_rows = max(1, (s.sampler.batch_size or rl.global_batch) // shards)
   engine = sampler_lib.engine_config(cfg, s.sampler)
   cache = jax.eval_shape(lambda: transformer.init_kv_cache(
-      engine, rollout_rows * shards, length - 1, s.sampler.kv_cache_dtype))
+      engine, decode_rows * shards, length - 1, s.sampler.kv_cache_dtype))
   cache_bytes = sum(_shard_bytes(x.shape, x.dtype, _cache_axes(x.ndim), mesh)
                     for x in jax.tree.leaves(cache))
-  decode_state = rollout_rows * length * (4 * 4 + 1 + cfg.num_moe_layers * cfg.top_k)
-  decode = Shapes(rows=rollout_rows, length=1, cfg=engine, mesh=sizes)
+  decode_state = decode_rows * length * (4 * 4 + 1 + cfg.num_moe_layers * cfg.top_k)
+  decode = Shapes(rows=decode_rows, length=1, cfg=engine, mesh=sizes)
   replay = s.rl.routing_replay != "none"
   mini = train_batch_bytes(max(1, s.rl.mini_batch_size // shards), length, cfg, replay)
   # Gradients: the layer scan's backward double-buffers its stacked gradients, micro-batches

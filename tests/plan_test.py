@@ -26,3 +26,34 @@ def test_each_program_is_within_25_percent_of_xla(measured):
 def test_state_weights_and_cache_are_exact(measured):
   for case, r in measured.items():
     assert r["plan_parts"] == r["exact"], case
+
+
+@pytest.mark.parametrize("preset", ["v5p", "h100"])
+def test_the_30b_presets_fit_by_the_plan(preset):
+  import json
+  import subprocess
+  import sys
+  proc = subprocess.run(
+      [sys.executable, "scripts/plan.py", f"--config=configs/qwen3_30b_a3b_math.py:{preset}"],
+      cwd=TESTS.parent, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["fits"] is True, proc.stdout
+  peaks = [v for k, v in out["per_device_bytes"].items() if k.startswith("peak_")]
+  assert len(peaks) == 3 and max(peaks) <= 0.9 * out["device_bytes"]
+  # 128 chips of a v5p-256 slice / 8 GPUs split the 30B params (61 GB in bfloat16).
+  devices = {"v5p": 128, "h100": 8}[preset]
+  assert out["per_device_bytes"]["params"] * devices >= 61e9
+
+
+def test_the_paper_length_does_not_fit_eight_h100s():
+  """What the plan is for: the 32k-token budget of the paper needs more than 8 GPUs."""
+  import json
+  import subprocess
+  import sys
+  proc = subprocess.run(
+      [sys.executable, "scripts/plan.py", "--config=configs/qwen3_30b_a3b_math.py:h100",
+       "--config.sampler.max_new_tokens=32768"],
+      cwd=TESTS.parent, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["fits"] is False

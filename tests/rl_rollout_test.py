@@ -69,3 +69,39 @@ def test_training_steps_stop_a_failing_reward_and_evaluation_never_does():
         "(data.reward_max_error_frac=0.5); first error: ValueError: bad completion (prompt 0)")
   finally:
     fns.close()
+
+
+def test_sampler_batch_size_decodes_slices_with_their_own_keys():
+  """sampler.batch_size=4 of 8 rows: two generate calls, each slice as if sampled alone."""
+  import dataclasses
+
+  import jax
+
+  from minirl_jax.models import transformer
+  from minirl_jax.rl import rollout
+  from minirl_jax.sampling import quantize
+  from minirl_jax.sampling import sampler
+  from minirl_jax.sampling.config import SamplerConfig
+
+  cfg = transformer.ModelConfig(vocab_size=16, num_experts=4, top_k=2)
+  params = quantize.for_sampler(transformer.init_params(cfg, jax.random.key(0)),
+                                SamplerConfig(dtype="float32"), transformer.param_axes(cfg))
+  prompts = {"prompt_tokens": np.array([[3, 4, 5], [0, 6, 7]], np.int32),
+             "prompt_mask": np.array([[1, 1, 1], [0, 1, 1]], bool)}
+  scfg = SamplerConfig(dtype="float32", max_new_tokens=5, prompt_bucket=4, eos_ids=())
+  mesh, key = sharding.make_mesh({}), jax.random.key(3)
+  sliced = rollout.sample(params, prompts, key, group_size=4, model_cfg=cfg, mesh=mesh,
+                          sampler_cfg=dataclasses.replace(scfg, batch_size=4))
+  whole = rollout.sample(params, prompts, key, group_size=4, model_cfg=cfg, mesh=mesh,
+                         sampler_cfg=scfg)
+  assert sliced.tokens.shape == whole.tokens.shape == (8, 9)
+  assert sliced.routing_mu.shape == whole.routing_mu.shape
+  tokens = np.repeat(prompts["prompt_tokens"], 4, axis=0)
+  lengths = np.repeat(prompts["prompt_mask"].sum(axis=1), 4, axis=0)
+  for i in range(2):
+    alone = sampler.generate(params, tokens[4 * i:4 * i + 4], lengths[4 * i:4 * i + 4],
+                             jax.random.fold_in(key, i), model_cfg=cfg, sampler_cfg=scfg)
+    np.testing.assert_array_equal(sliced.tokens[4 * i:4 * i + 4], alone.tokens)
+    np.testing.assert_array_equal(sliced.routing_mu[:, 4 * i:4 * i + 4], alone.routing_mu)
+    np.testing.assert_allclose(sliced.mu_logp[4 * i:4 * i + 4], alone.mu_logp, rtol=1e-6)
+  assert not np.array_equal(sliced.tokens, whole.tokens)  # other keys: other samples

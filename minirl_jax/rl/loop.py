@@ -297,6 +297,7 @@ def _check_batch_sizes(s: settings_lib.Settings, mesh, num_eval_records: int) ->
                        ("rl.micro_batch_size", s.rl.micro_batch_size or multiple),
                        ("sft.batch_size", s.sft.batch_size),
                        ("sft.micro_batch_size", s.sft.micro_batch_size or multiple),
+                       ("sampler.batch_size", s.sampler.batch_size or multiple),
                        ("data.eval_size", eval_batch(s.data.eval_size)),
                        ("sft.eval_size", eval_batch(s.sft.eval_size))):
     if value % multiple:

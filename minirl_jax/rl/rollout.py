@@ -4,12 +4,14 @@ Plain functions over explicit arguments; `rl.step.bind` closes them over a run's
 once. Batches are global `jax.Array`s sharded over the mesh's batch axes; each process
 decodes and scores only the rows it holds.
 """
+import functools
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minirl_jax import batch as batch_lib
 from minirl_jax import sharding
 from minirl_jax.data import scoring
 from minirl_jax.data import tokenizer as tokenizer_lib
@@ -52,10 +54,19 @@ def sample(sampler_params, prompts: dict, key: jax.Array, *, group_size: int,
   Returns:
     A Rollout of B * G rows.
   """
-  tokens = to_global(np.repeat(prompts["prompt_tokens"], group_size, axis=0), mesh)
-  lengths = to_global(np.repeat(prompts["prompt_mask"].sum(axis=1), group_size, axis=0), mesh)
-  return sharding.on_mesh(mesh, sampler.generate)(
-      sampler_params, tokens, lengths, key, model_cfg=model_cfg, sampler_cfg=sampler_cfg)
+  tokens = np.repeat(prompts["prompt_tokens"], group_size, axis=0)
+  lengths = np.repeat(prompts["prompt_mask"].sum(axis=1), group_size, axis=0)
+  generate = functools.partial(sharding.on_mesh(mesh, sampler.generate), sampler_params,
+                               model_cfg=model_cfg, sampler_cfg=sampler_cfg)
+  size = sampler_cfg.batch_size // jax.process_count() or len(tokens)
+  if size >= len(tokens):
+    return generate(to_global(tokens, mesh), to_global(lengths, mesh), key)
+  # Rows are sampled independently: slices of `sampler.batch_size` rows, each its own key.
+  parts = [generate(to_global(tokens[i:i + size], mesh), to_global(lengths[i:i + size], mesh),
+                    jax.random.fold_in(key, i // size)) for i in range(0, len(tokens), size)]
+  axes = batch_lib.batch_axes(parts[0])
+  return sampler.Rollout(**{name: jnp.concatenate([getattr(p, name) for p in parts],
+                                                  axis=axes[name]) for name in axes})
 
 
 def completions(rollout: sampler.Rollout, tokenizer, eos_ids) -> list[str]:

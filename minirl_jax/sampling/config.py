@@ -39,6 +39,8 @@ class SamplerConfig:
     pad_id: written after a row's EOS.
     prompt_bucket: prompts are left-padded to a multiple of this, so many prompt lengths
       share one compiled program.
+    batch_size: rows (responses, over all devices) decoded at once; a step's rollouts are
+      generated this many at a time, so the KV cache follows it. 0: all at once.
   """
   dtype: str = "float32"
   activation_dtype: Optional[str] = None
@@ -52,6 +54,7 @@ class SamplerConfig:
   eos_ids: tuple[int, ...] = (1,)
   pad_id: int = 0
   prompt_bucket: int = 16
+  batch_size: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
@@ -71,7 +74,7 @@ class SamplerConfig:
     if not 0 < self.top_p <= 1:
       sections.fail("sampler.top_p", f"must be in (0, 1], got {self.top_p}")
     for field, low in (("top_k", 0), ("max_new_tokens", 1), ("pad_id", 0),
-                       ("prompt_bucket", 1), ("int4_group_size", 1)):
+                       ("prompt_bucket", 1), ("int4_group_size", 1), ("batch_size", 0)):
       value = getattr(self, field)
       if not isinstance(value, int) or value < low:
         sections.fail(f"sampler.{field}", f"must be an integer >= {low}, got {value!r}")

@@ -109,12 +109,14 @@ def _moe_working_bytes(n_tok: int, cfg: ModelConfig, mesh, backward: bool) -> in
   forward = kernel + weights + padded
   if not backward:
     return gathered + forward
-  # The backward holds a round's forward buffers, their gradients and recomputed rows.
-  # With overflow rounds possible, the first round's forward buffers are kept while an
-  # overflow round (rematerialised) runs its backward.
-  overflow = local < cfg.num_experts and expert_parallel.rounds_bound(
-      n_tok, cfg.top_k, local, rows // (cfg.num_experts // local)) > 1
-  return gathered + 2 * (kernel + weights) + 3 * padded + (forward if overflow else 0)
+  # The backward holds a round's forward buffers, their gradients and recomputed rows;
+  # expert parallelism also keeps one [assignments, D] carry per possible round.
+  carries = 0
+  if local < cfg.num_experts:
+    slots = rows // (cfg.num_experts // local)
+    carries = expert_parallel.rounds_bound(n_tok, cfg.top_k, local, slots) * (
+        assignments * d * c)
+  return gathered + 2 * (kernel + weights) + 3 * padded + carries
 
 
 def _attention_working_bytes(s: Shapes, keys: int, backward: bool) -> int:

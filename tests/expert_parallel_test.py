@@ -45,8 +45,9 @@ def test_bench_per_device_flops_fall_with_the_expert_axis():
   ep, xla = (out["fwd_bwd_ratio_to_expert_1"][k] for k in ("expert_parallel",
                                                             "xla_partitioned"))
   assert set(ep) == {"1", "2", "4", "8"}
-  # Capacity factor 1.25 over a balanced share plus fixed per-device work (block padding,
-  # sorting), which weighs more at this tiny size: 0.57, 0.32, 0.19.
+  # Capacity factor 1.25 over a balanced share, the rounds' recompute in the backward, and
+  # fixed per-device work (block padding, sorting) that weighs more at this tiny size:
+  # 0.70, 0.39, 0.23.
   for size in (2, 4, 8):
     assert ep[str(size)] < 2 / size, ep
   assert all(r > 0.9 for r in xla.values()), xla  # the partitioner alone does not split it

@@ -17,7 +17,8 @@ slots = ceil(capacity_factor * assignments / ep). If some pair has more, further
 run (a `lax.cond` per round inside a `lax.scan` over the worst case), so no assignment is
 dropped and the result does not depend on the capacity factor; only the time does. With
 a balanced router one round runs, and per-device expert compute is capacity_factor / ep
-of the whole batch's; overflow rounds are recomputed in the backward pass instead of kept. `jax.lax.ragged_all_to_all` would avoid the slot padding, but
+of the whole batch's. Rounds are recomputed in the backward pass instead of kept, so memory
+is one round's buffers, whatever the worst case. `jax.lax.ragged_all_to_all` would avoid the slot padding, but
 XLA:CPU does not implement it (UNIMPLEMENTED in jax 0.10), so it could not be tested here.
 With `tensor` > 1 the layer is left to XLA's partitioner, which splits the experts' hidden
 dim over `tensor` (no expert parallelism then).
@@ -107,15 +108,14 @@ def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes):
     y_PSD = all_to_all(y_RD.reshape(ep, slots, d))
     return y_sorted_AD.at[src_PS].add(jnp.where(sent_PS[..., None], y_PSD, 0))
 
-  # Round 0 always runs. Overflow rounds are rematerialised in the backward pass, so their
-  # buffers are not kept for every possible round: memory stays one round's.
-  y_sorted_AD = one_round(jnp.zeros((a, d), x_nD.dtype), 0)
+  # Each round is rematerialised in the backward pass: what is kept per possible round is
+  # the [A, D] carry, not a round's buffers. A round past `rounds` is a no-op.
+  @jax.checkpoint
+  def step(y_sorted_AD, r):
+    return jax.lax.cond(r < rounds, one_round, lambda y, _: y, y_sorted_AD, r)
+
   max_rounds = rounds_bound(n, k, num_local, slots)
-  if max_rounds > 1:
-    @jax.checkpoint
-    def step(y_sorted_AD, r):
-      return jax.lax.cond(r < rounds, one_round, lambda y, _: y, y_sorted_AD, r)
-    y_sorted_AD, _ = jax.lax.scan(lambda y, r: (step(y, r), None), y_sorted_AD,
-                                  jnp.arange(1, max_rounds))
+  y_sorted_AD, _ = jax.lax.scan(lambda y, r: (step(y, r), None),
+                                jnp.zeros((a, d), x_nD.dtype), jnp.arange(max_rounds))
   y_AD = jnp.zeros_like(y_sorted_AD).at[order_A].set(y_sorted_AD)
   return y_AD.reshape(n, k, d)

@@ -58,7 +58,8 @@ def experts_ffn(x_ND, ids_Nk, p, mesh, *, local_ffn: Callable, capacity_factor: 
     ids_Nk: the experts each token runs (global ids).
     p: the layer's params; only the expert weights [E, ...] are used.
     mesh: from `active_mesh`.
-    local_ffn: (x_RD, expert_R, expert weights) -> y_RD on one device's experts.
+    local_ffn: (x_ND, expert_A, expert weights, k=...) -> y_AD on one device's experts,
+      assignment a reading row a // k.
     capacity_factor: slot rows per (sender, owner) pair and round, as a multiple of a
       perfectly balanced share.
   """
@@ -80,8 +81,8 @@ def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes):
   n, k = ids_nk.shape
   d = x_nD.shape[-1]
   if ep == 1:  # every expert is here: no exchange
-    return local_ffn(jnp.repeat(x_nD, k, axis=0), ids_nk.reshape(n * k).astype(jnp.int32),
-                     weights).reshape(n, k, d)
+    return local_ffn(x_nD, ids_nk.reshape(n * k).astype(jnp.int32), weights,
+                     k=k).reshape(n, k, d)
   num_local = jax.tree.leaves(weights)[0].shape[0]
   a = n * k
   e_A = ids_nk.reshape(a).astype(jnp.int32)

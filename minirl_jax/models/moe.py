@@ -100,12 +100,13 @@ def _ragged_ffn(x_AD, group_sizes_E, p):
   return dot(h, p["w_down"])
 
 
-def _local_ffn(x_AD, e_A, p, *, impl, max_block):
-  """Runs row a through expert e_A[a] of the experts in `p` (w_gate, w_up, w_down [E, ...])."""
+def _local_ffn(x_ND, e_A, p, *, k=1, impl, max_block):
+  """Runs assignment a (token a // k of x_ND) through expert e_A[a] of the experts in `p`
+  (w_gate, w_up, w_down [E, ...]); returns [A, D]."""
   num_experts = jax.tree.leaves(p["w_gate"])[0].shape[0]
   order_A = jnp.argsort(e_A, stable=True)
   e_sorted_A = e_A[order_A]
-  x_sorted_AD = x_AD[order_A]
+  x_sorted_AD = x_ND[order_A // k]
   group_sizes_E = jnp.bincount(e_A, length=num_experts).astype(jnp.int32)
   if impl == "ragged_dot":
     y_sorted_AD = _ragged_ffn(x_sorted_AD, group_sizes_E, p)
@@ -126,7 +127,7 @@ def experts_ffn(x_ND, ids_Nk, p, *, cfg):
   if mesh is not None:
     return expert_parallel.experts_ffn(x_ND, ids_Nk, p, mesh, local_ffn=local_ffn,
                                        capacity_factor=cfg.expert_capacity_factor)
-  y_AD = local_ffn(jnp.repeat(x_ND, k, axis=0), ids_Nk.reshape(n * k), p)
+  y_AD = local_ffn(x_ND, ids_Nk.reshape(n * k), p, k=k)
   return y_AD.reshape(n, k, -1)
 
 

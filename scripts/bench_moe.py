@@ -40,6 +40,8 @@ _EXPERT_PARALLEL = flags.DEFINE_bool(
     "expert_parallel", False, "Per-device FLOPs of the layer for expert = 1, 2, 4, 8 instead.")
 _D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width.")
 _FFN = flags.DEFINE_integer("expert_ffn_dim", 512, "Expert hidden width.")
+_PASSES = flags.DEFINE_multi_enum("passes", ["fwd_bwd", "fwd"], ["fwd_bwd", "fwd"],
+                                  "With --expert_parallel: the programs to compile.")
 
 
 def _time(fn, *args):
@@ -92,8 +94,10 @@ def _layer_flops(cfg, ep, expert_parallel):
                            sharding=sharding.batch_sharding(mesh, 3))
   layer = lambda p, x: moe.moe_ffn(p, x, cfg, valid_BT=jnp.ones(x.shape[:2], bool))[0]
   flops = {}
-  for name, fn in (("fwd_bwd", jax.grad(lambda p, x: jnp.sum(layer(p, x) ** 2), (0, 1))),
-                   ("fwd", layer)):
+  programs = {"fwd_bwd": jax.grad(lambda p, x: jnp.sum(layer(p, x) ** 2), (0, 1)),
+              "fwd": layer}
+  for name in _PASSES.value:
+    fn = programs[name]
     lower = lambda: jax.jit(fn).lower(p, x).compile()
     if expert_parallel:
       with jax.set_mesh(mesh):
@@ -118,15 +122,16 @@ def _expert_parallel_main():
     result["expert_parallel"][ep] = _layer_flops(cfg, ep, expert_parallel=True)
     result["xla_partitioned"][ep] = _layer_flops(cfg, ep, expert_parallel=False)
     e, x = result["expert_parallel"][ep], result["xla_partitioned"][ep]
-    print(f"{ep:>7}{e['fwd_bwd'] / 1e9:>12.3f}{e['fwd'] / 1e9:>9.3f}"
-          f"{x['fwd_bwd'] / 1e9:>13.3f}{x['fwd'] / 1e9:>9.3f}")
-  ratio = lambda layer: {str(ep): round(f["fwd_bwd"] / result[layer][1]["fwd_bwd"], 4)
-                         for ep, f in result[layer].items()}
+    gflop = lambda f, k: f"{f[k] / 1e9:.3f}" if k in f else "-"
+    print(f"{ep:>7}{gflop(e, 'fwd_bwd'):>12}{gflop(e, 'fwd'):>9}"
+          f"{gflop(x, 'fwd_bwd'):>13}{gflop(x, 'fwd'):>9}")
+  ratio = lambda layer, name: {str(ep): round(f[name] / result[layer][1][name], 4)
+                               for ep, f in result[layer].items()}
   print(json.dumps({
       "tokens": _TOKENS.value, "experts": num_experts,
       "capacity_factor": cfg.expert_capacity_factor,
-      "fwd_bwd_ratio_to_expert_1": {"expert_parallel": ratio("expert_parallel"),
-                                    "xla_partitioned": ratio("xla_partitioned")},
+      **{f"{name}_ratio_to_expert_1": {layer: ratio(layer, name) for layer in result}
+         for name in _PASSES.value},
       "gflops_per_device": {layer: {str(ep): {k: round(v / 1e9, 4) for k, v in f.items()}
                                     for ep, f in r.items()} for layer, r in result.items()}}))
 

@@ -52,8 +52,8 @@ def main():
   base = ModelConfig(d_model=32, num_experts=8, top_k=2, expert_ffn_dim=16)
   p = _layer(base)
   # Training-shaped (8 rows x 6 tokens) and decode-shaped (8 rows x 1 token) batches.
-  # A capacity factor of 0.1 forces many all-to-all rounds.
-  train_cases = ((2, 1.25), (4, 1.25), (8, 1.25), (8, 0.1))
+  # At expert = 8 a capacity factor of 0.1 forces many all-to-all rounds.
+  train_cases = ((2, 1.25), (4, 1.25), (8, 0.1))
   for (b, t), cases in (((8, 6), train_cases), ((8, 1), ((8, 1.25),))):
     x = jax.random.normal(jax.random.key(1), (b, t, base.d_model))
     replay = _distinct_replay(jax.random.key(2), (b, t, base.top_k), base.num_experts)

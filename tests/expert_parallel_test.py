@@ -19,6 +19,7 @@ def test_every_mesh_and_round_count_equals_one_device(equivalence):
   cases = equivalence["cases"]
   assert {(c["expert"], c["capacity_factor"]) for c in cases} >= {(2, 1.25), (4, 1.25),
                                                                  (8, 1.25), (8, 0.1)}
+  assert any(c["tokens"] == [8, 6] and c["expert"] == 8 for c in cases)
   assert any(c["tokens"] == [8, 1] for c in cases)  # decode-shaped: the sampler's calls
   for case in cases:
     assert case["active"] and case["all_to_all"], case
@@ -41,7 +42,8 @@ def test_rounds_bound_covers_the_worst_case():
 
 def test_bench_per_device_flops_fall_with_the_expert_axis():
   out = fake_devices.run(TESTS.parent / "scripts" / "bench_moe.py", "--expert_parallel",
-                         "--experts=8", "--tokens=512", "--d_model=32", "--expert_ffn_dim=32")
+                         "--experts=8", "--tokens=512", "--d_model=32", "--expert_ffn_dim=32",
+                         "--passes=fwd_bwd")
   ep, xla = (out["fwd_bwd_ratio_to_expert_1"][k] for k in ("expert_parallel",
                                                             "xla_partitioned"))
   assert set(ep) == {"1", "2", "4", "8"}

@@ -21,6 +21,8 @@ from jax.sharding import AbstractMesh
 
 from minirl_jax import sharding
 from minirl_jax.models import expert_parallel
+from minirl_jax.models import linear
+from minirl_jax.models import moe
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
 from minirl_jax.rl import settings as settings_lib
@@ -53,7 +55,7 @@ def _tree_bytes(tree, axes, mesh) -> int:
   """Per-device bytes of a params-like tree (quantised records: each field by the leaf's
   logical axes)."""
   total = 0
-  for leaf, names in zip(jax.tree.leaves(tree, is_leaf=quantize_lib.linear.is_quantized),
+  for leaf, names in zip(jax.tree.leaves(tree, is_leaf=linear.is_quantized),
                          jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
     for part in jax.tree.leaves(leaf):
       total += _shard_bytes(part.shape, part.dtype, names, mesh)
@@ -99,9 +101,7 @@ def _moe_working_bytes(n_tok: int, cfg: ModelConfig, mesh, backward: bool) -> in
   if local < cfg.num_experts:
     kernel += 2 * rows * d * c  # sent / received rows and outputs of the all-to-all
   if cfg.moe_impl == "blocks":
-    mean = max(1, math.ceil(rows / local))
-    b = max(8, min(cfg.moe_block_size, 1 << (mean - 1).bit_length()))
-    blocks = -(-(rows + min(local, rows) * (b - 1)) // b)
+    b, blocks = moe.block_layout(rows, local, cfg.moe_block_size)
     weights = 3 * blocks * d * f * c // split
     padded = blocks * b * (2 * d + 2 * f) * c  # x, gate, up, y per padded row
   else:  # an ideal grouped matmul (TPU/GPU): rows in, hidden, out

@@ -11,6 +11,7 @@ from minirl_jax import batch as batch_lib
 from minirl_jax import config_base
 from minirl_jax import plan as plan_lib
 from minirl_jax import sharding
+from minirl_jax.models import linear
 from minirl_jax.models import transformer
 from minirl_jax.rl import settings as settings_lib
 from minirl_jax.rl import state as state_lib
@@ -101,7 +102,7 @@ def _measure(s, mesh):
           x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
               mesh, sharding.logical_spec(x.shape, names, mesh))), leaf),
       sampler_params, axes, is_leaf=lambda x: isinstance(x, tuple) or
-      quantize_lib.linear.is_quantized(x))
+      linear.is_quantized(x))
   kw = dict(model_cfg=cfg, sampler_cfg=s.sampler)
   prompts = jax.ShapeDtypeStruct((rows, 64), jnp.int32)
   decode_state = jax.eval_shape(functools.partial(sampler_lib.prefill, **kw), sampler_params,

@@ -62,10 +62,12 @@ def route(logits_NE, top_k, norm_topk_prob, replay_Nk=None):
   return ids_Nk, weights_Nk, probs_NE
 
 
-def _block_size(num_rows, num_experts, max_block):
-  """Power-of-two block near the mean group size: small blocks waste little padding."""
+def block_layout(num_rows, num_experts, max_block) -> tuple[int, int]:
+  """(rows per block, blocks) of the "blocks" kernel: a power-of-two block near the mean
+  group size (small blocks waste little padding), and enough blocks for every group."""
   mean_group = max(1, math.ceil(num_rows / num_experts))
-  return max(8, min(max_block, 1 << (mean_group - 1).bit_length()))
+  b = max(8, min(max_block, 1 << (mean_group - 1).bit_length()))
+  return b, -(-(num_rows + min(num_experts, num_rows) * (b - 1)) // b)
 
 
 def _expert_swiglu(x, w_gate, w_up, w_down, eqn_in, eqn_out):
@@ -77,8 +79,7 @@ def _blocks_ffn(x_AD, e_A, group_sizes_E, p, max_block):
   """Block-padded grouped SwiGLU over rows already sorted by expert."""
   num_rows, d = x_AD.shape
   num_experts = group_sizes_E.shape[0]
-  b = _block_size(num_rows, num_experts, max_block)
-  num_blocks = -(-(num_rows + min(num_experts, num_rows) * (b - 1)) // b)
+  b, num_blocks = block_layout(num_rows, num_experts, max_block)
   padded_E = -(-group_sizes_E // b) * b
   padded_end_E = jnp.cumsum(padded_E)
   start_E = jnp.cumsum(group_sizes_E) - group_sizes_E

@@ -16,6 +16,8 @@ from minirl_jax import checkpoint
 from minirl_jax import hf_io
 from minirl_jax.models import hf_config
 
+import fake_devices
+
 ROOT = pathlib.Path(__file__).parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 TINY, DENSE0 = FIXTURES / "qwen3_moe_tiny", FIXTURES / "qwen3_moe_tiny_dense0"
@@ -254,8 +256,7 @@ def _run(args, **env):
 
 def test_load_onto_a_mesh_reads_shards():
   out = _run(["-c", _SHARDED.format(fixture=TINY)],
-             XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-                       "--xla_backend_optimization_level=0")
+             XLA_FLAGS=fake_devices.xla_flags(4))
   assert out.strip().endswith("ok")
 
 

@@ -42,10 +42,9 @@ def _launch(tmp, mode, workdir=None):
   A child exits at its first error (its peer then fails in its next collective or is killed),
   so a failing check fails the test with both processes' stderr instead of hanging.
   """
+  import fake_devices  # here: the children import this file from elsewhere
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         # LLVM -O0: a third of the compile time; the checks are about placement and values.
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES} "
-                      "--xla_backend_optimization_level=0"}
+         "XLA_FLAGS": fake_devices.xla_flags(LOCAL_DEVICES)}
   port, procs = _free_port(), []
   results = [tmp / f"{mode}{pid}.json" for pid in range(NUM_PROCESSES)]
   errs = [tmp / f"{mode}{pid}.err" for pid in range(NUM_PROCESSES)]

@@ -143,14 +143,17 @@ def test_update_measures_grad_cosine_on_first_and_last_minibatch(setup):
   cosine_fn = jax.jit(functools.partial(train_step.grad_cosine_token_seq, model_cfg=MODEL,
                                         obj_cfg=obj))
   mesh = sharding.make_mesh({})
-  state0 = train_step.init_state(params, optimizer)
+  # Placed as the run places them, so each program compiles once for all the calls below.
+  state0 = jax.device_put(train_step.init_state(params, optimizer), sharding.replicated(mesh))
+  params = state0.params
   state, metrics = step.minibatch_updates(
       state0, full, 5, train_fn=train_fn, cosine_fn=cosine_fn, seed=0, mini_batch_size=4,
       mesh=mesh)
   rows = step.minibatch_rows(0, 5, 8, 4)
-  mbs = [step.minibatch(full, r) for r in rows]
+  mbs = [sharding.shard_batch(step.minibatch(full, r), mesh) for r in rows]
   first = cosine_fn(params, mbs[0])
-  after_first, _ = train_fn(train_step.init_state(params, optimizer), mbs[0])
+  after_first, _ = train_fn(
+      jax.device_put(train_step.init_state(params, optimizer), sharding.replicated(mesh)), mbs[0])
   last = cosine_fn(after_first.params, mbs[1])
   assert metrics["is/grad_cosine_token_seq"] == pytest.approx(float(first), abs=1e-6)
   assert metrics["is/grad_cosine_token_seq_last"] == pytest.approx(float(last), abs=1e-6)

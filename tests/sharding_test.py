@@ -15,13 +15,13 @@ from jax.sharding import PartitionSpec as P
 
 from minirl_jax import sharding
 
+import fake_devices
 import sharding_children
 
 ROOT = pathlib.Path(__file__).parents[1]
 CHILDREN = pathlib.Path(sharding_children.__file__)
-# LLVM -O0: a third of the compile time. Partitioning (what is tested) is HLO-level, and
-# every sharded result is compared with a one-device result built by the same compiler.
-CHILD_XLA_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+# Every sharded result is compared with a one-device result built by the same compiler.
+CHILD_XLA_FLAGS = fake_devices.XLA_FLAGS
 
 
 # --- in-process: mesh sizes, logical specs, optimizer-state and batch placement -------------

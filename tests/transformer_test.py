@@ -112,8 +112,8 @@ def test_live_routing_is_the_routers_choice_under_replay(params, fwd, tokens):
   np.testing.assert_array_equal(aux.live_routing[0], free.routing[0])
 
 
-def test_router_gradient_under_replay(params, tokens):
-  _, aux = transformer.forward(params, tokens, cfg=CFG)
+def test_router_gradient_under_replay(params, fwd, tokens):
+  _, aux = fwd(params, tokens)
   replay = (aux.routing.astype(jnp.int32) + 1) % CFG.num_experts
 
   def loss(p):
@@ -137,7 +137,7 @@ def test_remat_gives_the_same_gradients(params, tokens):
   assert "remat" in jaxpr(remat_cfg) and "remat" not in jaxpr(CFG)
 
 
-def test_attention_chunks_give_the_same_values_and_gradients(params, tokens):
+def test_attention_chunks_give_the_same_values_and_gradients(params, fwd, tokens):
   """Chunked queries (with padding of the last chunk and a cache path) equal one pass."""
   import dataclasses
   mask = jnp.broadcast_to(jnp.arange(T)[None] >= jnp.array([[0], [2], [4]]), (B, T))
@@ -151,9 +151,10 @@ def test_attention_chunks_give_the_same_values_and_gradients(params, tokens):
   want = value_and_grads(0)
   chex.assert_trees_all_close(value_and_grads(4), want, rtol=1e-6, atol=1e-7)  # 9 = 4+4+1
   cfg = dataclasses.replace(CFG, attention_chunk=4)
-  cached = transformer.forward(params, tokens, cfg=cfg, attn_mask_BT=mask,
-                               kv_cache=transformer.init_kv_cache(cfg, B, T + 3))[0]
-  full = transformer.forward(params, tokens, cfg=CFG, attn_mask_BT=mask)[0]
+  cached = jax.jit(lambda p: transformer.forward(
+      p, tokens, cfg=cfg, attn_mask_BT=mask,
+      kv_cache=transformer.init_kv_cache(cfg, B, T + 3))[0])(params)
+  full = fwd(params, tokens, mask)[0]
   np.testing.assert_allclose(np.asarray(cached)[np.asarray(mask)],
                              np.asarray(full)[np.asarray(mask)], rtol=1e-5, atol=1e-5)
   jaxpr = str(jax.make_jaxpr(lambda p: transformer.forward(p, tokens, cfg=cfg))(params))
@@ -194,7 +195,8 @@ def test_dense_model_has_empty_routing():
   cfg = ModelConfig(num_layers=2, moe_layers_skip=(0, 1))
   p = transformer.init_params(cfg, jax.random.key(0))
   assert "moe" not in p
-  logits, aux = transformer.forward(p, jnp.zeros((2, 3), jnp.int32), cfg=cfg)
+  logits, aux = jax.jit(lambda p: transformer.forward(p, jnp.zeros((2, 3), jnp.int32),
+                                                      cfg=cfg))(p)
   chex.assert_shape(aux.routing, (0, 2, 3, cfg.top_k))
   chex.assert_shape(aux.live_routing, (0, 2, 3, cfg.top_k))
   assert aux.live_routing.dtype == cfg.routing_dtype

@@ -19,6 +19,9 @@ def model_section() -> ml_collections.ConfigDict:
       norm_topk_prob=True, rope_theta=10_000.0, rms_norm_eps=1e-6, tie_embeddings=False,
       param_dtype="float32", compute_dtype="float32", load_balance_coef=0.0,
       router_z_coef=0.0, moe_impl="blocks", moe_block_size=128,
+      # calls with at most this many assignments per expert (decode) run a dense pass over
+      # the experts, reading each one's weights once (models/moe.py); 0: never (slower on CPU)
+      moe_dense_max_group=0,
       # expert parallelism's all-to-all rows per device pair and round, over a balanced share
       expert_capacity_factor=1.25,
       init_std=config_dict.placeholder(float), remat=False,

@@ -88,7 +88,8 @@ def _moe_rows(n_tok: int, cfg: ModelConfig, mesh) -> tuple[int, int]:
 def _moe_working_bytes(n_tok: int, cfg: ModelConfig, mesh, backward: bool) -> int:
   """One MoE layer's transient buffers: its expert weights gathered over `fsdp`, the
   kernel's rows and, for the "blocks" kernel, the expert weights it gathers per block of
-  rows (and the gradients of all of these in the backward)."""
+  rows, or the dense pass's hidden rows for every local expert (and the gradients of all
+  of these in the backward)."""
   c = jnp.dtype(cfg.dtype).itemsize
   d, f = cfg.d_model, cfg.expert_ffn_dim
   rows, local = _moe_rows(n_tok, cfg, mesh)
@@ -100,7 +101,10 @@ def _moe_working_bytes(n_tok: int, cfg: ModelConfig, mesh, backward: bool) -> in
   kernel = 2 * assignments * d * c  # the tokens' rows by expert, and their outputs
   if local < cfg.num_experts:
     kernel += 2 * rows * d * c  # sent / received rows and outputs of the all-to-all
-  if cfg.moe_impl == "blocks":
+  if moe.uses_dense_pass(rows, local, cfg.moe_dense_max_group):
+    tokens = n_tok if local == cfg.num_experts else rows  # every token, every local expert
+    weights, padded = 0, tokens * local * (3 * f + d) * c
+  elif cfg.moe_impl == "blocks":
     b, blocks = moe.block_layout(rows, local, cfg.moe_block_size)
     weights = 3 * blocks * d * f * c // split
     padded = blocks * b * (2 * d + 2 * f) * c  # x, gate, up, y per padded row

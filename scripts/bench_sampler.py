@@ -1,9 +1,17 @@
-"""Times the sampler on configs/small.py: KV-cached decode vs a no-cache loop, per dtype.
+"""Times the sampler's decode against the memory roofline measured on this machine.
 
-  python scripts/bench_sampler.py --config=configs/small.py
-Prints a table; the last line is one JSON object (kv_cache_speedup, int8_weight_bytes_vs_bf16,
-compilations, prompt_lengths_tried, decode_tok_s, ...).
+  python scripts/bench_sampler.py            # ~2 minutes on a 2-core CPU
+  python scripts/bench_sampler.py --full     # more dtypes and batch 64 (~15 minutes)
+Default shapes: configs/bench.py (the Tunix comparison's model), batch 16, prompt 32, 128 new
+tokens, no EOS. Per engine it reports decode tokens/s and the bytes a decode step must read
+(weights but the embedding table, and the whole KV cache: `roofline.decode_bytes`) divided
+by the step time, as a fraction of the read bandwidth the script measures. Each engine is
+timed alternately with its twin that decodes with the MoE dense pass
+(`model.moe_dense_max_group`), so their ratio is measured in one run. Also: a decode step
+against a no-cache step (the full forward over every position) and the compilations for 5
+prompt lengths. The last line is one JSON object.
 """
+import dataclasses
 import functools
 import json
 import time
@@ -15,55 +23,36 @@ import jax.numpy as jnp
 
 from minirl_jax import config_base
 from minirl_jax import errors
+from minirl_jax import roofline
 from minirl_jax.models import config as model_config
 from minirl_jax.models import transformer
 from minirl_jax.sampling import quantize
 from minirl_jax.sampling import sampler
 from minirl_jax.sampling.config import SamplerConfig
 
-_CONFIG = config_base.define_config_flag(__file__, "small")
-_BATCHES = flags.DEFINE_list("batches", ["16", "64"], "Batch sizes to time.")
-_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16", "int8", "int8:bfloat16"],
+_CONFIG = config_base.define_config_flag(__file__, "bench")
+_FULL = flags.DEFINE_bool("full", False, "The long sweep: --batches=16,64 and four dtypes.")
+_BATCHES = flags.DEFINE_list("batches", ["16"], "Batch sizes to time.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "int8"],
                             "Sampler dtypes to time, optionally :activation_dtype.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt length.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Tokens generated per row (no EOS).")
 _LENGTHS = flags.DEFINE_list("lengths", ["9", "14", "20", "27", "31"],
                              "Prompt lengths generated one after another (compilation count).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (best is reported).")
-
-
-def _best(fn):
-  """(seconds of the first call, best seconds of the following calls)."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - start
-  best = float("inf")
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
-  return first, best
+FULL_SWEEP = dict(batches=["16", "64"], dtypes=["float32", "bfloat16", "int8", "int8:bfloat16"])
+# `model.moe_dense_max_group` of the dense-pass engines: decode steps (B * k / E assignments
+# per expert) take the dense pass, prefill keeps the grouped kernel.
+DENSE_PASS_MAX_GROUP = 16
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "sampler_cfg"))
-def _naive_generate(params, tokens_BP, mask_BP, rng, *, model_cfg, sampler_cfg):
-  """No cache: the full forward over all T positions for every new token."""
+def _no_cache_step(params, tokens_BT, mask_BT, rng, *, model_cfg, sampler_cfg):
+  """One step of decoding without a cache: the full forward over all T positions, then a
+  token sampled at the last. A no-cache loop runs this at the same static shape per token."""
   cfg = sampler.engine_config(model_cfg, sampler_cfg)
-  b, p = tokens_BP.shape
-  n = sampler_cfg.max_new_tokens
-  tokens_BT = jnp.pad(tokens_BP, ((0, 0), (0, n)))
-  mask_BT = jnp.pad(mask_BP, ((0, 0), (0, n)))
-
-  def body(i, carry):
-    tokens_BT, mask_BT = carry
-    logits_BTV, _ = transformer.forward(params, tokens_BT, cfg=cfg, attn_mask_BT=mask_BT)
-    logits_BV = jax.lax.dynamic_index_in_dim(logits_BTV, p + i - 1, 1, keepdims=False)
-    tok_B, _, _ = sampler.sample_token(logits_BV, jax.random.fold_in(rng, i), sampler_cfg)
-    tokens_BT = jax.lax.dynamic_update_slice_in_dim(tokens_BT, tok_B[:, None], p + i, 1)
-    mask_BT = jax.lax.dynamic_update_slice_in_dim(mask_BT, jnp.ones((b, 1), bool), p + i, 1)
-    return tokens_BT, mask_BT
-
-  return jax.lax.fori_loop(0, n, body, (tokens_BT, mask_BT))[0]
+  logits_BTV, _ = transformer.forward(params, tokens_BT, cfg=cfg, attn_mask_BT=mask_BT)
+  return sampler.sample_token(logits_BTV[:, -1], rng, sampler_cfg)[0]
 
 
 def _kl_vs_float32(params, qparams, rollout, cfg, scfg):
@@ -78,32 +67,36 @@ def _kl_vs_float32(params, qparams, rollout, cfg, scfg):
   return float(jnp.sum(kl_BT * mask_BT) / jnp.sum(mask_BT))
 
 
-def _time_engine(params, spec, b, cfg):
-  """Times one (dtype spec, batch): compile, prefill, decode loop and whole generate."""
-  dtype, _, activations = spec.partition(":")
-  axes = transformer.param_axes(cfg)
-  qparams = quantize.quantize(params, dtype, axes)
-  scfg = SamplerConfig(dtype=dtype, activation_dtype=activations or None,
-                       max_new_tokens=_NEW.value, eos_ids=(), prompt_bucket=16)
-  configs = dict(model_cfg=cfg, sampler_cfg=scfg)
-  rng, lengths = jax.random.key(1), jnp.full((b,), _PROMPT.value)
-  prompts = jax.random.randint(jax.random.key(b), (b, _PROMPT.value), 0, cfg.vocab_size)
-  tokens, mask = sampler.bucket_prompts(prompts, lengths, scfg)
-  generate = lambda: sampler.generate(qparams, prompts, lengths, rng, **configs)
-  prefill = lambda: sampler.prefill_jit(qparams, tokens, mask, rng, **configs)
-  first, gen_s = _best(lambda: generate().tokens)
-  _, prefill_s = _best(prefill)
-  states = [prefill() for _ in range(_REPEATS.value + 1)]  # decode donates its state
-  _, decode_s = _best(lambda: sampler.decode_jit(qparams, states.pop(), **configs).tokens)
-  _, quantize_s = _best(lambda: quantize.quantize(params, dtype, axes))
-  row = dict(bytes=quantize.weight_bytes(qparams), compile_s=first - gen_s, quantize_s=quantize_s,
-             prefill_s=prefill_s, decode_tok_s=b * (_NEW.value - 1) / decode_s,
-             generate_tok_s=b * _NEW.value / gen_s,
-             kl=_kl_vs_float32(params, qparams, generate(), cfg, scfg))
-  if spec == "float32":
-    _, naive_s = _best(lambda: _naive_generate(qparams, tokens, mask, rng, **configs))
-    row["naive_tok_s"] = b * _NEW.value / naive_s
-  return row
+class _Engine:
+  """One (dtype spec, batch, model config): its prompts, quantised weights and timings."""
+
+  def __init__(self, params, spec, b, cfg):
+    dtype, _, activations = spec.partition(":")
+    self.qparams = quantize.quantize(params, dtype, transformer.param_axes(cfg))
+    self.scfg = SamplerConfig(dtype=dtype, activation_dtype=activations or None,
+                              max_new_tokens=_NEW.value, eos_ids=(), prompt_bucket=16)
+    self.configs = dict(model_cfg=cfg, sampler_cfg=self.scfg)
+    self.b, self.rng = b, jax.random.key(1)
+    self.lengths = jnp.full((b,), _PROMPT.value)
+    self.prompts = jax.random.randint(jax.random.key(b), (b, _PROMPT.value), 0, cfg.vocab_size)
+    self.tokens, self.mask = sampler.bucket_prompts(self.prompts, self.lengths, self.scfg)
+    self.decode_s = float("inf")
+
+  def prefill(self):
+    return sampler.prefill_jit(self.qparams, self.tokens, self.mask, self.rng, **self.configs)
+
+  def generate(self):
+    return sampler.generate(self.qparams, self.prompts, self.lengths, self.rng, **self.configs)
+
+  def time_decode(self):
+    """One timed decode loop (decode donates its state: a fresh prefill each time)."""
+    state = jax.block_until_ready(self.prefill())
+    start = time.perf_counter()
+    jax.block_until_ready(sampler.decode_jit(self.qparams, state, **self.configs).tokens)
+    self.decode_s = min(self.decode_s, time.perf_counter() - start)
+
+  def step_bytes(self):
+    return roofline.decode_bytes(self.qparams, jax.eval_shape(self.prefill).cache)
 
 
 def _count_compilations(params, cfg, lengths):
@@ -120,39 +113,61 @@ def _count_compilations(params, cfg, lengths):
 
 def main(argv):
   del argv
+  batches, dtypes = _BATCHES.value, _DTYPES.value
+  if _FULL.value:
+    batches, dtypes = FULL_SWEEP["batches"], FULL_SWEEP["dtypes"]
   cfg = model_config.from_dict(_CONFIG.value.model)
+  # The decode-shaped dense pass at decode only: prefill's groups are far larger.
+  dense_cfg = dataclasses.replace(cfg, moe_dense_max_group=DENSE_PASS_MAX_GROUP)
   params = transformer.init_params(cfg, jax.random.key(_CONFIG.value.seed))
-  print(f"{jax.devices()[0].platform}, prompt {_PROMPT.value}, {_NEW.value} new tokens, "
-        f"best of {_REPEATS.value}")
-  print(f"{'dtype[:act]':<14}{'batch':>6}{'weights KB':>12}{'quantize ms':>13}{'compile s':>11}"
-        f"{'prefill ms':>12}{'decode tok/s':>14}{'generate tok/s':>16}{'KL vs f32':>11}")
+  bandwidth = roofline.read_bandwidth()
+  print(f"{jax.devices()[0].platform}: prompt {_PROMPT.value}, {_NEW.value} new tokens, best "
+        f"of {_REPEATS.value}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
+  engines = {}
+  for spec in dtypes:
+    for b in map(int, batches):
+      engines[f"{spec}/b{b}"] = _Engine(params, spec, b, cfg)
+      engines[f"{spec}/b{b}/dense_pass"] = _Engine(params, spec, b, dense_cfg)
+  for e in engines.values():  # compile
+    jax.block_until_ready(e.generate().tokens)
+  for _ in range(_REPEATS.value):  # alternate the engines: their ratios share the machine
+    for e in engines.values():
+      e.time_decode()
+  print(f"{'engine':<26}{'MB/step':>9}{'ms/step':>9}{'decode tok/s':>14}{'GB/s':>7}"
+        f"{'of read bw':>12}{'KL vs f32':>11}")
   rows = {}
-  for spec in _DTYPES.value:
-    for b in map(int, _BATCHES.value):
-      r = rows[f"{spec}/b{b}"] = _time_engine(params, spec, b, cfg)
-      print(f"{spec:<14}{b:>6}{r['bytes'] / 1024:>12.1f}{r['quantize_s'] * 1e3:>13.1f}"
-            f"{r['compile_s']:>11.2f}"
-            f"{r['prefill_s'] * 1e3:>12.1f}{r['decode_tok_s']:>14.1f}"
-            f"{r['generate_tok_s']:>16.1f}{r['kl']:>11.2e}")
-      if "naive_tok_s" in r:
-        print(f"{'naive float32':<14}{b:>6}{'(no KV cache: full forward per token)':>62}"
-              f"{r['naive_tok_s']:>16.1f}")
+  for name, e in engines.items():
+    step_s, nbytes = e.decode_s / (_NEW.value - 1), e.step_bytes()
+    r = rows[name] = dict(decode_tok_s=e.b / step_s, step_ms=step_s * 1e3,
+                          step_mb=nbytes / 1e6, bandwidth_fraction=nbytes / step_s / bandwidth)
+    r["kl"] = _kl_vs_float32(params, e.qparams, e.generate(), cfg, e.scfg)
+    print(f"{name:<26}{r['step_mb']:>9.1f}{r['step_ms']:>9.2f}{r['decode_tok_s']:>14.1f}"
+          f"{nbytes / step_s / 1e9:>7.1f}{r['bandwidth_fraction']:>12.1%}{r['kl']:>11.2e}")
+  headline = f"{dtypes[0]}/b{batches[0]}"
+  first = engines[headline]
+  rollout = first.generate()
+  no_cache_s = roofline.best_seconds(lambda: _no_cache_step(
+      first.qparams, rollout.tokens, rollout.attn_mask, first.rng, **first.configs),
+      _REPEATS.value)
+  kv_speedup = no_cache_s / (rows[headline]["step_ms"] / 1e3)
+  print(f"KV cache: a decode step {rows[headline]['step_ms']:.2f} ms vs {no_cache_s * 1e3:.1f} ms "
+        f"without a cache (forward over all {rollout.tokens.shape[1]} positions): "
+        f"{kv_speedup:.1f}x ({headline})")
   lengths = list(map(int, _LENGTHS.value))
   compilations = _count_compilations(params, cfg, lengths)
   print(f"prompt lengths {lengths}, prompt_bucket 16: {compilations} compilations "
         "(each one prefill + one decode program)")
-  first = f"float32/b{_BATCHES.value[0]}"
-  nbytes = {k.split("/")[0].split(":")[0]: r["bytes"] for k, r in rows.items()}
   print(json.dumps({
-      "kv_cache_speedup": round(rows[first]["generate_tok_s"] / rows[first]["naive_tok_s"], 2),
-      "int8_weight_bytes_vs_bf16": round(nbytes["int8"] / nbytes["bfloat16"], 4),
+      "engine": headline,
+      "decode_tok_s": round(rows[headline]["decode_tok_s"], 1),
+      "bandwidth_fraction": round(rows[headline]["bandwidth_fraction"], 4),
+      "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+      "dense_pass_vs_default": {
+          k: round(rows[f"{k}/dense_pass"]["decode_tok_s"] / r["decode_tok_s"], 3)
+          for k, r in rows.items() if not k.endswith("dense_pass")},
+      "kv_cache_step_speedup": round(kv_speedup, 2),
       "compilations": compilations, "prompt_lengths_tried": lengths,
-      "decode_tok_s": {k: round(r["decode_tok_s"], 1) for k, r in rows.items()},
-      "generate_tok_s": {k: round(r["generate_tok_s"], 1) for k, r in rows.items()},
-      "compile_s": {k: round(r["compile_s"], 2) for k, r in rows.items()},
-      "weight_bytes": nbytes,
-      "kl_vs_float32": {k: float(f"{r['kl']:.3g}") for k, r in rows.items()
-                        if k.endswith(f"/b{_BATCHES.value[0]}")}}))
+      "rows": {k: {f: round(v, 4) for f, v in r.items()} for k, r in rows.items()}}))
 
 
 if __name__ == "__main__":

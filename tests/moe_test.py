@@ -11,8 +11,11 @@ from minirl_jax.models.config import ModelConfig
 
 
 def _setup(impl, num_experts=8, top_k=2, tokens=(3, 37), norm=True):
+  """`impl` is a `moe_impl`, or "dense_pass": the decode-shaped path forced for every shape."""
+  dense = impl == "dense_pass"
   cfg = ModelConfig(d_model=16, num_experts=num_experts, top_k=top_k, expert_ffn_dim=24,
-                    moe_impl=impl, moe_block_size=16, norm_topk_prob=norm)
+                    moe_impl="blocks" if dense else impl, moe_block_size=16,
+                    norm_topk_prob=norm, moe_dense_max_group=10**6 if dense else 0)
   k = jax.random.split(jax.random.key(0), 5)
   e, d, f = num_experts, 16, 24
   p = {"router": jax.random.normal(k[0], (d, e)),
@@ -23,8 +26,10 @@ def _setup(impl, num_experts=8, top_k=2, tokens=(3, 37), norm=True):
   return cfg, p, x
 
 
-@pytest.mark.parametrize("impl", ["blocks", "ragged_dot"])
-@pytest.mark.parametrize("num_experts,top_k,norm", [(8, 2, True), (4, 4, False), (16, 1, True)])
+@pytest.mark.parametrize("impl,num_experts,top_k,norm", [
+    ("blocks", 8, 2, True), ("blocks", 4, 4, False), ("blocks", 16, 1, True),
+    ("ragged_dot", 8, 2, True), ("ragged_dot", 16, 1, True),
+    ("dense_pass", 8, 2, True), ("dense_pass", 4, 4, False)])
 def test_sparse_equals_dense_values_and_grads(impl, num_experts, top_k, norm):
   cfg, p, x = _setup(impl, num_experts, top_k, norm=norm)
   valid = jnp.ones(x.shape[:2], bool)

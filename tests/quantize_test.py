@@ -179,16 +179,6 @@ def test_leaves_the_axes_do_not_describe_are_named(params):
     quantize.quantize(params, "int8", unknown)
 
 
-def test_int8_forward_is_the_same_with_either_moe_kernel():
-  cfg = ModelConfig()
-  params = quantize.quantize(transformer.init_params(cfg, jax.random.key(0)), "int8", AXES)
-  tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, cfg.vocab_size)
-  run = lambda cfg: jax.jit(lambda p, t: transformer.forward(p, t, cfg=cfg)[0])(params, tokens)
-  blocks = run(cfg)
-  ragged = run(dataclasses.replace(cfg, moe_impl="ragged_dot"))
-  np.testing.assert_allclose(ragged, blocks, rtol=1e-5, atol=1e-5)
-
-
 # fp8 (W8A8 e4m3, per channel) and int4 (weight-only, grouped) --------------------------
 
 # e4m3 has 3 mantissa bits: rounding to nearest is within 2^-4 of a normal value, and
@@ -203,7 +193,7 @@ EINSUM_BOUND = {"int8": 1e-2, "fp8": 5e-2, "int4": 0.15}
 
 @pytest.fixture(scope="module")
 def quantized(params):
-  return {fmt: quantize.quantize(params, fmt, AXES) for fmt in ("fp8", "int4")}
+  return {fmt: quantize.quantize(params, fmt, AXES) for fmt in ("int8", "fp8", "int4")}
 
 
 def _entry_scale(q):
@@ -307,13 +297,16 @@ def test_quantized_ragged_dot_close_to_float(fmt):
   assert 0 < float(jnp.linalg.norm(approx - exact) / jnp.linalg.norm(exact)) < EINSUM_BOUND[fmt]
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int4"])
-def test_quantized_forward_is_the_same_with_either_moe_kernel(params, quantized, fmt):
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
+def test_quantized_forward_is_the_same_with_every_moe_kernel(quantized, fmt):
   tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, CFG.vocab_size)
   run = lambda cfg: jax.jit(lambda p, t: transformer.forward(p, t, cfg=cfg)[0])(
       quantized[fmt], tokens)
-  np.testing.assert_allclose(run(dataclasses.replace(CFG, moe_impl="ragged_dot")), run(CFG),
-                             rtol=1e-5, atol=1e-5)
+  blocks = run(dataclasses.replace(CFG, moe_dense_max_group=0))
+  for kernel in (dict(moe_impl="ragged_dot", moe_dense_max_group=0),  # grouped matmul
+                 dict(moe_dense_max_group=10**6)):                     # the dense pass
+    np.testing.assert_allclose(run(dataclasses.replace(CFG, **kernel)), blocks,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])

@@ -170,6 +170,16 @@ def test_decode_step_traced_once_and_equals_the_loop(params, prompts, rollout):
   np.testing.assert_allclose(stepped.mu_logp, rollout.mu_logp, atol=1e-6)
 
 
+def test_decode_dense_pass_equals_the_grouped_kernel(params, prompts, rollout):
+  # 8 rows x top-2 over 4 experts: 4 assignments per expert at decode, 16 at prefill.
+  dense = dataclasses.replace(CFG, moe_dense_max_group=4)
+  with_dense_pass = sampler.generate(params, prompts, LENGTHS, jax.random.key(2),
+                                     model_cfg=dense, sampler_cfg=SAMPLE)
+  for field in ("tokens", "completion_mask", "routing_mu"):
+    np.testing.assert_array_equal(getattr(with_dense_pass, field), getattr(rollout, field))
+  np.testing.assert_allclose(with_dense_pass.mu_logp, rollout.mu_logp, atol=1e-6)
+
+
 def test_low_precision_engines_differ_by_a_small_kl(params, rollout, teacher, fwd):
   """KL(mu || float32) over the vocabulary at the completion positions of a rollout."""
   logp_pi = jax.nn.log_softmax(teacher[0])

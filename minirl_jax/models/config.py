@@ -25,6 +25,11 @@ class ModelConfig:
       grouped-matmul kernel; on CPU it lowers to a dense masked matmul). Pick by measuring
       (scripts/bench_moe.py), never by platform.
     moe_block_size: upper bound on the rows per block of the "blocks" kernel.
+    moe_dense_max_group: a MoE call with at most this many token-expert assignments per
+      expert on average (decode: a few tokens per step) runs every token through every
+      expert instead of `moe_impl`, reading each expert's weights once; 0: never. Off by
+      default: on XLA:CPU it decodes slower than the blocks kernel (0.90x float32, 0.74x
+      int8 at batch 16, `scripts/bench_sampler.py`, which times both); measure on yours.
     expert_capacity_factor: under expert parallelism (`models.expert_parallel`), the rows
       one all-to-all round moves per device pair, as a multiple of a balanced share. Never
       drops tokens (overflow runs another round); larger costs compute, smaller rounds.
@@ -58,6 +63,7 @@ class ModelConfig:
   router_z_coef: float = 0.0
   moe_impl: str = "blocks"
   moe_block_size: int = 128
+  moe_dense_max_group: int = 0
   expert_capacity_factor: float = 1.25
   init_std: Optional[float] = None  # None: 1/sqrt(fan_in)
   remat: bool = False
@@ -73,11 +79,10 @@ class ModelConfig:
       value = getattr(self, field)
       if not isinstance(value, int) or value < 1:
         sections.fail(f"model.{field}", f"must be a positive integer, got {value!r}")
-    for field in ("attention_chunk", "logits_chunk", "vocab_chunk"):
+    for field in ("attention_chunk", "logits_chunk", "vocab_chunk", "moe_dense_max_group"):
       value = getattr(self, field)
       if not isinstance(value, int) or value < 0:
-        sections.fail(f"model.{field}", f"must be an integer >= 0 (0: no chunking), got "
-                      f"{value!r}")
+        sections.fail(f"model.{field}", f"must be an integer >= 0 (0: off), got {value!r}")
     if self.num_heads % self.num_kv_heads:
       sections.fail("model.num_heads", f"({self.num_heads}) must be divisible by num_kv_heads "
             f"({self.num_kv_heads})")

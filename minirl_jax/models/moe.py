@@ -10,6 +10,10 @@ expert and run as a grouped matmul:
 - "ragged_dot": `jax.lax.ragged_dot`, the grouped-matmul kernel on TPU/GPU. On CPU it lowers
   to a dense masked matmul (E times the ideal FLOPs): select it by measurement
   (scripts/bench_moe.py), never by platform.
+Decode-shaped calls (few assignments per expert, `uses_dense_pass`) can run every token
+through every expert instead: each expert's weights are read once, where the blocks kernel
+gathers a copy per block. The choice is by shape (`ModelConfig.moe_dense_max_group`, off by
+default: slower on XLA:CPU); `scripts/bench_sampler.py` times decode with and without it.
 Under a mesh with an `expert` axis, each device runs only the experts it holds and token
 assignments travel to them by all-to-all (`expert_parallel`). The dense all-experts
 reference lives in the tests and the benchmark only.
@@ -70,6 +74,12 @@ def block_layout(num_rows, num_experts, max_block) -> tuple[int, int]:
   return b, -(-(num_rows + min(num_experts, num_rows) * (b - 1)) // b)
 
 
+def uses_dense_pass(num_assignments, num_experts, max_group) -> bool:
+  """Whether `_local_ffn` runs the dense pass: at most `max_group` assignments per expert
+  on average (`ModelConfig.moe_dense_max_group`)."""
+  return num_assignments <= max_group * num_experts
+
+
 def _expert_swiglu(x, w_gate, w_up, w_down, eqn_in, eqn_out):
   h = jax.nn.silu(linear.einsum(eqn_in, x, w_gate)) * linear.einsum(eqn_in, x, w_up)
   return linear.einsum(eqn_out, h, w_down)
@@ -101,10 +111,20 @@ def _ragged_ffn(x_AD, group_sizes_E, p):
   return dot(h, p["w_down"])
 
 
-def _local_ffn(x_ND, e_A, p, *, k=1, impl, max_block):
+def _dense_ffn(x_ND, e_A, p, k):
+  """Every token through every expert, each expert's weights read once; then the row of
+  each assignment. E / k times the FLOPs of the grouped kernels: for decode-shaped calls."""
+  y_END = _expert_swiglu(x_ND, p["w_gate"], p["w_up"], p["w_down"], "nd,edf->enf",
+                         "enf,efd->end")
+  return y_END[e_A, jnp.arange(e_A.shape[0]) // k]
+
+
+def _local_ffn(x_ND, e_A, p, *, k=1, impl, max_block, dense_max_group=0):
   """Runs assignment a (token a // k of x_ND) through expert e_A[a] of the experts in `p`
   (w_gate, w_up, w_down [E, ...]); returns [A, D]."""
   num_experts = jax.tree.leaves(p["w_gate"])[0].shape[0]
+  if uses_dense_pass(e_A.shape[0], num_experts, dense_max_group):
+    return _dense_ffn(x_ND, e_A, p, k)
   order_A = jnp.argsort(e_A, stable=True)
   e_sorted_A = e_A[order_A]
   x_sorted_AD = x_ND[order_A // k]
@@ -123,7 +143,8 @@ def experts_ffn(x_ND, ids_Nk, p, *, cfg):
   (`expert_parallel`); otherwise every device runs the whole layer.
   """
   n, k = ids_Nk.shape
-  local_ffn = functools.partial(_local_ffn, impl=cfg.moe_impl, max_block=cfg.moe_block_size)
+  local_ffn = functools.partial(_local_ffn, impl=cfg.moe_impl, max_block=cfg.moe_block_size,
+                                dense_max_group=cfg.moe_dense_max_group)
   mesh = expert_parallel.active_mesh(cfg.num_experts)
   if mesh is not None:
     return expert_parallel.experts_ffn(x_ND, ids_Nk, p, mesh, local_ffn=local_ffn,

@@ -13,7 +13,6 @@ line: one JSON object with the FLOPs and their ratios to expert = 1.
 import json
 import os
 import sys
-import time
 
 if "--expert_parallel" in sys.argv and "device_count" not in os.environ.get("XLA_FLAGS", ""):
   # Fake host devices for the meshes; only the CPU platform reads this flag.
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minirl_jax import errors
+from minirl_jax import roofline
 from minirl_jax import sharding
 from minirl_jax.models import moe
 from minirl_jax.models import moe_reference
@@ -42,16 +42,6 @@ _D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width.")
 _FFN = flags.DEFINE_integer("expert_ffn_dim", 512, "Expert hidden width.")
 _PASSES = flags.DEFINE_multi_enum("passes", ["fwd_bwd", "fwd"], ["fwd_bwd", "fwd"],
                                   "With --expert_parallel: the programs to compile.")
-
-
-def _time(fn, *args):
-  jax.block_until_ready(fn(*args))  # compile
-  best = float("inf")
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def _bench(num_experts, top_k=2):
@@ -74,7 +64,7 @@ def _bench(num_experts, top_k=2):
       ffn = lambda p, x, cfg=cfg: moe.moe_ffn(p, x, cfg, valid_BT=valid)[0]
     step = jax.jit(jax.value_and_grad(lambda p, x, ffn=ffn: jnp.sum(ffn(p, x) ** 2)))
     outputs[name] = np.asarray(jax.jit(ffn)(p, x))
-    row[name] = _time(step, p, x)
+    row[name] = roofline.best_seconds(lambda: step(p, x), _REPEATS.value)
   for name in ("blocks", "ragged_dot"):
     np.testing.assert_allclose(outputs[name], outputs["dense"], rtol=2e-3, atol=2e-3)
   row["max_abs_diff_vs_dense"] = float(np.max(np.abs(outputs["blocks"] - outputs["dense"])))

@@ -13,7 +13,6 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import optax
 
 from minirl_jax import batch as batch_lib
 from minirl_jax import config_base

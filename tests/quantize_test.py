@@ -302,9 +302,9 @@ def test_quantized_forward_is_the_same_with_every_moe_kernel(quantized, fmt):
   tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, CFG.vocab_size)
   run = lambda cfg: jax.jit(lambda p, t: transformer.forward(p, t, cfg=cfg)[0])(
       quantized[fmt], tokens)
-  blocks = run(dataclasses.replace(CFG, moe_dense_max_group=0))
-  for kernel in (dict(moe_impl="ragged_dot", moe_dense_max_group=0),  # grouped matmul
-                 dict(moe_dense_max_group=10**6)):                     # the dense pass
+  blocks = run(CFG)
+  for kernel in (dict(moe_impl="ragged_dot"),           # grouped matmul
+                 dict(moe_dense_max_group=10**6)):      # the dense pass
     np.testing.assert_allclose(run(dataclasses.replace(CFG, **kernel)), blocks,
                                rtol=1e-5, atol=1e-5)
 

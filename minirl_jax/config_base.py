@@ -20,8 +20,8 @@ def model_section() -> ml_collections.ConfigDict:
       param_dtype="float32", compute_dtype="float32", load_balance_coef=0.0,
       router_z_coef=0.0, moe_impl="blocks", moe_block_size=128,
       # calls with at most this many assignments per expert (decode) run a dense pass over
-      # the experts, reading each one's weights once (models/moe.py); 0: never (slower on CPU)
-      moe_dense_max_group=0,
+      # the experts, reading each one's weights in place once (models/moe.py); 0: never
+      moe_dense_max_group=16,
       # expert parallelism's all-to-all rows per device pair and round, over a balanced share
       expert_capacity_factor=1.25,
       init_std=config_dict.placeholder(float), remat=False,
@@ -70,7 +70,8 @@ def get_base_config() -> ml_collections.ConfigDict:
                         activation_dtype=config_dict.placeholder(str),
                         kv_cache_dtype=config_dict.placeholder(str),  # None: activation dtype
                         quantize_embeddings=False, int4_group_size=32,
-                        batch_size=0)  # rows decoded at once (0: all): bounds the KV cache
+                        batch_size=0,  # rows decoded at once (0: all): bounds the KV cache
+                        scan_layers=False)
   config.objective = dict(
       name="minirl", eps_low=0.2, eps_high=0.27, tis_cap=config_dict.placeholder(float),
       tis_target="pi_theta_mu", train_infer_is=config_dict.placeholder(bool),

@@ -170,14 +170,16 @@ def test_decode_step_traced_once_and_equals_the_loop(params, prompts, rollout):
   np.testing.assert_allclose(stepped.mu_logp, rollout.mu_logp, atol=1e-6)
 
 
-def test_decode_dense_pass_equals_the_grouped_kernel(params, prompts, rollout):
-  # 8 rows x top-2 over 4 experts: 4 assignments per expert at decode, 16 at prefill.
-  dense = dataclasses.replace(CFG, moe_dense_max_group=4)
-  with_dense_pass = sampler.generate(params, prompts, LENGTHS, jax.random.key(2),
-                                     model_cfg=dense, sampler_cfg=SAMPLE)
+@pytest.mark.parametrize("dense_max_group,scan_layers", [(0, False), (0, True), (16, True)])
+def test_decode_paths_agree(params, prompts, rollout, dense_max_group, scan_layers):
+  """The default decode (dense pass over unrolled per-layer weights: 8 rows x top-2 over 4
+  experts is 4 assignments per expert) against the grouped kernel and the scanned stack."""
+  cfg = dataclasses.replace(CFG, moe_dense_max_group=dense_max_group)
+  other = sampler.generate(params, prompts, LENGTHS, jax.random.key(2), model_cfg=cfg,
+                           sampler_cfg=dataclasses.replace(SAMPLE, scan_layers=scan_layers))
   for field in ("tokens", "completion_mask", "routing_mu"):
-    np.testing.assert_array_equal(getattr(with_dense_pass, field), getattr(rollout, field))
-  np.testing.assert_allclose(with_dense_pass.mu_logp, rollout.mu_logp, atol=1e-6)
+    np.testing.assert_array_equal(getattr(other, field), getattr(rollout, field))
+  np.testing.assert_allclose(other.mu_logp, rollout.mu_logp, atol=1e-6)
 
 
 def test_low_precision_engines_differ_by_a_small_kl(params, rollout, teacher, fwd):
@@ -341,3 +343,10 @@ def test_gap_grows_with_coarser_formats(params, rollout, teacher, fwd):
   # Near 1e-4 a few expert flips (discrete, heavy-tailed) decide the live KL: int8 and fp8
   # caches (0.5% vs 3% error per entry) order reliably only with routing held fixed.
   assert kl_replayed["kv_int8"] < kl_replayed["kv_fp8"] / 3
+
+
+@pytest.mark.parametrize("dtype,dense_max_group", [
+    ("float32", 16), ("bfloat16", 16), ("int4", 16), ("int8", 0), ("fp8", 0)])
+def test_w8a8_engines_keep_the_grouped_kernel(dtype, dense_max_group):
+  engine = sampler.engine_config(CFG, SamplerConfig(dtype=dtype))
+  assert engine.moe_dense_max_group == dense_max_group

@@ -224,3 +224,25 @@ def test_qwen3_30b_a3b_shapes_without_memory():
   chex.assert_shape(logits, (1, 8, 151_936))
   chex.assert_shape(aux.routing, (48, 1, 8, 8))
   assert aux.routing.dtype == jnp.int16
+
+
+def test_per_layer_params_and_cache_equal_the_stacked_ones(params, tokens):
+  """`unstack_layers` (the sampler's decode form: an unrolled loop over per-layer weights
+  and cache) computes what the scanned stack does, replay and a quantised cache included."""
+  layered = transformer.unstack_layers(params)
+  assert len(layered["attn"]) == 3 and len(layered["moe"]) == 2 and len(layered["mlp"]) == 1
+  np.testing.assert_array_equal(layered["moe"][1]["w_up"], params["moe"]["w_up"][1])
+  replay = jnp.full((2, B, T, 2), -1, jnp.int8).at[1, :, ::2].set(jnp.array([3, 0], jnp.int8))
+
+  @jax.jit
+  def run(p, cache):
+    logits, aux = transformer.forward(p, tokens, cfg=CFG, routing=replay, kv_cache=cache)
+    return logits, aux.routing, aux.kv_cache
+
+  cache = transformer.init_kv_cache(CFG, B, T + 2, "int8")
+  want_logits, want_routing, want_cache = run(params, cache)
+  logits, routing, layered_cache = run(layered, transformer.unstack_layers(cache))
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(routing, want_routing)
+  assert isinstance(layered_cache.k_LBSGK, tuple) and len(layered_cache.k_LBSGK) == 3
+  chex.assert_trees_all_equal(transformer.stack_layers(layered_cache), want_cache)

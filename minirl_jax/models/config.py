@@ -27,9 +27,12 @@ class ModelConfig:
     moe_block_size: upper bound on the rows per block of the "blocks" kernel.
     moe_dense_max_group: a MoE call with at most this many token-expert assignments per
       expert on average (decode: a few tokens per step) runs every token through every
-      expert instead of `moe_impl`, reading each expert's weights once; 0: never. Off by
-      default: on XLA:CPU it decodes slower than the blocks kernel (0.90x float32, 0.74x
-      int8 at batch 16, `scripts/bench_sampler.py`, which times both); measure on yours.
+      expert instead of `moe_impl`, reading each expert's weights in place once; 0: never.
+      It costs E / k times the grouped kernel's FLOPs, so it pays while weight traffic
+      dominates: on XLA:CPU at configs/bench.py float32 decode is 1.4x faster with it at
+      batch 16 (4 per expert); a layer of 64 per expert is slower (`scripts/bench_sampler.py`
+      and `scripts/bench_moe.py` time both). W8A8 samplers never take it
+      (`sampler.engine_config`).
     expert_capacity_factor: under expert parallelism (`models.expert_parallel`), the rows
       one all-to-all round moves per device pair, as a multiple of a balanced share. Never
       drops tokens (overflow runs another round); larger costs compute, smaller rounds.
@@ -63,7 +66,7 @@ class ModelConfig:
   router_z_coef: float = 0.0
   moe_impl: str = "blocks"
   moe_block_size: int = 128
-  moe_dense_max_group: int = 0
+  moe_dense_max_group: int = 16
   expert_capacity_factor: float = 1.25
   init_std: Optional[float] = None  # None: 1/sqrt(fan_in)
   remat: bool = False

@@ -11,9 +11,9 @@ expert and run as a grouped matmul:
   to a dense masked matmul (E times the ideal FLOPs): select it by measurement
   (scripts/bench_moe.py), never by platform.
 Decode-shaped calls (few assignments per expert, `uses_dense_pass`) can run every token
-through every expert instead: each expert's weights are read once, where the blocks kernel
-gathers a copy per block. The choice is by shape (`ModelConfig.moe_dense_max_group`, off by
-default: slower on XLA:CPU); `scripts/bench_sampler.py` times decode with and without it.
+through every expert instead: each expert's weights are read once, in place, where the
+blocks kernel gathers a copy per block. The choice is by shape
+(`ModelConfig.moe_dense_max_group`); `scripts/bench_sampler.py` times decode both ways.
 Under a mesh with an `expert` axis, each device runs only the experts it holds and token
 assignments travel to them by all-to-all (`expert_parallel`). The dense all-experts
 reference lives in the tests and the benchmark only.
@@ -114,7 +114,11 @@ def _ragged_ffn(x_AD, group_sizes_E, p):
 def _dense_ffn(x_ND, e_A, p, k):
   """Every token through every expert, each expert's weights read once; then the row of
   each assignment. E / k times the FLOPs of the grouped kernels: for decode-shaped calls."""
-  y_END = _expert_swiglu(x_ND, p["w_gate"], p["w_up"], p["w_down"], "nd,edf->enf",
+  num_experts = jax.tree.leaves(p["w_gate"])[0].shape[0]
+  # Broadcasting x over the experts makes E a batch axis of both operands: contracting
+  # "nd,edf" directly has XLA transpose every expert's weights (a copy of them) per call.
+  x_END = jnp.broadcast_to(x_ND, (num_experts, *x_ND.shape))
+  y_END = _expert_swiglu(x_END, p["w_gate"], p["w_up"], p["w_down"], "end,edf->enf",
                          "enf,efd->end")
   return y_END[e_A, jnp.arange(e_A.shape[0]) // k]
 

@@ -3,7 +3,8 @@
 Params are a nested dict; per-layer weights are stacked on a leading layer axis and run
 under `jax.lax.scan`. Attention weights are stacked over all L layers, MoE weights over the
 MoE layers and dense-FFN weights over the `moe_layers_skip` layers; runs of consecutive
-layers of one kind are scanned together.
+layers of one kind are scanned together. `unstack_layers` gives the per-layer form (a tuple
+of one tree per layer), which runs as an unrolled loop: the sampler's decode loop uses it.
 """
 from typing import Optional
 
@@ -182,6 +183,70 @@ def _cast(tree, dtype):
                       tree, is_leaf=linear.is_quantized)
 
 
+def _cast_moe(tree, dtype):
+  """`_cast` but the router, which stays float32 (routing decisions)."""
+  if isinstance(tree, tuple):
+    return tuple(_cast_moe(layer, dtype) for layer in tree)
+  return {**_cast(tree, dtype), "router": tree["router"]}
+
+
+def unstack_layers(tree):
+  """Per-layer form of a stacked params tree or KV cache: each "attn"/"moe"/"mlp" group
+  (each cache field) becomes a tuple of one tree (array) per layer.
+
+  `hidden_states` runs per-layer params as an unrolled loop instead of a scan. Under a
+  decode `while_loop` that matters: a scan slices every layer's weights out of the stack
+  (a copy, each step); separate arrays are read in place.
+  """
+  if isinstance(tree, KVCache):
+    return tree.replace(**{f: None if c is None else _unstack(c) for f, c in _cache_fields(tree)})
+  return {k: _unstack(v) if k in ("attn", "moe", "mlp") else v for k, v in tree.items()}
+
+
+def stack_layers(cache: "KVCache") -> "KVCache":
+  """The inverse of `unstack_layers` for a KV cache."""
+  return cache.replace(**{f: None if c is None else jnp.stack(c) for f, c in _cache_fields(cache)})
+
+
+def _cache_fields(cache):
+  return [(f, getattr(cache, f)) for f in ("k_LBSGK", "v_LBSGK", "k_scale_LBSG1",
+                                           "v_scale_LBSG1")]
+
+
+def _unstack(tree):
+  n = jax.tree.leaves(tree)[0].shape[0]
+  return tuple(jax.tree.map(lambda w: w[i], tree) for i in range(n))
+
+
+def _layer_range(tree, start, stop):
+  """Layers [start, stop) of a stacked tree or of a per-layer tuple."""
+  if isinstance(tree, tuple):
+    return tree[start:stop]
+  return jax.tree.map(lambda w: w[start:stop], tree)
+
+
+def _join_layers(parts):
+  """Segments' cache fields back into one: stacked arrays or per-layer tuples."""
+  if parts[0] is None:
+    return None
+  return sum(parts, ()) if isinstance(parts[0], tuple) else jnp.concatenate(parts)
+
+
+def _unrolled(body, x_BTD, attn_p, ffn_p, replay, kv):
+  """`jax.lax.scan(body, x, xs)` over per-layer tuples: (x, (routing stacked, kv tuples))."""
+  routings, kvs = [], []
+  for i in range(len(attn_p)):
+    kv_i = None if kv is None else tuple(None if c is None else c[i] for c in kv)
+    x_BTD, (routing, kv_i) = body(
+        x_BTD, (attn_p[i], ffn_p[i], None if replay is None else replay[i], kv_i))
+    routings.append(routing)
+    kvs.append(kv_i)
+  routing = None if routings[0] is None else jax.tree.map(lambda *r: jnp.stack(r), *routings)
+  kv = None if kv is None else tuple(
+      None if parts[0] is None else tuple(parts) for parts in zip(*kvs))
+  return x_BTD, (routing, kv)
+
+
 def forward(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
             attn_mask_BT: Optional[jax.Array] = None, routing: Optional[jax.Array] = None,
             kv_cache: Optional[KVCache] = None):
@@ -242,22 +307,25 @@ def hidden_states(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
   moe_at = dense_at = 0
   for kind, start, stop in cfg.segments():
     n = stop - start
-    attn_p = jax.tree.map(lambda w: w[start:stop], _cast(params["attn"], cfg.dtype))
+    attn_p = _cast(_layer_range(params["attn"], start, stop), cfg.dtype)
     if kind == "moe":
-      ffn_p = jax.tree.map(lambda w: w[moe_at:moe_at + n], params["moe"])
-      ffn_p = {**_cast(ffn_p, cfg.dtype), "router": ffn_p["router"]}
+      ffn_p = _cast_moe(_layer_range(params["moe"], moe_at, moe_at + n), cfg.dtype)
       replay = None if routing is None else routing[moe_at:moe_at + n]
       moe_at += n
     else:
-      ffn_p = jax.tree.map(lambda w: w[dense_at:dense_at + n], _cast(params["mlp"], cfg.dtype))
+      ffn_p = _cast(_layer_range(params["mlp"], dense_at, dense_at + n), cfg.dtype)
       replay = None
       dense_at += n
-    kv = None if kv_cache is None else jax.tree.map(lambda x: x[start:stop], (
-        kv_cache.k_LBSGK, kv_cache.v_LBSGK, kv_cache.k_scale_LBSG1, kv_cache.v_scale_LBSG1))
+    kv = None if kv_cache is None else tuple(
+        None if c is None else _layer_range(c, start, stop) for c in (
+            kv_cache.k_LBSGK, kv_cache.v_LBSGK, kv_cache.k_scale_LBSG1, kv_cache.v_scale_LBSG1))
     body = _layer_fn(kind, cfg, positions_BT, visible, attn_mask_BT, end)
-    if cfg.remat:
-      body = jax.checkpoint(body, prevent_cse=False)  # inside scan, CSE is not a risk
-    x_BTD, (seg_routing, seg_kv) = jax.lax.scan(body, x_BTD, (attn_p, ffn_p, replay, kv))
+    if isinstance(attn_p, tuple):
+      x_BTD, (seg_routing, seg_kv) = _unrolled(body, x_BTD, attn_p, ffn_p, replay, kv)
+    else:
+      if cfg.remat:
+        body = jax.checkpoint(body, prevent_cse=False)  # inside scan, CSE is not a risk
+      x_BTD, (seg_routing, seg_kv) = jax.lax.scan(body, x_BTD, (attn_p, ffn_p, replay, kv))
     if seg_routing is not None:
       routings.append(seg_routing)
     kvs.append(seg_kv)
@@ -266,7 +334,7 @@ def hidden_states(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
 
   new_cache = None
   if kv_cache is not None:
-    k, v, k_scale, v_scale = jax.tree.map(lambda *xs: jnp.concatenate(xs), *kvs)
+    k, v, k_scale, v_scale = (_join_layers(parts) for parts in zip(*kvs))
     new_cache = KVCache(k_LBSGK=k, v_LBSGK=v, valid_BS=valid_BS, end=end + t,
                         k_scale_LBSG1=k_scale, v_scale_LBSG1=v_scale)
   return x_BTD, _collect_aux(routings, cfg, b, t, new_cache)

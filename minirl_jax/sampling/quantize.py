@@ -24,6 +24,11 @@ _FLOAT = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
           "int8": jnp.bfloat16, "fp8": jnp.bfloat16, "int4": jnp.bfloat16}
 
 
+def is_w8a8(dtype: str) -> bool:
+  """Whether a sampler dtype quantises the activations too (8-bit x 8-bit dots)."""
+  return dtype in linear.FORMATS and linear.FORMATS[dtype].activations is not None
+
+
 def quantize(params, dtype: str, axes, *, group_size: int = DEFAULT_GROUP_SIZE,
              quantize_embeddings: bool = False):
   """Converts trainer params into params for a sampler of `dtype`.

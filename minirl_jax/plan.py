@@ -220,7 +220,9 @@ def make(s: settings_lib.Settings, num_devices: int) -> Plan:
   params = _tree_bytes(state.params, axes, mesh)
   moments = sum(_tree_bytes(optax_moment, axes, mesh)
                 for optax_moment in _adam_moments(state.opt_state))
-  sampler_params = jax.eval_shape(lambda p: quantize_lib.for_sampler(p, s.sampler, axes),
+  # Counted in the stacked form, parallel to `axes`: per layer, the bytes are the same.
+  stacked = dataclasses.replace(s.sampler, scan_layers=True)
+  sampler_params = jax.eval_shape(lambda p: quantize_lib.for_sampler(p, stacked, axes),
                                   state.params)
   sampler_weights = _tree_bytes(sampler_params, axes, mesh)
 
@@ -262,17 +264,20 @@ def make(s: settings_lib.Settings, num_devices: int) -> Plan:
   }
   activations = parts["activations_remat" if cfg.remat else "activations_no_remat"]
   rollout_batch = train_batch_bytes(rollout_rows, length, cfg, replay)
+  # A layer scan writes a new stacked cache (two exist during a step); per-layer caches
+  # are updated in place.
+  caches = 2 if s.sampler.scan_layers else 1
   programs = {
       "train_step": params + moments + parts["gradients"] + activations + mini,
       "pi_old": params + parts["pi_old_activations"] + rollout_batch,
-      # The layer scan writes a new cache: two exist during a step.
-      "decode": sampler_weights + 2 * cache_bytes + decode_state + parts["decode_activations"],
+      "decode": sampler_weights + caches * cache_bytes + decode_state +
+                parts["decode_activations"],
   }
   resident = params + moments + sampler_weights
   peaks = {
       "train_step": resident + parts["gradients"] + activations + rollout_batch,
       "pi_old": resident + parts["pi_old_activations"] + rollout_batch,
-      "decode": resident + 2 * cache_bytes + decode_state + parts["decode_activations"],
+      "decode": resident + caches * cache_bytes + decode_state + parts["decode_activations"],
   }
   return Plan(mesh=sizes, parts=parts, programs=programs, peaks=peaks)
 

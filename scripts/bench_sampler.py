@@ -70,10 +70,10 @@ class _Engine:
 
   def __init__(self, params, spec, b, cfg, scan_layers=False):
     dtype, _, activations = spec.partition(":")
-    self.qparams = quantize.quantize(params, dtype, transformer.param_axes(cfg))
     self.scfg = SamplerConfig(dtype=dtype, activation_dtype=activations or None,
                               max_new_tokens=_NEW.value, eos_ids=(), prompt_bucket=16,
                               scan_layers=scan_layers)
+    self.qparams = quantize.for_sampler(params, self.scfg, transformer.param_axes(cfg))
     self.configs = dict(model_cfg=cfg, sampler_cfg=self.scfg)
     self.b, self.rng = b, jax.random.key(1)
     self.lengths = jnp.full((b,), _PROMPT.value)
@@ -101,6 +101,7 @@ class _Engine:
 def _count_compilations(params, cfg, lengths):
   """Generates prompts of each length in turn; returns how many programs were compiled."""
   scfg = SamplerConfig(max_new_tokens=_NEW.value, eos_ids=(), prompt_bucket=16)
+  params = quantize.for_sampler(params, scfg, transformer.param_axes(cfg))
   before = sampler.TRACES["prefill"]
   for length in lengths:  # batch 8 is timed nowhere else: every compilation counts
     prompts = jax.random.randint(jax.random.key(length), (8, length), 0, cfg.vocab_size)

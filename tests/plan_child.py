@@ -1,5 +1,6 @@
 """On 8 fake CPU devices (run by plan_test.py): `plan.make`'s per-program bytes next to XLA's
 `memory_analysis()` of the same programs compiled from abstract shapes. Prints one JSON line."""
+import dataclasses
 import functools
 import json
 import math
@@ -93,7 +94,8 @@ def _measure(s, mesh):
   mask = _rows_sharded(jax.ShapeDtypeStruct((rows, length), bool), rows, mesh)
   old = functools.partial(train_step.old_policy, routing=None, model_cfg=cfg,
                           micro_batches=rl.micro_per_global_batch)
-  sampler_params = jax.eval_shape(lambda p: quantize_lib.for_sampler(p, s.sampler, axes),
+  stacked = dataclasses.replace(s.sampler, scan_layers=True)
+  sampler_params = jax.eval_shape(lambda p: quantize_lib.for_sampler(p, stacked, axes),
                                   shapes.params)
   sampler_params = jax.tree.map(
       lambda leaf, names: jax.tree.map(lambda x: jax.ShapeDtypeStruct(
@@ -101,6 +103,8 @@ def _measure(s, mesh):
               mesh, sharding.logical_spec(x.shape, names, mesh))), leaf),
       sampler_params, axes, is_leaf=lambda x: isinstance(x, tuple) or
       linear.is_quantized(x))
+  if not s.sampler.scan_layers:
+    sampler_params = _per_layer(sampler_params, mesh)
   kw = dict(model_cfg=cfg, sampler_cfg=s.sampler)
   prompts = jax.ShapeDtypeStruct((rows, 64), jnp.int32)
   decode_state = jax.eval_shape(functools.partial(sampler_lib.prefill, **kw), sampler_params,
@@ -125,6 +129,17 @@ def _measure(s, mesh):
                                  donate_argnums=1).lower(sampler_params,
                                                          decode_state).compile()),
     }
+
+
+def _per_layer(stacked, mesh):
+  """`transformer.unstack_layers` of sharded ShapeDtypeStructs: each layer's shape and
+  spec without the leading layer axis."""
+  def drop(x):
+    spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*spec[1:])))
+  return {k: tuple(jax.tree.map(drop, v) for _ in range(jax.tree.leaves(v)[0].shape[0]))
+          if k in ("attn", "moe", "mlp") else v for k, v in stacked.items()}
 
 
 def main():

@@ -170,16 +170,29 @@ def test_decode_step_traced_once_and_equals_the_loop(params, prompts, rollout):
   np.testing.assert_allclose(stepped.mu_logp, rollout.mu_logp, atol=1e-6)
 
 
-@pytest.mark.parametrize("dense_max_group,scan_layers", [(0, False), (0, True), (16, True)])
-def test_decode_paths_agree(params, prompts, rollout, dense_max_group, scan_layers):
-  """The default decode (dense pass over unrolled per-layer weights: 8 rows x top-2 over 4
-  experts is 4 assignments per expert) against the grouped kernel and the scanned stack."""
+@pytest.mark.parametrize("dense_max_group,per_layer", [(0, False), (16, True), (0, True)])
+def test_decode_paths_agree(params, prompts, rollout, dense_max_group, per_layer):
+  """The grouped kernel against the dense pass (8 rows x top-2 over 4 experts: 4
+  assignments per expert at decode), and per-layer weights (`for_sampler`'s default form,
+  an unrolled decode) against the stacked ones `rollout` scans."""
   cfg = dataclasses.replace(CFG, moe_dense_max_group=dense_max_group)
-  other = sampler.generate(params, prompts, LENGTHS, jax.random.key(2), model_cfg=cfg,
-                           sampler_cfg=dataclasses.replace(SAMPLE, scan_layers=scan_layers))
+  weights = transformer.unstack_layers(params) if per_layer else params
+  other = sampler.generate(weights, prompts, LENGTHS, jax.random.key(2), model_cfg=cfg,
+                           sampler_cfg=SAMPLE)
   for field in ("tokens", "completion_mask", "routing_mu"):
     np.testing.assert_array_equal(getattr(other, field), getattr(rollout, field))
   np.testing.assert_allclose(other.mu_logp, rollout.mu_logp, atol=1e-6)
+
+
+def test_for_sampler_makes_per_layer_weights_unless_scan_layers(params):
+  per_layer = quantize.for_sampler(params, SAMPLE, AXES)
+  assert transformer.is_per_layer(per_layer) and len(per_layer["moe"]) == CFG.num_layers
+  np.testing.assert_array_equal(per_layer["moe"][1]["w_up"], params["moe"]["w_up"][1])
+  stacked = quantize.for_sampler(params, dataclasses.replace(SAMPLE, scan_layers=True), AXES)
+  chex.assert_trees_all_equal(stacked, params)
+  int4 = dataclasses.replace(SAMPLE, dtype="int4")
+  assert quantize.describe(quantize.for_sampler(params, int4, AXES)) == quantize.options(
+      int4, CFG.d_model)
 
 
 def test_low_precision_engines_differ_by_a_small_kl(params, rollout, teacher, fwd):

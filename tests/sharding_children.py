@@ -191,7 +191,7 @@ def _check_sampler(run, out):
                                                                sampler.decode_jit))
   state = prefill(params, *sampler.bucket_prompts(*placed, run.s.sampler), jax.random.key(7),
                   **kw)
-  cache_spec = _spec(state.cache.k_LBSGK)
+  cache_spec = _spec(state.cache.k_LBSGK[0])  # per layer: [B, S, G, K]
   got = sampler.to_rollout(decode(params, state, **kw))
   one_device = jax.device_put(params, jax.devices()[0])
   want = sampler.generate(one_device, tokens, lengths, jax.random.key(7), **kw)

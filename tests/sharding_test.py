@@ -202,7 +202,7 @@ def test_sampler_on_a_mesh_shards_the_cache_and_matches_one_device(children):
   out, errors = children.result("run")
   _ok(errors, "run", "sampler")
   samp = out["sampler"]
-  assert samp["cache_spec"][1] == ["data", "fsdp", "expert"]  # [L, B, S, G, K]: batch-sharded
+  assert samp["cache_spec"][0] == ["data", "fsdp", "expert"]  # [B, S, G, K]: batch-sharded
   assert samp["tokens_equal"] and samp["mu_logp_err"] < 1e-5, samp
 
 

@@ -245,4 +245,4 @@ def test_per_layer_params_and_cache_equal_the_stacked_ones(params, tokens):
   np.testing.assert_allclose(logits, want_logits, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(routing, want_routing)
   assert isinstance(layered_cache.k_LBSGK, tuple) and len(layered_cache.k_LBSGK) == 3
-  chex.assert_trees_all_equal(transformer.stack_layers(layered_cache), want_cache)
+  chex.assert_trees_all_equal(layered_cache, transformer.unstack_layers(want_cache))

@@ -199,13 +199,13 @@ def unstack_layers(tree):
   (a copy, each step); separate arrays are read in place.
   """
   if isinstance(tree, KVCache):
-    return tree.replace(**{f: None if c is None else _unstack(c) for f, c in _cache_fields(tree)})
+    return tree.replace(**{f: None if c is None else _unstack(c)
+                           for f, c in _cache_fields(tree)})
   return {k: _unstack(v) if k in ("attn", "moe", "mlp") else v for k, v in tree.items()}
 
 
-def stack_layers(cache: "KVCache") -> "KVCache":
-  """The inverse of `unstack_layers` for a KV cache."""
-  return cache.replace(**{f: None if c is None else jnp.stack(c) for f, c in _cache_fields(cache)})
+def is_per_layer(params) -> bool:
+  return isinstance(params["attn"], tuple)
 
 
 def _cache_fields(cache):

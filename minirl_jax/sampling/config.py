@@ -41,10 +41,11 @@ class SamplerConfig:
       share one compiled program.
     batch_size: rows (responses, over all devices) decoded at once; a step's rollouts are
       generated this many at a time, so the KV cache follows it. 0: all at once.
-    scan_layers: the decode loop scans the stacked layers, as the trainer does: a smaller
-      program (compile time of very deep models). False (default): the layers are unrolled
-      over per-layer weights and cache, read in place; a scan copies each layer's weights
-      out of the stack every step (1.3x slower decode on XLA:CPU at configs/bench.py).
+    scan_layers: `quantize.for_sampler` keeps the weights stacked and decode scans them,
+      as the trainer does: a smaller program (compile time of very deep models). False
+      (default): per-layer weights and cache (`transformer.unstack_layers`), run as an
+      unrolled loop that reads them in place; a scan inside the decode loop copies each
+      layer's weights out of the stack every step. `generate` runs whichever form it gets.
   """
   dtype: str = "float32"
   activation_dtype: Optional[str] = None

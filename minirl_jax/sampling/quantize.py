@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from minirl_jax import errors
 from minirl_jax.models import linear
+from minirl_jax.models import transformer
 from minirl_jax.models import weights
 
 FLOATS = ("float32", "bfloat16", "float16")
@@ -30,7 +31,7 @@ def is_w8a8(dtype: str) -> bool:
 
 
 def quantize(params, dtype: str, axes, *, group_size: int = DEFAULT_GROUP_SIZE,
-             quantize_embeddings: bool = False):
+             quantize_embeddings: bool = False, per_layer: bool = False):
   """Converts trainer params into params for a sampler of `dtype`.
 
   Args:
@@ -49,6 +50,8 @@ def quantize(params, dtype: str, axes, *, group_size: int = DEFAULT_GROUP_SIZE,
       grouped along "embed"). They are stored dequantised, in float32, because the
       forward's embedding gather and head matmul read plain arrays; without the flag they
       are bfloat16.
+    per_layer: return the per-layer form (`transformer.unstack_layers`), which the
+      sampler's decode loop reads in place; else stacked like `params`.
 
   Returns:
     A params pytree that `transformer.forward` accepts unchanged.
@@ -63,17 +66,21 @@ def quantize(params, dtype: str, axes, *, group_size: int = DEFAULT_GROUP_SIZE,
     raise errors.UserError(f"sampler.int4_group_size must be an integer >= 1, got {group_size!r}")
   flat_axes = flax.traverse_util.flatten_dict(axes)
   return _quantize(params, dtype, tuple(sorted(flat_axes.items())),
-                   group_size if dtype in GROUPED else None, bool(quantize_embeddings))
+                   group_size if dtype in GROUPED else None, bool(quantize_embeddings),
+                   bool(per_layer))
 
 
 def for_sampler(params, sampler_cfg, axes):
-  """`quantize` with every option a `SamplerConfig` sets (dtype, group size, embeddings)."""
+  """`quantize` with every option a `SamplerConfig` sets (dtype, group size, embeddings),
+  in the per-layer form (`transformer.unstack_layers`) unless `sampler_cfg.scan_layers`."""
   return quantize(params, sampler_cfg.dtype, axes, group_size=sampler_cfg.int4_group_size,
-                  quantize_embeddings=sampler_cfg.quantize_embeddings)
+                  quantize_embeddings=sampler_cfg.quantize_embeddings,
+                  per_layer=not sampler_cfg.scan_layers)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "axes", "group_size", "embeddings"))
-def _quantize(params, dtype, axes, group_size, embeddings):
+@functools.partial(jax.jit, static_argnames=("dtype", "axes", "group_size", "embeddings",
+                                             "per_layer"))
+def _quantize(params, dtype, axes, group_size, embeddings, per_layer):
   flat, axes = flax.traverse_util.flatten_dict(params), dict(axes)
   unknown = sorted("/".join(p) for p in flat.keys() ^ axes.keys())
   if unknown:
@@ -81,7 +88,9 @@ def _quantize(params, dtype, axes, group_size, embeddings):
   out = {}
   for path, w in flat.items():
     out[path] = _convert(w, dtype, axes[path], "/".join(path), group_size, embeddings)
-  return flax.traverse_util.unflatten_dict(out)
+  out = flax.traverse_util.unflatten_dict(out)
+  # Sliced inside this program, each layer's arrays are written once: no stacked copy.
+  return transformer.unstack_layers(out) if per_layer else out
 
 
 def _convert(w, dtype, axes, name, group_size, embeddings):
@@ -111,13 +120,14 @@ def _convert(w, dtype, axes, name, group_size, embeddings):
 
 def describe(params) -> dict:
   """The `quantize` options `params` were made with, as `options` spells them."""
-  wq = params["attn"]["wq"]
+  attn = params["attn"]
+  wq = attn[0]["wq"] if isinstance(attn, tuple) else attn["wq"]
   if not linear.is_quantized(wq):
     return {"dtype": jnp.dtype(wq.dtype).name}
   found = {"dtype": wq.format.name,
            "quantize_embeddings": jnp.dtype(params["embed"].dtype) == jnp.float32}
-  if wq.format.name in GROUPED:  # wq: [L, D, H, K], D contracted
-    found["group"] = wq.values.shape[1] // wq.scale.shape[1]
+  if wq.format.name in GROUPED:  # wq: [(L,) D, H, K], D contracted
+    found["group"] = wq.values.shape[-3] // wq.scale.shape[-3]
   return found
 
 

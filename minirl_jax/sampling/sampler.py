@@ -55,7 +55,7 @@ class DecodeState:
   routing_mu: jax.Array       # [L, B, T, k] routing dtype
   num_generated: jax.Array    # [B] int32
   done: jax.Array             # [B] bool: the row has sampled an EOS
-  cache: transformer.KVCache  # [L, B, S, G, K] keys and values (kv_cache_dtype)
+  cache: transformer.KVCache  # [L, B, S, G, K] keys, values (kv_cache_dtype), or per layer
   rng: jax.Array              # key; step i samples with fold_in(rng, i)
 
 
@@ -140,6 +140,8 @@ def prefill(params, tokens_BP, prompt_mask_BP, rng, *, model_cfg: ModelConfig,
   n = sampler_cfg.max_new_tokens
   # The final sampled token never runs through the model: P + n - 1 slots suffice.
   cache = transformer.init_kv_cache(cfg, b, p + n - 1, sampler_cfg.kv_cache_dtype)
+  if transformer.is_per_layer(params):  # the cache follows the weights' form
+    cache = transformer.unstack_layers(cache)
   logits_BPV, aux = transformer.forward(params, tokens_BP, cfg=cfg, attn_mask_BT=prompt_mask_BP,
                                         kv_cache=cache)
   # Pads get -1 (route live): the trainer's experts at a pad position never matter.
@@ -182,16 +184,8 @@ def decode(params, state: DecodeState, *, model_cfg: ModelConfig,
   def cond(s):
     return (s.step < sampler_cfg.max_new_tokens) & ~jnp.all(s.done)
 
-  if sampler_cfg.scan_layers:
-    body = functools.partial(decode_step, params, model_cfg=model_cfg, sampler_cfg=sampler_cfg)
-    return jax.lax.while_loop(cond, body, state)
-  # Per-layer weights and cache, split once here: the loop body then reads them in place
-  # (a scan slices, i.e. copies, each layer's weights out of the stack every step).
-  body = functools.partial(decode_step, transformer.unstack_layers(params),
-                           model_cfg=model_cfg, sampler_cfg=sampler_cfg)
-  state = jax.lax.while_loop(cond, body,
-                             state.replace(cache=transformer.unstack_layers(state.cache)))
-  return state.replace(cache=transformer.stack_layers(state.cache))
+  body = functools.partial(decode_step, params, model_cfg=model_cfg, sampler_cfg=sampler_cfg)
+  return jax.lax.while_loop(cond, body, state)
 
 
 _CONFIGS = ("model_cfg", "sampler_cfg")

@@ -85,11 +85,13 @@ def _moe_rows(n_tok: int, cfg: ModelConfig, mesh) -> tuple[int, int]:
       cfg.num_experts // ep
 
 
-def _moe_working_bytes(n_tok: int, cfg: ModelConfig, mesh, backward: bool) -> int:
+def _moe_working_bytes(n_tok: int, cfg: ModelConfig, mesh, backward: bool,
+                       stored: bool = False) -> int:
   """One MoE layer's transient buffers: its expert weights gathered over `fsdp`, the
   kernel's rows and, for the "blocks" kernel, the expert weights it gathers per block of
   rows, or the dense pass's hidden rows for every local expert (and the gradients of all
-  of these in the backward)."""
+  of these in the backward). `stored`: what the layer keeps for the backward, its rows only;
+  the backward gathers the expert weights again (over fsdp, and per block)."""
   c = jnp.dtype(cfg.dtype).itemsize
   d, f = cfg.d_model, cfg.expert_ffn_dim
   rows, local = _moe_rows(n_tok, cfg, mesh)
@@ -110,6 +112,8 @@ def _moe_working_bytes(n_tok: int, cfg: ModelConfig, mesh, backward: bool) -> in
     padded = blocks * b * (2 * d + 2 * f) * c  # x, gate, up, y per padded row
   else:  # an ideal grouped matmul (TPU/GPU): rows in, hidden, out
     weights, padded = 0, rows * (2 * d + 3 * f) * c
+  if stored:
+    return kernel + padded
   forward = kernel + weights + padded
   if not backward:
     return gathered + forward
@@ -159,13 +163,13 @@ def _layer_carry_bytes(s: Shapes) -> int:
 def _stored_layer_bytes(s: Shapes) -> int:
   """What one layer keeps for the backward pass without remat: the residual stream,
   normalised inputs, q, k, v, attention output, router logits and probabilities, and the
-  MoE kernel's forward buffers."""
+  MoE kernel's rows."""
   cfg = s.cfg
   c = jnp.dtype(cfg.dtype).itemsize
   attn = s.tokens * c * (3 * cfg.d_model + 2 * cfg.num_heads * cfg.head_dim
                          + 2 * cfg.num_kv_heads * cfg.head_dim)
   router = s.tokens * cfg.num_experts * 4 * 2
-  moe = _moe_working_bytes(s.tokens, cfg, s.mesh, backward=False)
+  moe = _moe_working_bytes(s.tokens, cfg, s.mesh, backward=False, stored=True)
   return attn + router + moe
 
 

@@ -98,11 +98,18 @@ def _blocks_ffn(x_AD, e_A, group_sizes_E, p, max_block):
   # Blocks past the last group compute on zero rows whose outputs are never read.
   block_expert = jnp.searchsorted(padded_end_E, jnp.arange(num_blocks) * b, side="right")
   block_expert = jnp.minimum(block_expert, num_experts - 1)
-  y_nbD = _expert_swiglu(
-      x_MD.reshape(num_blocks, b, d), linear.take(p["w_gate"], block_expert),
-      linear.take(p["w_up"], block_expert), linear.take(p["w_down"], block_expert),
-      "nbd,ndf->nbf", "nbf,nfd->nbd")
+  y_nbD = _gathered_swiglu(x_MD.reshape(num_blocks, b, d), block_expert, p)
   return y_nbD.reshape(num_blocks * b, d)[dest_A]
+
+
+# The backward keeps the matmuls' outputs and recomputes each block's gathered weights (a
+# gather): saved, they were a copy of the expert weights per block and layer held through
+# the whole backward (a 1.20x slower update at configs/bench.py, scripts/bench_train.py).
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_saveable)
+def _gathered_swiglu(x_nbD, block_expert, p):
+  return _expert_swiglu(
+      x_nbD, linear.take(p["w_gate"], block_expert), linear.take(p["w_up"], block_expert),
+      linear.take(p["w_down"], block_expert), "nbd,ndf->nbf", "nbf,nfd->nbd")
 
 
 def _ragged_ffn(x_AD, group_sizes_E, p):

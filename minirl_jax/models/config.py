@@ -29,10 +29,10 @@ class ModelConfig:
       expert on average (decode: a few tokens per step) runs every token through every
       expert instead of `moe_impl`, reading each expert's weights in place once; 0: never.
       It costs E / k times the grouped kernel's FLOPs, so it pays while weight traffic
-      dominates: on XLA:CPU at configs/bench.py float32 decode is 1.4x faster with it at
-      batch 16 (4 per expert); a layer of 64 per expert is slower (`scripts/bench_sampler.py`
-      and `scripts/bench_moe.py` time both). W8A8 samplers never take it
-      (`sampler.engine_config`).
+      dominates: on XLA:CPU at configs/bench.py, float32 decode is 1.7x faster (with the
+      sampler's per-layer weights) at batch 16 and 64, i.e. 4 and 16 per expert
+      (`scripts/bench_sampler.py --batches=16,64`); larger groups keep the grouped kernel.
+      W8A8 samplers never take it (`sampler.engine_config`).
     expert_capacity_factor: under expert parallelism (`models.expert_parallel`), the rows
       one all-to-all round moves per device pair, as a multiple of a balanced share. Never
       drops tokens (overflow runs another round); larger costs compute, smaller rounds.

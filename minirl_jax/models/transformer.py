@@ -25,7 +25,9 @@ class KVCache:
   """Keys and values of every layer for the tokens seen so far (the sampler's state).
 
   Stored as a float cast, or quantised (int8, float8_e4m3fn) with one float32 scale per
-  (layer, row, slot, kv head): k ~= k_LBSGK * k_scale_LBSG1. Reads dequantise.
+  (layer, row, slot, kv head): k ~= k_LBSGK * k_scale_LBSG1. Reads dequantise. In the
+  per-layer form (`unstack_layers`), each of the four per-layer fields is a tuple of one
+  [B, S, G, K] ([B, S, G, 1]) array per layer.
   """
   k_LBSGK: jax.Array   # storage dtype
   v_LBSGK: jax.Array
@@ -320,11 +322,12 @@ def hidden_states(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
         None if c is None else _layer_range(c, start, stop) for c in (
             kv_cache.k_LBSGK, kv_cache.v_LBSGK, kv_cache.k_scale_LBSG1, kv_cache.v_scale_LBSG1))
     body = _layer_fn(kind, cfg, positions_BT, visible, attn_mask_BT, end)
-    if isinstance(attn_p, tuple):
+    per_layer = isinstance(attn_p, tuple)
+    if cfg.remat:  # inside a scan CSE is no risk; unrolled, it would undo the remat
+      body = jax.checkpoint(body, prevent_cse=per_layer)
+    if per_layer:
       x_BTD, (seg_routing, seg_kv) = _unrolled(body, x_BTD, attn_p, ffn_p, replay, kv)
     else:
-      if cfg.remat:
-        body = jax.checkpoint(body, prevent_cse=False)  # inside scan, CSE is not a risk
       x_BTD, (seg_routing, seg_kv) = jax.lax.scan(body, x_BTD, (attn_p, ffn_p, replay, kv))
     if seg_routing is not None:
       routings.append(seg_routing)

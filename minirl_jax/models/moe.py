@@ -118,10 +118,9 @@ def _ragged_ffn(x_AD, group_sizes_E, p):
   return dot(h, p["w_down"])
 
 
-def _dense_ffn(x_ND, e_A, p, k):
+def _dense_ffn(x_ND, e_A, p, k, num_experts):
   """Every token through every expert, each expert's weights read once; then the row of
   each assignment. E / k times the FLOPs of the grouped kernels: for decode-shaped calls."""
-  num_experts = jax.tree.leaves(p["w_gate"])[0].shape[0]
   # Broadcasting x over the experts makes E a batch axis of both operands: contracting
   # "nd,edf" directly has XLA transpose every expert's weights (a copy of them) per call.
   x_END = jnp.broadcast_to(x_ND, (num_experts, *x_ND.shape))
@@ -135,7 +134,7 @@ def _local_ffn(x_ND, e_A, p, *, k=1, impl, max_block, dense_max_group=0):
   (w_gate, w_up, w_down [E, ...]); returns [A, D]."""
   num_experts = jax.tree.leaves(p["w_gate"])[0].shape[0]
   if uses_dense_pass(e_A.shape[0], num_experts, dense_max_group):
-    return _dense_ffn(x_ND, e_A, p, k)
+    return _dense_ffn(x_ND, e_A, p, k, num_experts)
   order_A = jnp.argsort(e_A, stable=True)
   e_sorted_A = e_A[order_A]
   x_sorted_AD = x_ND[order_A // k]

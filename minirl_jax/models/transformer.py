@@ -307,6 +307,7 @@ def hidden_states(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
 
   routings, kvs = [], []
   moe_at = dense_at = 0
+  per_layer = is_per_layer(params)
   for kind, start, stop in cfg.segments():
     n = stop - start
     attn_p = _cast(_layer_range(params["attn"], start, stop), cfg.dtype)
@@ -319,10 +320,8 @@ def hidden_states(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
       replay = None
       dense_at += n
     kv = None if kv_cache is None else tuple(
-        None if c is None else _layer_range(c, start, stop) for c in (
-            kv_cache.k_LBSGK, kv_cache.v_LBSGK, kv_cache.k_scale_LBSG1, kv_cache.v_scale_LBSG1))
+        None if c is None else _layer_range(c, start, stop) for _, c in _cache_fields(kv_cache))
     body = _layer_fn(kind, cfg, positions_BT, visible, attn_mask_BT, end)
-    per_layer = isinstance(attn_p, tuple)
     if cfg.remat:  # inside a scan CSE is no risk; unrolled, it would undo the remat
       body = jax.checkpoint(body, prevent_cse=per_layer)
     if per_layer:

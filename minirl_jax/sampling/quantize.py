@@ -120,8 +120,7 @@ def _convert(w, dtype, axes, name, group_size, embeddings):
 
 def describe(params) -> dict:
   """The `quantize` options `params` were made with, as `options` spells them."""
-  attn = params["attn"]
-  wq = attn[0]["wq"] if isinstance(attn, tuple) else attn["wq"]
+  wq = params["attn"][0]["wq"] if transformer.is_per_layer(params) else params["attn"]["wq"]
   if not linear.is_quantized(wq):
     return {"dtype": jnp.dtype(wq.dtype).name}
   found = {"dtype": wq.format.name,

@@ -73,6 +73,19 @@ def test_table_aggregates_seeds(tmp_path):
   assert "| b | 2 |" in (tmp_path / "table.md").read_text()
 
 
+def test_levels_group_level_variant_arms_in_grid_order(tmp_path):
+  row = lambda arm, acc: report.ArmRow(arm, 3, acc, 0.0, acc, 0.01, 0, None, 0.05, 1e-3, 9.0)
+  rows = [row("zero/minirl", 0.4), row("zero/no_is", 0.3), row("int4/minirl", 0.2),
+          row("int4/no_is", 0.1), row("int4/seq", 0.25)]
+  levels, variants = report.by_level(rows)
+  assert levels == ["zero", "int4"] and list(variants) == ["minirl", "no_is", "seq"]
+  assert [(x, r.final_accuracy) for x, r in variants["no_is"]] == [(0, 0.3), (1, 0.1)]
+  assert [x for x, _ in variants["seq"]] == [1]
+  assert report.by_level(rows + [row("plain_arm", 0.5)]) is None  # not a levelled grid
+  assert report.plot_levels(rows, str(tmp_path / "levels.png")) == str(tmp_path / "levels.png")
+  assert (tmp_path / "levels.png").stat().st_size > 0
+
+
 def test_plan_shares_cold_starts_and_names_run_dirs(tmp_path):
   grid = grids.get("coldstart")
   cold, arms = runner.plan(grid, 2, str(tmp_path))
@@ -92,7 +105,7 @@ def test_offpolicy_arms_keep_the_mini_batch_and_grow_n():
   for arm in grids.get("offpolicy").arms:
     n = int(arm.name.split("/")[0][1:])
     o = arm.overrides
-    assert o["rl.mini_batch_size"] == 64 and o["rl.prompts_per_step"] * 8 == n * 64
+    assert o["rl.mini_batch_size"] == 32 and o["rl.prompts_per_step"] * 8 == n * 32
 
 
 def test_quick_grid_runs_resumably_as_processes(tmp_path):
@@ -123,7 +136,7 @@ def test_quick_grid_runs_resumably_as_processes(tmp_path):
 def test_gap_grid_pairs_minirl_and_no_is_at_every_level_from_zero():
   arms = {a.name: a.overrides for a in grids.get("gap").arms}
   levels = [name.split("/")[0] for name in arms][:14:2]
-  assert levels == ["zero", "float32", "bfloat16", "float16", "int8", "fp8", "int4"]
+  assert levels == ["zero", "float32", "float16", "bfloat16", "int8", "fp8", "int4"]
   # the head-to-head at the widest gap: token-level IS vs sequence-level and geometric
   assert list(arms)[-2:] == ["int4/minirl_seq_tis", "int4/minirl_geo_mis"]
   assert arms["int4/minirl_geo_mis"]["objective.is_level"] == "geometric"

@@ -158,11 +158,58 @@ def plot_arms(arm_dirs: dict[str, list[str]], path: str, title: str = "") -> str
   return path
 
 
+def by_level(rows: list[ArmRow]) -> Optional[tuple[list[str], dict[str, list[tuple[int, ArmRow]]]]]:
+  """Arms named LEVEL/VARIANT (the gap grid's sampler formats, the off-policy grid's N):
+  (the levels in grid order, {variant: [(level index, row)]}); None for other grids."""
+  if not rows or not all("/" in r.arm for r in rows):
+    return None
+  levels = list(dict.fromkeys(r.arm.split("/", 1)[0] for r in rows))
+  variants = {}
+  for r in rows:
+    level, variant = r.arm.split("/", 1)
+    variants.setdefault(variant, []).append((levels.index(level), r))
+  return levels, variants
+
+
+def plot_levels(rows: list[ArmRow], path: str, title: str = "") -> Optional[str]:
+  """Final held-out accuracy (error bar = std over seeds) and max train-infer KL against
+  the level, one line per variant; None unless the arms are named LEVEL/VARIANT."""
+  grouped = by_level(rows)
+  if grouped is None:
+    return None
+  levels, variants = grouped
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  fig, (acc_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+  for variant, points in variants.items():
+    xs = [x for x, _ in points]
+    acc_ax.errorbar(xs, [r.final_accuracy for _, r in points], marker="o", capsize=3,
+                    yerr=[r.final_accuracy_std for _, r in points], label=variant)
+    kl_ax.plot(xs, [r.max_kl for _, r in points], marker="o", label=variant)
+  acc_ax.set(title="final held-out accuracy (mean ± std)")
+  # symlog: the zero-gap control's KL is exactly 0
+  kl_ax.set(title="max train-infer KL (k3), mean over seeds")
+  kl_ax.set_yscale("symlog", linthresh=1e-14)
+  for ax in (acc_ax, kl_ax):
+    ax.set_xticks(range(len(levels)), levels)
+    ax.grid(alpha=0.3)
+  acc_ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def write_report(grid: grids.Grid, seeds: int, workdir: str) -> dict:
-  """Table and figure of a finished grid; returns where they are and the rows."""
+  """Table and figures of a finished grid; returns where they are and the rows."""
   rows = write_table(grid, seeds, workdir)
+  title = f"{grid.name}: mean over {seeds} seed(s)"
   figure = plot_arms(finished_runs(grid, seeds, workdir), os.path.join(workdir, "curves.png"),
-                     f"{grid.name}: mean over {seeds} seed(s), band = min-max")
+                     f"{title}, band = min-max")
   return {"table_csv": os.path.join(workdir, "table.csv"),
           "table_md": os.path.join(workdir, "table.md"), "figure": figure,
+          "levels_figure": plot_levels(rows, os.path.join(workdir, "levels.png"), title),
           "rows": [dataclasses.asdict(r) for r in rows]}

@@ -22,7 +22,7 @@ from minirl_jax.rl import train_step
 from minirl_jax.sampling import quantize
 
 ZERO = "zero"
-LEVELS = ("float32", "bfloat16", "float16", "int8", "fp8", "int4")
+LEVELS = ("float32", "float16", "bfloat16", "int8", "fp8", "int4")  # narrowest gap first
 _COLUMNS = (("kl_k1", "KL k1", ".2e"), ("kl_k3", "KL k3", ".2e"), ("is_p99", "IS p99", ".4f"),
             ("is_max", "IS max", ".4f"), ("tis_frac_truncated", "TIS trunc", ".2e"),
             ("routing_disagreement_mean", "route dis", ".4f"),

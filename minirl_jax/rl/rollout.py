@@ -43,7 +43,7 @@ def sample(sampler_params, prompts: dict, key: jax.Array, *, group_size: int,
   """Generates `group_size` responses per prompt; a prompt's group is contiguous.
 
   Args:
-    sampler_params: `sampling.quantize(params, sampler_cfg.dtype, axes)`.
+    sampler_params: `quantize.for_sampler(params, sampler_cfg, axes)`.
     prompts: this process's rows of a prompt batch (`prompt_tokens` left-padded,
       `prompt_mask`), as the grain pipelines yield them.
     key: sampling key; the same key gives the same rollout.

@@ -190,3 +190,13 @@ def test_early_warning_leads_by_the_stated_thresholds(tmp_path):
   out = early_warning.write(runs, str(tmp_path))
   assert "| arm/seed_0 | 20 | +11 | +8 | never | +4 |" in open(out["early_warning_md"]).read()
   assert os.path.getsize(out["early_warning_figure"]) > 10_000
+
+
+def test_a_signal_logged_every_10_steps_takes_its_first_value_as_baseline():
+  series = [(10, 0.01), (20, 0.015), (30, 0.03)]  # 1 - cosine at steps 10, 20, 30
+  assert early_warning.baseline(series) == (0.01, 10)
+  assert early_warning.baseline([(2, 0.1), (4, 0.3), (6, 5.0)]) == (pytest.approx(0.2), 5)
+  assert early_warning.baseline([]) is None
+  records = [{"step": s, "is/grad_cosine_token_seq_last": 1 - v} for s, v in series]
+  assert early_warning.crossing_step(records, "is/grad_cosine_token_seq_last",
+                                     lambda v: 1.0 - v) == 30

@@ -3,7 +3,10 @@ collapsed (`report.collapse_step`).
 
 Thresholds, fixed before any grid was run: a signal's baseline is its median over RL steps
 1..BASELINE_STEPS; it crosses at the first later step where it has deteriorated by a factor
-of FACTOR from that baseline, in the direction that signals trouble:
+of FACTOR from that baseline, in the direction that signals trouble. A signal logged less
+often than every step (the gradient cosine: every `objective.grad_cosine_every` steps) has no
+value in that window; its baseline is its first value (a fix made after the on-policy grid,
+whose report had never evaluated the cosine). The signals:
 - first-order error (`is/first_order_error`): rises above FACTOR x baseline (the paper's
   theory: J_token is a first-order approximation of J_seq while this error is small);
 - gradient cosine J_token vs J_seq on the last mini-batch (`is/grad_cosine_token_seq_last`):
@@ -43,16 +46,25 @@ def _badness(records, metric, transform) -> list[tuple[int, float]]:
           if r["step"] > 0 and metric in r]
 
 
+def baseline(series: list[tuple[int, float]]) -> Optional[tuple[float, int]]:
+  """(baseline badness, last step of its window), or None for an empty series: the median
+  over steps 1..BASELINE_STEPS, else the first value (module docstring)."""
+  window = [(step, v) for step, v in series if step <= BASELINE_STEPS] or series[:1]
+  if not window:
+    return None
+  return float(np.median([v for _, v in window])), max(BASELINE_STEPS, window[-1][0])
+
+
 def crossing_step(records: list[dict], metric: str, transform=lambda v: v) -> Optional[int]:
   """The first step after the baseline window where the signal's badness exceeds FACTOR x
   its baseline (module docstring), or None."""
   series = _badness(records, metric, transform)
-  base = [v for step, v in series if step <= BASELINE_STEPS]
-  if not base:
+  base = baseline(series)
+  if base is None:
     return None
-  baseline = float(np.median(base))
+  value_0, window_end = base
   for step, value in series:
-    if step > BASELINE_STEPS and value > FACTOR * baseline and value > 0:
+    if step > window_end and value > FACTOR * value_0 and value > 0:
       return step
   return None
 
@@ -100,10 +112,7 @@ def write(run_dirs: dict[str, list[str]], workdir: str) -> dict:
 def _plot(run_dirs: dict[str, list[str]], path: str) -> str:
   """Each signal's badness over its baseline against RL step, one line per run; the
   threshold FACTOR dashed; a collapsed run's collapse step marked with an x."""
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-  fig, axes = plt.subplots(1, len(SIGNALS), figsize=(4.2 * len(SIGNALS), 3.4))
+  fig, axes = report.panels(len(SIGNALS))
   for arm_index, (arm, dirs) in enumerate(run_dirs.items()):
     color = f"C{arm_index % 10}"
     for k, run_dir in enumerate(dirs):
@@ -111,20 +120,15 @@ def _plot(run_dirs: dict[str, list[str]], path: str) -> str:
       collapse = report.collapse_step(records)
       for ax, (metric, label, transform) in zip(axes, SIGNALS):
         series = _badness(records, metric, transform)
-        base = [v for step, v in series if step <= BASELINE_STEPS]
-        if not base or np.median(base) <= 0:
+        base = baseline(series)
+        if base is None or base[0] <= 0:
           continue
         steps = [s for s, _ in series]
-        ratio = [v / float(np.median(base)) for _, v in series]
+        ratio = [v / base[0] for _, v in series]
         ax.plot(steps, ratio, color=color, alpha=0.7, lw=1, label=arm if k == 0 else None)
         if collapse is not None and collapse in steps:
           ax.plot(collapse, ratio[steps.index(collapse)], "x", color=color, ms=8)
         ax.set(xlabel="RL step", title=f"{label} / baseline", yscale="log")
   for ax in axes:
     ax.axhline(FACTOR, ls="--", color="k", lw=0.8)
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return report.save_figure(fig, axes, path, legend_size=6)

@@ -129,12 +129,31 @@ def write_table(grid: grids.Grid, seeds: int, workdir: str) -> list[ArmRow]:
   return rows
 
 
-def plot_arms(arm_dirs: dict[str, list[str]], path: str, title: str = "") -> str:
-  """The four panels against RL step: per arm the mean over its seeds, min-max band."""
+def panels(n: int, width: float = 4.2, height: float = 3.4):
+  """(figure, axes): n panels in a row, drawn off-screen."""
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
-  fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+  return plt.subplots(1, n, figsize=(width * n, height))
+
+
+def save_figure(fig, axes, path: str, title: str = "", legend_size: int = 7) -> str:
+  """Grid lines, the legend in the first panel, the title; writes the PNG and closes."""
+  from matplotlib import pyplot as plt
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=legend_size)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_arms(arm_dirs: dict[str, list[str]], path: str, title: str = "") -> str:
+  """The four panels against RL step: per arm the mean over its seeds, min-max band."""
+  fig, axes = panels(len(PANELS))
   for arm, dirs in arm_dirs.items():
     runs = [rl_records(d) for d in dirs]
     for ax, (key, label) in zip(axes, PANELS):
@@ -147,15 +166,7 @@ def plot_arms(arm_dirs: dict[str, list[str]], path: str, title: str = "") -> str
       ax.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.2,
                       color=line.get_color())
       ax.set(xlabel="RL step", title=label)
-  for ax in axes:
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=7)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save_figure(fig, axes, path, title)
 
 
 def by_level(rows: list[ArmRow]) -> Optional[tuple[list[str], dict[str, list[tuple[int, ArmRow]]]]]:
@@ -178,10 +189,7 @@ def plot_levels(rows: list[ArmRow], path: str, title: str = "") -> Optional[str]
   if grouped is None:
     return None
   levels, variants = grouped
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-  fig, (acc_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+  fig, (acc_ax, kl_ax) = panels(2, width=5.0, height=3.6)
   for variant, points in variants.items():
     xs = [x for x, _ in points]
     acc_ax.errorbar(xs, [r.final_accuracy for _, r in points], marker="o", capsize=3,
@@ -193,14 +201,7 @@ def plot_levels(rows: list[ArmRow], path: str, title: str = "") -> Optional[str]
   kl_ax.set_yscale("symlog", linthresh=1e-14)
   for ax in (acc_ax, kl_ax):
     ax.set_xticks(range(len(levels)), levels)
-    ax.grid(alpha=0.3)
-  acc_ax.legend(fontsize=7)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save_figure(fig, (acc_ax, kl_ax), path, title)
 
 
 def write_report(grid: grids.Grid, seeds: int, workdir: str) -> dict:

@@ -182,13 +182,22 @@ def test_early_warning_leads_by_the_stated_thresholds(tmp_path):
   _write_run(tmp_path / "arm" / "seed_0", records)
   _write_run(tmp_path / "calm" / "seed_0", [
       {"step": 0, "eval/accuracy": 0.3}, _rl(1, acc=0.3), _rl(2, acc=0.31)])
-  runs = {"arm": [str(tmp_path / "arm" / "seed_0")], "calm": [str(tmp_path / "calm" / "seed_0")]}
+  # never collapses, but its KL rises x5 after the baseline window: a false alarm
+  _write_run(tmp_path / "calm" / "seed_1", [{"step": 0, "eval/accuracy": 0.3}] + [
+      _rl(step, acc=0.3 if step % 5 == 0 else None, kl=1e-3 if step <= 5 else 5e-3)
+      for step in range(1, 11)])
+  runs = {"arm": [str(tmp_path / "arm" / "seed_0")],
+          "calm": [str(tmp_path / "calm" / "seed_0"), str(tmp_path / "calm" / "seed_1")]}
   leads = early_warning.warnings_for(runs)
   assert len(leads) == 1 and leads[0].run == "arm/seed_0" and leads[0].collapse_step == 20
   assert leads[0].leads == {"is/first_order_error": 11, "is/grad_cosine_token_seq_last": 8,
                             "mismatch/kl_k3": None, "policy/entropy": 4}
   out = early_warning.write(runs, str(tmp_path))
   assert "| arm/seed_0 | 20 | +11 | +8 | never | +4 |" in open(out["early_warning_md"]).read()
+  assert out["false_alarms"]["mismatch/kl_k3"] == (1, 2)  # calm/seed_1's KL
+  assert out["false_alarms"]["policy/entropy"] == (0, 2)
+  assert "| runs that never collapsed: crossed anyway | - | 0/2 | 0/2 | 1/2 | 0/2 |" in (
+      open(out["early_warning_md"]).read())
   assert os.path.getsize(out["early_warning_figure"]) > 10_000
 
 

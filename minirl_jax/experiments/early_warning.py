@@ -86,6 +86,15 @@ def warnings_for(run_dirs: dict[str, list[str]]) -> list[Lead]:
   return rows
 
 
+def false_alarms(run_dirs: dict[str, list[str]]) -> dict[str, tuple[int, int]]:
+  """Per signal (crossed, runs) over the runs that never collapsed: how often a signal
+  crosses without a collapse following, which a lead alone does not show."""
+  stable = [r for r in (report.rl_records(d) for dirs in run_dirs.values() for d in dirs)
+            if report.collapse_step(r) is None]
+  return {metric: (sum(crossing_step(r, metric, transform) is not None for r in stable),
+                   len(stable)) for metric, _, transform in SIGNALS}
+
+
 def write(run_dirs: dict[str, list[str]], workdir: str) -> dict:
   """DIR/early_warning.{csv,md} and DIR/early_warning.png; returns their paths."""
   rows = warnings_for(run_dirs)
@@ -102,11 +111,15 @@ def write(run_dirs: dict[str, list[str]], workdir: str) -> dict:
             + " |" for r in rows]
   if not rows:
     lines.append("| (no run collapsed) |" + " |" * (len(SIGNALS) + 1))
+  alarms = false_alarms(run_dirs)
+  lines.append("| runs that never collapsed: crossed anyway | - | "
+               + " | ".join(f"{alarms[m][0]}/{alarms[m][1]}" for m in metrics) + " |")
   with open(os.path.join(workdir, "early_warning.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   figure = _plot(run_dirs, os.path.join(workdir, "early_warning.png"))
   return {"early_warning_md": os.path.join(workdir, "early_warning.md"),
-          "early_warning_figure": figure, "collapsed_runs": len(rows)}
+          "early_warning_figure": figure, "collapsed_runs": len(rows),
+          "false_alarms": alarms}
 
 
 def _plot(run_dirs: dict[str, list[str]], path: str) -> str:

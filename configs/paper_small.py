@@ -13,7 +13,8 @@ step and the final `#answer` are right.
 
 Model: ~977k parameters (313k active per token), 3 MoE layers of 8 experts, top-2.
 RL: 8 prompts x 8 responses, one mini-batch of 64 (N = 1, on-policy); the off-policy grid
-raises prompts_per_step at mini-batch 64.
+sets mini-batch 32 and raises prompts_per_step with N. Checkpoints every 10 steps, so an arm
+cut off (a session's end, a preemption) resumes near where it stopped; resume is bit-exact.
 
 Sampler: fp8 (the paper's FP8 inference against a float32 trainer; README "A gap you can
 dial" says why the grids run there).
@@ -45,4 +46,5 @@ def get_config():
   # Stops at target_accuracy (held-out, temperature 1), evaluated every 25 steps.
   config.sft.update(max_steps=1000, batch_size=64, eval_every=25, eval_size=128,
                     target_accuracy=0.3)
+  config.checkpoint.update(every=10)
   return config

@@ -169,17 +169,17 @@ def plot_arms(arm_dirs: dict[str, list[str]], path: str, title: str = "") -> str
   return save_figure(fig, axes, path, title)
 
 
-def by_level(rows: list[ArmRow]) -> Optional[tuple[list[str], dict[str, list[tuple[int, ArmRow]]]]]:
+def by_level(rows: list[ArmRow]):
   """Arms named LEVEL/VARIANT (the gap grid's sampler formats, the off-policy grid's N):
   (the levels in grid order, {variant: [(level index, row)]}); None for other grids."""
   if not rows or not all("/" in r.arm for r in rows):
     return None
-  levels = list(dict.fromkeys(r.arm.split("/", 1)[0] for r in rows))
-  variants = {}
+  levels, variants = {}, {}
   for r in rows:
     level, variant = r.arm.split("/", 1)
-    variants.setdefault(variant, []).append((levels.index(level), r))
-  return levels, variants
+    x = levels.setdefault(level, len(levels))
+    variants.setdefault(variant, []).append((x, r))
+  return list(levels), variants
 
 
 def plot_levels(rows: list[ArmRow], path: str, title: str = "") -> Optional[str]:

@@ -188,7 +188,7 @@ def test_early_warning_leads_by_the_stated_thresholds(tmp_path):
       for step in range(1, 11)])
   runs = {"arm": [str(tmp_path / "arm" / "seed_0")],
           "calm": [str(tmp_path / "calm" / "seed_0"), str(tmp_path / "calm" / "seed_1")]}
-  leads = early_warning.warnings_for(runs)
+  leads = early_warning.warnings_for(early_warning.load(runs))
   assert len(leads) == 1 and leads[0].run == "arm/seed_0" and leads[0].collapse_step == 20
   assert leads[0].leads == {"is/first_order_error": 11, "is/grad_cosine_token_seq_last": 8,
                             "mismatch/kl_k3": None, "policy/entropy": 4}

@@ -34,6 +34,25 @@ SIGNALS = (("is/first_order_error", "first-order error", lambda v: v),
            ("policy/entropy", "1 / entropy", lambda v: 1.0 / max(v, 1e-12)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+  arm: str
+  name: str  # ARM/seed_K
+  records: list[dict]  # its RL records
+  collapse_step: Optional[int]
+
+
+def load(run_dirs: dict[str, list[str]]) -> list[Run]:
+  """Each run's RL records and collapse step, read once for the table, alarms and figure."""
+  runs = []
+  for arm, dirs in run_dirs.items():
+    for run_dir in dirs:
+      records = report.rl_records(run_dir)
+      runs.append(Run(arm, f"{arm}/{os.path.basename(run_dir)}", records,
+                      report.collapse_step(records)))
+  return runs
+
+
 @dataclasses.dataclass
 class Lead:
   run: str
@@ -69,35 +88,32 @@ def crossing_step(records: list[dict], metric: str, transform=lambda v: v) -> Op
   return None
 
 
-def warnings_for(run_dirs: dict[str, list[str]]) -> list[Lead]:
-  """One row per collapsed run of every arm."""
+def warnings_for(runs: list[Run]) -> list[Lead]:
+  """One row per collapsed run."""
   rows = []
-  for arm, dirs in run_dirs.items():
-    for run_dir in dirs:
-      records = report.rl_records(run_dir)
-      collapse = report.collapse_step(records)
-      if collapse is None:
-        continue
-      leads = {}
-      for metric, _, transform in SIGNALS:
-        crossed = crossing_step(records, metric, transform)
-        leads[metric] = None if crossed is None else collapse - crossed
-      rows.append(Lead(f"{arm}/{os.path.basename(run_dir)}", collapse, leads))
+  for run in runs:
+    if run.collapse_step is None:
+      continue
+    leads = {}
+    for metric, _, transform in SIGNALS:
+      crossed = crossing_step(run.records, metric, transform)
+      leads[metric] = None if crossed is None else run.collapse_step - crossed
+    rows.append(Lead(run.name, run.collapse_step, leads))
   return rows
 
 
-def false_alarms(run_dirs: dict[str, list[str]]) -> dict[str, tuple[int, int]]:
+def false_alarms(runs: list[Run]) -> dict[str, tuple[int, int]]:
   """Per signal (crossed, runs) over the runs that never collapsed: how often a signal
   crosses without a collapse following, which a lead alone does not show."""
-  stable = [r for r in (report.rl_records(d) for dirs in run_dirs.values() for d in dirs)
-            if report.collapse_step(r) is None]
+  stable = [run.records for run in runs if run.collapse_step is None]
   return {metric: (sum(crossing_step(r, metric, transform) is not None for r in stable),
                    len(stable)) for metric, _, transform in SIGNALS}
 
 
 def write(run_dirs: dict[str, list[str]], workdir: str) -> dict:
   """DIR/early_warning.{csv,md} and DIR/early_warning.png; returns their paths."""
-  rows = warnings_for(run_dirs)
+  runs = load(run_dirs)
+  rows = warnings_for(runs)
   metrics = [m for m, _, _ in SIGNALS]
   with open(os.path.join(workdir, "early_warning.csv"), "w", newline="",
             encoding="utf-8") as f:
@@ -111,37 +127,38 @@ def write(run_dirs: dict[str, list[str]], workdir: str) -> dict:
             + " |" for r in rows]
   if not rows:
     lines.append("| (no run collapsed) |" + " |" * (len(SIGNALS) + 1))
-  alarms = false_alarms(run_dirs)
+  alarms = false_alarms(runs)
   lines.append("| runs that never collapsed: crossed anyway | - | "
                + " | ".join(f"{alarms[m][0]}/{alarms[m][1]}" for m in metrics) + " |")
   with open(os.path.join(workdir, "early_warning.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
-  figure = _plot(run_dirs, os.path.join(workdir, "early_warning.png"))
+  figure = _plot(runs, os.path.join(workdir, "early_warning.png"))
   return {"early_warning_md": os.path.join(workdir, "early_warning.md"),
           "early_warning_figure": figure, "collapsed_runs": len(rows),
           "false_alarms": alarms}
 
 
-def _plot(run_dirs: dict[str, list[str]], path: str) -> str:
+def _plot(runs: list[Run], path: str) -> str:
   """Each signal's badness over its baseline against RL step, one line per run; the
   threshold FACTOR dashed; a collapsed run's collapse step marked with an x."""
   fig, axes = report.panels(len(SIGNALS))
-  for arm_index, (arm, dirs) in enumerate(run_dirs.items()):
-    color = f"C{arm_index % 10}"
-    for k, run_dir in enumerate(dirs):
-      records = report.rl_records(run_dir)
-      collapse = report.collapse_step(records)
-      for ax, (metric, label, transform) in zip(axes, SIGNALS):
-        series = _badness(records, metric, transform)
-        base = baseline(series)
-        if base is None or base[0] <= 0:
-          continue
-        steps = [s for s, _ in series]
-        ratio = [v / base[0] for _, v in series]
-        ax.plot(steps, ratio, color=color, alpha=0.7, lw=1, label=arm if k == 0 else None)
-        if collapse is not None and collapse in steps:
-          ax.plot(collapse, ratio[steps.index(collapse)], "x", color=color, ms=8)
-        ax.set(xlabel="RL step", title=f"{label} / baseline", yscale="log")
+  colors, labelled = {}, set()
+  for run in runs:
+    color = colors.setdefault(run.arm, f"C{len(colors) % 10}")
+    label = None if run.arm in labelled else run.arm
+    labelled.add(run.arm)
+    for ax, (metric, title, transform) in zip(axes, SIGNALS):
+      series = _badness(run.records, metric, transform)
+      base = baseline(series)
+      if base is None or base[0] <= 0:
+        continue
+      steps = [s for s, _ in series]
+      ratio = [v / base[0] for _, v in series]
+      ax.plot(steps, ratio, color=color, alpha=0.7, lw=1, label=label)
+      if run.collapse_step in steps:
+        ax.plot(run.collapse_step, ratio[steps.index(run.collapse_step)], "x", color=color,
+                ms=8)
+      ax.set(xlabel="RL step", title=f"{title} / baseline", yscale="log")
   for ax in axes:
     ax.axhline(FACTOR, ls="--", color="k", lw=0.8)
   return report.save_figure(fig, axes, path, legend_size=6)

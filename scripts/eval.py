@@ -18,7 +18,6 @@ from minirl_jax.rl import checkpointing
 from minirl_jax.rl import data as rl_data
 from minirl_jax.rl import rollout
 from minirl_jax.rl import settings
-from minirl_jax.rl import state as state_lib
 from minirl_jax.rl import step
 
 _CONFIG = config_base.define_config_flag(__file__)
@@ -34,8 +33,7 @@ def main(argv):
   s = settings.from_config(_CONFIG.value)
   mesh = sharding.make_mesh(s.mesh)
   data = rl_data.build(s)
-  state, progress = checkpointing.read_latest(_WORKDIR.value, s.checkpoint,
-                                              state_lib.abstract_state(s, mesh))
+  state, progress = checkpointing.read_latest(_WORKDIR.value, s, mesh)
   size = _SIZE.value or s.data.eval_size
   fns = step.bind(s, mesh, data.tokenizer, data.reward_fn)
   try:

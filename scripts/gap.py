@@ -21,7 +21,6 @@ from minirl_jax import sharding
 from minirl_jax.rl import checkpointing
 from minirl_jax.rl import data as rl_data
 from minirl_jax.rl import settings
-from minirl_jax.rl import state as state_lib
 from minirl_jax.rl import gap
 
 _CONFIG = config_base.define_config_flag(__file__)
@@ -45,8 +44,7 @@ def main(argv):
       gap.parse_level(level)  # fail before restoring anything
   mesh = sharding.make_mesh(s.mesh)
   data = rl_data.build(s)
-  state, progress = checkpointing.read_latest(_WORKDIR.value, s.checkpoint,
-                                              state_lib.abstract_state(s, mesh))
+  state, progress = checkpointing.read_latest(_WORKDIR.value, s, mesh)
   prompts = _PROMPTS.value or s.rl.prompts_per_step
   samples = _SAMPLES.value or s.rl.group_size
   batches = list(itertools.islice(

@@ -39,8 +39,7 @@ def main(argv):
   data = rl_data.build(s)
   progress = "initial params"
   if _WORKDIR.value:
-    state, progress = checkpointing.read_latest(_WORKDIR.value, s.checkpoint,
-                                                state_lib.abstract_state(s, mesh))
+    state, progress = checkpointing.read_latest(_WORKDIR.value, s, mesh)
   else:
     state, _ = state_lib.create(s, mesh, jax.random.fold_in(jax.random.key(s.seed), 0))
   tok, fmt = data.tokenizer, data.format_prompt or (lambda text: text)

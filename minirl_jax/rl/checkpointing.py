@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 
 from minirl_jax import checkpoint
 from minirl_jax import errors
+from minirl_jax.rl import state as state_lib
 
 ITEMS = ("state", "progress", "sft_data", "rl_data")
 
@@ -113,17 +114,18 @@ def _one_line(error: Exception) -> str:
   return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def read_latest(workdir: str, cfg, abstract_state):
-  """The newest checkpoint of a training workdir: (state, Progress), without its iterators.
+def read_latest(workdir: str, s, mesh):
+  """The newest checkpoint of a training workdir, restored for settings `s` on `mesh`:
+  (state, Progress), without its iterators.
 
   Raises errors.MissingPath (and creates nothing) when the workdir holds no checkpoint.
   """
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise errors.MissingPath(f"no checkpoint under {os.path.abspath(directory)}")
-  mngr = Manager(directory, cfg, create=False)
+  mngr = Manager(directory, s.checkpoint, create=False)
   try:
-    restored = mngr.restore_latest(abstract_state)
+    restored = mngr.restore_latest(state_lib.abstract_state(s, mesh))
   finally:
     mngr.close()
   if restored is None:

@@ -64,17 +64,19 @@ def test_table_aggregates_seeds(tmp_path):
   assert list(rows) == ["a", "b", "c"] and rows["c"].seeds == 1
   assert rows["c"].peak_accuracy == pytest.approx(0.7)
   a, b = rows["a"], rows["b"]
-  assert (a.peak_accuracy, a.final_accuracy) == pytest.approx((0.5, 0.4))
+  assert (a.start_accuracy, a.peak_accuracy, a.final_accuracy) == pytest.approx((0.2, 0.5, 0.4))
   assert a.peak_accuracy_std == pytest.approx(0.1) and a.max_kl == pytest.approx(2e-3)
   assert a.collapsed == 0 and b.collapsed == 2 and b.collapse_step_median == 2
   assert b.final_entropy == pytest.approx(0.5) and a.wall_s == 10.0
   with open(tmp_path / "table.csv") as f:
     assert [r["arm"] for r in csv.DictReader(f)] == ["a", "b", "c"]
-  assert "| b | 2 |" in (tmp_path / "table.md").read_text()
+  assert "| b | 2 | 0.200 ± 0.000 | 0.500 ± 0.000 | 0.100 ± 0.000 | 2/2 (2) |" in (
+      tmp_path / "table.md").read_text()
 
 
 def test_levels_group_level_variant_arms_in_grid_order(tmp_path):
-  row = lambda arm, acc: report.ArmRow(arm, 3, acc, 0.0, acc, 0.01, 0, None, 0.05, 1e-3, 9.0)
+  row = lambda arm, acc: report.ArmRow(arm, 3, 0.3, 0.0, acc, 0.0, acc, 0.01, 0, None, 0.05,
+                                       1e-3, 9.0)
   rows = [row("zero/minirl", 0.4), row("zero/no_is", 0.3), row("int4/minirl", 0.2),
           row("int4/no_is", 0.1), row("int4/seq", 0.25)]
   levels, variants = report.by_level(rows)

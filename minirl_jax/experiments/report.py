@@ -55,6 +55,8 @@ def collapse_step(records: list[dict]) -> Optional[int]:
 class ArmRow:
   arm: str
   seeds: int
+  start_accuracy: float  # the first evaluation, RL step 0: where the cold start stands
+  start_accuracy_std: float
   peak_accuracy: float
   peak_accuracy_std: float
   final_accuracy: float
@@ -73,12 +75,13 @@ def _series(records, key):
 def arm_row(arm: str, run_dirs: list[str]) -> ArmRow:
   runs = [rl_records(d) for d in run_dirs]
   accs = [[v for _, v in _series(r, "eval/accuracy")] for r in runs]
-  peaks, finals = [max(a) for a in accs], [a[-1] for a in accs]
+  starts, peaks, finals = [a[0] for a in accs], [max(a) for a in accs], [a[-1] for a in accs]
   steps = [collapse_step(r) for r in runs]
   collapsed = [s for s in steps if s is not None]
   walls = [runner_summary(d).get("wall_s", float("nan")) for d in run_dirs]
   return ArmRow(
-      arm=arm, seeds=len(runs), peak_accuracy=float(np.mean(peaks)),
+      arm=arm, seeds=len(runs), start_accuracy=float(np.mean(starts)),
+      start_accuracy_std=float(np.std(starts)), peak_accuracy=float(np.mean(peaks)),
       peak_accuracy_std=float(np.std(peaks)), final_accuracy=float(np.mean(finals)),
       final_accuracy_std=float(np.std(finals)), collapsed=len(collapsed),
       collapse_step_median=float(np.median(collapsed)) if collapsed else None,
@@ -116,12 +119,13 @@ def write_table(grid: grids.Grid, seeds: int, workdir: str) -> list[ArmRow]:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     writer.writerows(dataclasses.asdict(r) for r in rows)
-  lines = ["| arm | seeds | peak acc | final acc | collapsed (step) | final entropy | "
-           "max KL | wall s |", "|---|---|---|---|---|---|---|---|"]
+  lines = ["| arm | seeds | start acc | peak acc | final acc | collapsed (step) | "
+           "final entropy | max KL | wall s |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     when = f" ({r.collapse_step_median:.0f})" if r.collapsed else ""
     lines.append(
-        f"| {r.arm} | {r.seeds} | {r.peak_accuracy:.3f} ± {r.peak_accuracy_std:.3f} | "
+        f"| {r.arm} | {r.seeds} | {r.start_accuracy:.3f} ± {r.start_accuracy_std:.3f} | "
+        f"{r.peak_accuracy:.3f} ± {r.peak_accuracy_std:.3f} | "
         f"{r.final_accuracy:.3f} ± {r.final_accuracy_std:.3f} | {r.collapsed}/{r.seeds}{when}"
         f" | {r.final_entropy:.3g} | {r.max_kl:.2e} | {r.wall_s:.0f} |")
   with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:

@@ -169,6 +169,38 @@ def test_a_run_the_guard_stopped_is_a_result_and_a_crash_is_a_failure(tmp_path, 
   assert (tmp_path / "b" / "log.txt").exists()
 
 
+def test_arms_start_when_their_own_cold_start_is_done(tmp_path, monkeypatch):
+  # A fake train.py: records when it started and ended, sleeps --sleep s, leaves a
+  # checkpoint dir and metrics for its arms to branch from, exits with --exit.
+  code = """import json, os, sys, time
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+workdir = args["workdir"]
+open(os.path.join(workdir, "started"), "w").write(repr(time.time()))
+time.sleep(float(args.get("sleep", 0)))
+os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+open(os.path.join(workdir, "metrics.jsonl"), "a").close()
+open(os.path.join(workdir, "ended"), "w").write(repr(time.time()))
+print(json.dumps({"rl_steps": 0}))
+sys.exit(int(args.get("exit", 0)))"""
+  popen = subprocess.Popen
+  monkeypatch.setattr(runner.subprocess, "Popen",
+                      lambda cmd, **kw: popen([sys.executable, "-c", code, *cmd[2:]], **kw))
+  run = lambda name: str(tmp_path / name)
+  slow_bad = runner.Job(run("cold_a"), ("--sleep=3", "--exit=1"))
+  fast = runner.Job(run("cold_b"), ())
+  arms = [runner.Job(run("a1"), (), cold_start=slow_bad.workdir),
+          runner.Job(run("b1"), (), cold_start=fast.workdir),
+          runner.Job(run("b2"), (), cold_start=fast.workdir)]
+  with pytest.raises(RuntimeError, match=r"2 run\(s\) failed:\n.*cold_a failed \(exit 1\)"
+                     r".*\n.*a1 not run: its cold start .*cold_a did not finish"):
+    runner.run_jobs([slow_bad, fast, *arms], base_config="configs/smoke.py", root=str(ROOT),
+                    max_jobs=2, desc="t", progress=False)
+  read = lambda name, what: float((tmp_path / name / what).read_text())
+  assert read("b1", "started") < read("cold_a", "ended")  # did not wait for the other start
+  assert [j.done for j in arms] == [False, True, True]
+  assert not (tmp_path / "a1" / "started").exists()
+
+
 def test_early_warning_leads_by_the_stated_thresholds(tmp_path):
   # Baseline (steps 1-5): first-order error 0.1, cosine 0.95, KL 1e-3, entropy 0.4.
   records = [{"step": 0, "eval/accuracy": 0.3}]

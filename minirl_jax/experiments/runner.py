@@ -27,6 +27,10 @@ from minirl_jax.experiments import grids
 SUMMARY = "summary.json"
 
 
+def _done(run_dir: str) -> bool:
+  return os.path.exists(os.path.join(run_dir, SUMMARY))
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   """One process: a run directory and the flags that define it."""
@@ -36,7 +40,7 @@ class Job:
 
   @property
   def done(self) -> bool:
-    return os.path.exists(os.path.join(self.workdir, SUMMARY))
+    return _done(self.workdir)
 
 
 def _key(overrides) -> str:
@@ -118,17 +122,33 @@ class _Process:
 
 def run_jobs(jobs: list[Job], *, base_config: str, root: str, max_jobs: int,
              desc: str, progress: bool = True) -> None:
-  """Runs the unfinished jobs, at most `max_jobs` at once. A failed job does not stop the
-  others (a long grid keeps going unattended); the failures are raised together at the end."""
+  """Runs the unfinished jobs in order, at most `max_jobs` at once; a job waits for its
+  cold start if that is among the jobs, so arms start as soon as their own cold start has
+  finished. A failed job does not stop the others (a long grid keeps going unattended); the
+  failures are raised together at the end, and the arms of a failed cold start with them."""
   todo = [j for j in jobs if not j.done]
   bar = tqdm.tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc,
                   disable=not progress, dynamic_ncols=True)
   running: list[_Process] = []
   failures = []
+
+  def pending(run_dir):
+    return any(j.workdir == run_dir for j in todo) or any(
+        p.job.workdir == run_dir for p in running)
+
   try:
     while todo or running:
-      while todo and len(running) < max_jobs:
-        running.append(_Process(todo.pop(0), base_config, root))
+      for job in [j for j in todo if j.cold_start and not _done(j.cold_start)
+                  and not pending(j.cold_start)]:
+        todo.remove(job)
+        failures.append(f"{job.workdir} not run: its cold start {job.cold_start} did not "
+                        "finish")
+        bar.update(1)
+      ready = [j for j in todo if not j.cold_start or _done(j.cold_start)]
+      while ready and len(running) < max_jobs:
+        job = ready.pop(0)
+        todo.remove(job)
+        running.append(_Process(job, base_config, root))
       time.sleep(0.2)
       for p in [p for p in running if p.proc.poll() is not None]:
         running.remove(p)
@@ -148,10 +168,9 @@ def run_jobs(jobs: list[Job], *, base_config: str, root: str, max_jobs: int,
 
 def run_grid(grid: grids.Grid, *, seeds: int, workdir: str, max_jobs: int, root: str,
              progress: bool = True) -> list[Job]:
-  """Cold starts first, then every arm x seed; returns the arm jobs (all finished)."""
+  """Cold starts first, then every arm x seed, each arm as soon as its cold start is
+  done; returns the arm jobs (all finished)."""
   cold, arms = plan(grid, seeds, workdir)
-  run_jobs(cold, base_config=grid.base_config, root=root, max_jobs=max_jobs,
-           desc=f"{grid.name}: cold starts", progress=progress)
-  run_jobs(arms, base_config=grid.base_config, root=root, max_jobs=max_jobs,
-           desc=f"{grid.name}: arms", progress=progress)
+  run_jobs(cold + arms, base_config=grid.base_config, root=root, max_jobs=max_jobs,
+           desc=f"{grid.name}: runs", progress=progress)
   return arms

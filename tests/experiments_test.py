@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -199,6 +200,31 @@ sys.exit(int(args.get("exit", 0)))"""
   assert read("b1", "started") < read("cold_a", "ended")  # did not wait for the other start
   assert [j.done for j in arms] == [False, True, True]
   assert not (tmp_path / "a1" / "started").exists()
+
+
+def test_a_stopped_grid_passes_sigterm_on_and_resumes_later(tmp_path, monkeypatch):
+  # A fake train.py that asks the grid to stop (as a preemption would), then, on SIGTERM,
+  # "saves a checkpoint" and exits with the signal's status, as train.py does.
+  code = """import os, signal, sys, time
+workdir = sys.argv[-1].split("=", 1)[1]
+def stop(signum, frame):
+  open(os.path.join(workdir, "checkpointed"), "w").close()
+  sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+os.kill(os.getppid(), signal.SIGTERM)
+time.sleep(60)"""
+  popen = subprocess.Popen
+  monkeypatch.setattr(runner.subprocess, "Popen",
+                      lambda cmd, **kw: popen([sys.executable, "-c", code, *cmd[2:]], **kw))
+  jobs = [runner.Job(str(tmp_path / f"run_{k}"), ()) for k in range(3)]
+  with pytest.raises(errors.RunStopped, match="SIGTERM: 2 running run.s. saved a checkpoint "
+                     "and stopped, 1 not started; run the same command") as stopped:
+    runner.run_jobs(jobs, base_config="configs/smoke.py", root=str(ROOT), max_jobs=2,
+                    desc="t", progress=False)
+  assert stopped.value.status == 128 + signal.SIGTERM
+  assert [(tmp_path / f"run_{k}" / "checkpointed").exists() for k in range(3)] == [
+      True, True, False]
+  assert not any(j.done for j in jobs)  # no summary: a rerun resumes them
 
 
 def test_early_warning_leads_by_the_stated_thresholds(tmp_path):

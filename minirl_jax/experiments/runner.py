@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import tqdm
 
 from minirl_jax import errors
 from minirl_jax.experiments import grids
+from minirl_jax.rl import loop
 
 SUMMARY = "summary.json"
 
@@ -119,13 +121,23 @@ class _Process:
     with open(os.path.join(self.job.workdir, SUMMARY), "w", encoding="utf-8") as f:
       json.dump(summary, f)
 
+  def stop(self) -> None:
+    """Passes SIGTERM on and waits: `train.py` saves a checkpoint after its current step and
+    exits; no summary, so a rerun resumes it."""
+    self.proc.terminate()
+    out, _ = self.proc.communicate()
+    self.log.write(out)
+    self.log.close()
+
 
 def run_jobs(jobs: list[Job], *, base_config: str, root: str, max_jobs: int,
              desc: str, progress: bool = True) -> None:
   """Runs the unfinished jobs in order, at most `max_jobs` at once; a job waits for its
   cold start if that is among the jobs, so arms start as soon as their own cold start has
   finished. A failed job does not stop the others (a long grid keeps going unattended); the
-  failures are raised together at the end, and the arms of a failed cold start with them."""
+  failures are raised together at the end, and the arms of a failed cold start with them.
+  SIGTERM / SIGINT (preemption, Ctrl-C) pass SIGTERM on to the running jobs, which save a
+  checkpoint and stop, and raise `errors.RunStopped`; a second SIGINT kills them at once."""
   todo = [j for j in jobs if not j.done]
   bar = tqdm.tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc,
                   disable=not progress, dynamic_ncols=True)
@@ -137,30 +149,40 @@ def run_jobs(jobs: list[Job], *, base_config: str, root: str, max_jobs: int,
         p.job.workdir == run_dir for p in running)
 
   try:
-    while todo or running:
-      for job in [j for j in todo if j.cold_start and not _done(j.cold_start)
-                  and not pending(j.cold_start)]:
-        todo.remove(job)
-        failures.append(f"{job.workdir} not run: its cold start {job.cold_start} did not "
-                        "finish")
-        bar.update(1)
-      ready = [j for j in todo if not j.cold_start or _done(j.cold_start)]
-      while ready and len(running) < max_jobs:
-        job = ready.pop(0)
-        todo.remove(job)
-        running.append(_Process(job, base_config, root))
-      time.sleep(0.2)
-      for p in [p for p in running if p.proc.poll() is not None]:
-        running.remove(p)
-        try:
-          p.finish()
-        except RuntimeError as e:
-          failures.append(str(e))
-        bar.update(1)
+    with loop.StopSignals() as signals:
+      while (todo or running) and signals.received is None:
+        for job in [j for j in todo if j.cold_start and not _done(j.cold_start)
+                    and not pending(j.cold_start)]:
+          todo.remove(job)
+          failures.append(f"{job.workdir} not run: its cold start {job.cold_start} did not "
+                          "finish")
+          bar.update(1)
+        ready = [j for j in todo if not j.cold_start or _done(j.cold_start)]
+        while ready and len(running) < max_jobs:
+          job = ready.pop(0)
+          todo.remove(job)
+          running.append(_Process(job, base_config, root))
+        time.sleep(0.2)
+        for p in [p for p in running if p.proc.poll() is not None]:
+          running.remove(p)
+          try:
+            p.finish()
+          except RuntimeError as e:
+            failures.append(str(e))
+          bar.update(1)
+      if signals.received is not None:
+        for p in running:
+          p.stop()
+        name = signal.Signals(signals.received).name
+        raise errors.RunStopped(
+            f"{name}: {len(running)} running run(s) saved a checkpoint and stopped, "
+            f"{len(todo)} not started; run the same command to resume",
+            status=128 + signals.received)
   finally:
     for p in running:
-      p.proc.kill()
-      p.proc.wait()
+      if p.proc.poll() is None:
+        p.proc.kill()
+        p.proc.wait()
     bar.close()
   if failures:
     raise RuntimeError(f"{len(failures)} run(s) failed:\n" + "\n".join(failures))

@@ -4,8 +4,11 @@
   python scripts/ablate.py --grid=onpolicy --seeds=3 --workdir=runs/onpolicy --jobs=1
   python scripts/ablate.py --grid=onpolicy --seeds=3 --workdir=runs/onpolicy --report_only
 Grids: minirl_jax/experiments/grids.py. Rerunning skips finished arms and resumes
-interrupted ones. Last line: one JSON object (table, figure, rows).
+interrupted ones. Grids with stated reading rules (gap, offpolicy, coldstart) also get
+verdicts.md (minirl_jax/experiments/rules.py). Last line: one JSON object (table, figures,
+rows, readings).
 """
+import dataclasses
 import json
 import os
 
@@ -16,6 +19,7 @@ from minirl_jax import errors
 from minirl_jax.experiments import early_warning
 from minirl_jax.experiments import grids
 from minirl_jax.experiments import report
+from minirl_jax.experiments import rules
 from minirl_jax.experiments import runner
 
 _GRID = flags.DEFINE_string("grid", "quick", f"One of {sorted(grids.GRIDS)}.")
@@ -41,7 +45,11 @@ def main(argv):
                     root=ROOT, progress=_PROGRESS.value)
   result = report.write_report(grid, _SEEDS.value, workdir)
   result.update(early_warning.write(report.finished_runs(grid, _SEEDS.value, workdir), workdir))
+  readings = rules.write(grid, _SEEDS.value, workdir)
   print(open(result["table_md"], encoding="utf-8").read())
+  if readings is not None:
+    print(open(os.path.join(workdir, "verdicts.md"), encoding="utf-8").read())
+    result["readings"] = [dataclasses.asdict(r) for r in readings]
   print(json.dumps({"grid": grid.name, "seeds": _SEEDS.value, **result}))
 
 

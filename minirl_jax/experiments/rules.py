@@ -1,0 +1,210 @@
+"""The grids' reading rules as code: each finished grid read by the rules that
+docs/results/README.md stated before its runs (its commit history dates them), so a verdict
+is computed from the runs, not judged from a figure.
+
+Shared by every rule:
+- a run collapses by `report.collapse_step`;
+- arm A is *ahead* of arm B when A collapses in at most 1 of its seeds while B collapses in
+  at least 2, or else when their mean final held-out accuracies (over the seeds both have)
+  differ by more than NOISE and every paired seed (same cold start, same RL seed) points
+  the same way. Otherwise no difference is shown.
+"""
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+
+from minirl_jax.experiments import grids
+from minirl_jax.experiments import report
+
+NOISE = 0.04  # the binomial noise of 128 held-out problems near 0.35
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One arm's finished runs, by RL seed."""
+  start: dict[int, float]  # held-out accuracy at RL step 0
+  final: dict[int, float]  # at the last evaluation
+  collapsed: dict[int, bool]
+
+  @property
+  def collapses(self) -> int:
+    return sum(self.collapsed.values())
+
+  def mean(self, which: str = "final") -> float:
+    return float(np.mean(list(getattr(self, which).values())))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+  question: str
+  verdict: str
+  evidence: str
+
+
+def load(grid: grids.Grid, seeds: int, workdir: str) -> dict[str, Arm]:
+  arms = {}
+  for name, dirs in report.finished_runs(grid, seeds, workdir).items():
+    start, final, collapsed = {}, {}, {}
+    for run_dir in dirs:
+      seed = int(os.path.basename(run_dir).removeprefix("seed_"))
+      records = report.rl_records(run_dir)
+      accuracy = [r["eval/accuracy"] for r in records if "eval/accuracy" in r]
+      start[seed], final[seed] = accuracy[0], accuracy[-1]
+      collapsed[seed] = report.collapse_step(records) is not None
+    arms[name] = Arm(start, final, collapsed)
+  return arms
+
+
+def ahead(a: Arm, b: Arm) -> int:
+  """+1: a is ahead of b; -1: b of a; 0: no difference shown (module docstring)."""
+  if a.collapses <= 1 and b.collapses >= 2:
+    return 1
+  if b.collapses <= 1 and a.collapses >= 2:
+    return -1
+  paired = sorted(a.final.keys() & b.final.keys())
+  diffs = np.array([a.final[s] - b.final[s] for s in paired])
+  if not paired or abs(diffs.mean()) <= NOISE:
+    return 0
+  if (diffs > 0).all():
+    return 1
+  return -1 if (diffs < 0).all() else 0
+
+
+def _order(a: str, b: str, sign: int) -> str:
+  return {1: f"{a} ahead", -1: f"{b} ahead", 0: "no difference shown"}[sign]
+
+
+def _paired(a: Arm, b: Arm) -> str:
+  diffs = ", ".join(f"{a.final[s] - b.final[s]:+.3f}" for s in sorted(a.final.keys()
+                                                                        & b.final.keys()))
+  return (f"{a.mean():.3f} vs {b.mean():.3f} (per seed {diffs}; collapsed {a.collapses}/"
+          f"{len(a.final)} vs {b.collapses}/{len(b.final)})")
+
+
+def read_gap(arms: dict[str, Arm]) -> list[Reading]:
+  """Finding 3 and MiniRL against w/o IS at each level, the w/o-IS penalty against the gap,
+  and token IS against the sequence-level corrections at the widest level."""
+  levels = [level for level, _ in grids.GAP_LEVELS
+            if f"{level}/minirl" in arms and f"{level}/minirl_no_is" in arms]
+  readings = []
+  for level in levels:
+    minirl, no_is = arms[f"{level}/minirl"], arms[f"{level}/minirl_no_is"]
+    if no_is.collapses >= 2 and minirl.collapses <= 1:
+      verdict = REPRODUCED
+    else:
+      verdict = NOT_REPRODUCED if no_is.collapses == 0 else INCONCLUSIVE
+    readings.append(Reading(f"{level}: finding 3 (w/o IS collapses)", verdict,
+                            f"w/o IS collapsed {no_is.collapses}/{len(no_is.final)}, MiniRL "
+                            f"{minirl.collapses}/{len(minirl.final)}"))
+    readings.append(Reading(f"{level}: MiniRL vs w/o IS",
+                            _order("MiniRL", "w/o IS", ahead(minirl, no_is)),
+                            _paired(minirl, no_is)))
+  if len(levels) >= 2:
+    penalty = {level: arms[f"{level}/minirl"].mean() - arms[f"{level}/minirl_no_is"].mean()
+               for level in (levels[0], levels[-1])}
+    growth = penalty[levels[-1]] - penalty[levels[0]]
+    readings.append(Reading(
+        f"the w/o-IS penalty grows from {levels[0]} to {levels[-1]} by more than {NOISE}",
+        "yes" if growth > NOISE else "no",
+        f"penalty (MiniRL - w/o IS) {penalty[levels[0]]:+.3f} -> {penalty[levels[-1]]:+.3f}"))
+  widest = grids.GAP_LEVELS[-1][0]
+  token = arms.get(f"{widest}/minirl")
+  for arm in grids.SEQUENCE_IS:
+    other = arms.get(f"{widest}/{arm.name}")
+    if token and other:
+      readings.append(Reading(f"{widest}: token IS vs {arm.name}",
+                              _order("token IS", arm.name, ahead(token, other)),
+                              _paired(token, other)))
+  return readings
+
+
+OFFPOLICY_NS = (2, 4, 8)
+MISSING_ONE = ("minirl_no_clip", "minirl+r2_no_clip", "minirl")  # no clipping or no replay
+
+
+def read_offpolicy(arms: dict[str, Arm]) -> list[Reading]:
+  """Findings 5 and 6, read at each N that has every arm they need."""
+  readings, holds, no_more = [], [], []
+  for n in OFFPOLICY_NS:
+    missing = [arms.get(f"n{n}/{name}") for name in MISSING_ONE]
+    full = arms.get(f"n{n}/minirl+r3")
+    if full is None or None in missing:
+      continue
+    holds.append(all(m.collapses >= 2 for m in missing) and full.collapses <= 1)
+    no_more.append(sum(m.collapses for m in missing) <= len(missing) * full.collapses)
+    counts = ", ".join(f"{name} {m.collapses}/{len(m.final)}"
+                       for name, m in zip(MISSING_ONE, missing))
+    readings.append(Reading(f"N = {n}: finding 5 holds", "yes" if holds[-1] else "no",
+                            f"collapsed: {counts}; minirl+r3 {full.collapses}/"
+                            f"{len(full.final)}"))
+  if len(holds) == len(OFFPOLICY_NS):
+    verdict = (REPRODUCED if sum(holds) >= 2 else
+               NOT_REPRODUCED if all(no_more) else INCONCLUSIVE)
+    readings.append(Reading("finding 5 (without clipping or replay, collapse)", verdict,
+                            f"holds at {sum(holds)} of {len(holds)} N"))
+  signs = {}
+  for n in OFFPOLICY_NS:
+    r2, r3 = arms.get(f"n{n}/minirl+r2"), arms.get(f"n{n}/minirl+r3")
+    if r2 and r3:
+      signs[n] = ahead(r2, r3)
+      readings.append(Reading(f"N = {n}: R2 vs R3", _order("R2", "R3", signs[n]),
+                              _paired(r2, r3)))
+  if len(signs) == len(OFFPOLICY_NS):
+    wanted = {2: 1, 4: -1, 8: -1}  # the paper: R2 ahead at N = 2, R3 at N = 4 and 8
+    r2_never_collapses = all(arms[f"n{n}/minirl+r2"].collapses == 0 for n in (4, 8))
+    if all(signs[n] == wanted[n] for n in OFFPOLICY_NS):
+      verdict = REPRODUCED
+    elif any(signs[n] == -wanted[n] for n in OFFPOLICY_NS) or (
+        not any(signs.values()) and r2_never_collapses):
+      verdict = NOT_REPRODUCED
+    else:
+      verdict = INCONCLUSIVE
+    readings.append(Reading("finding 6 (R2 ahead at N = 2, R3 at N = 4, 8)", verdict,
+                            ", ".join(f"N = {n}: {_order('R2', 'R3', s)}"
+                                      for n, s in signs.items())))
+  return readings
+
+
+COLD_STARTS = ("sft_short", "sft_default", "sft_long")
+
+
+def read_coldstart(arms: dict[str, Arm]) -> list[Reading]:
+  """Finding 7: the spread of the stable cold starts' mean accuracy, at RL step 0 and at
+  the end."""
+  starts = {name: arms[f"minirl_from_{name}"] for name in COLD_STARTS
+            if f"minirl_from_{name}" in arms}
+  if len(starts) < len(COLD_STARTS):
+    return []
+  stable = {name: arm for name, arm in starts.items() if arm.collapses <= 1}
+  spread = lambda which: float(np.ptp([arm.mean(which) for arm in stable.values()]))
+  evidence = "; ".join(f"{name}: {arm.mean('start'):.3f} -> {arm.mean():.3f} (collapsed "
+                       f"{arm.collapses}/{len(arm.final)})" for name, arm in starts.items())
+  if len(stable) < 2:
+    return [Reading("finding 7 (cold starts converge)", INCONCLUSIVE,
+                    f"fewer than 2 stable cold starts; {evidence}")]
+  start, final = spread("start"), spread("final")
+  if final <= NOISE and start > 2 * NOISE:
+    verdict = REPRODUCED
+  else:
+    verdict = NOT_REPRODUCED if final > NOISE and final >= 0.75 * start else INCONCLUSIVE
+  return [Reading("finding 7 (cold starts converge)", verdict,
+                  f"spread of the stable starts {start:.3f} at RL step 0 -> {final:.3f} at "
+                  f"the end; {evidence}")]
+
+
+READERS = {"gap": read_gap, "offpolicy": read_offpolicy, "coldstart": read_coldstart}
+
+
+def write(grid: grids.Grid, seeds: int, workdir: str) -> Optional[list[Reading]]:
+  """DIR/verdicts.md for a grid with stated rules (None for the others)."""
+  if grid.name not in READERS:
+    return None
+  readings = READERS[grid.name](load(grid, seeds, workdir))
+  lines = ["| question | reading | evidence |", "|---|---|---|"]
+  lines += [f"| {r.question} | {r.verdict} | {r.evidence} |" for r in readings]
+  with open(os.path.join(workdir, "verdicts.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  return readings

@@ -1,0 +1,130 @@
+"""The reading rules (`experiments.rules`) on hand-built arms, and `load` on written runs."""
+import json
+import os
+
+import pytest
+
+from minirl_jax.experiments import grids
+from minirl_jax.experiments import rules
+from minirl_jax.experiments import runner
+
+
+def arm(*finals, collapsed=(), starts=None):
+  seeds = range(len(finals))
+  return rules.Arm(start={s: (starts or finals)[s] for s in seeds},
+                   final={s: finals[s] for s in seeds},
+                   collapsed={s: s in collapsed for s in seeds})
+
+
+@pytest.mark.parametrize("a,b,want", [
+    (arm(0.40, 0.35, 0.36), arm(0.30, 0.33, 0.31), 1),  # +0.057 mean, every seed +
+    (arm(0.30, 0.33, 0.31), arm(0.40, 0.35, 0.36), -1),
+    (arm(0.33, 0.37, 0.35), arm(0.30, 0.33, 0.31), 0),  # +0.037 mean: within NOISE
+    (arm(0.50, 0.30, 0.40), arm(0.30, 0.31, 0.31), 0),  # +0.093 mean, one seed the other way
+    (arm(0.36, 0.35, 0.31), arm(0.30, 0.30, 0.31), 0),  # a tied seed is not "the same way"
+    # the collapse clause comes first: 1 of 3 collapsed against 2 of 3 is ahead, whatever
+    # the accuracy says
+    (arm(0.20, 0.20, 0.20, collapsed=[0]), arm(0.30, 0.30, 0.30, collapsed=[0, 2]), 1),
+    (arm(0.3, 0.3, 0.3, collapsed=[0, 1]), arm(0.1, 0.1, 0.1, collapsed=[0, 1, 2]), 1),
+])
+def test_ahead(a, b, want):
+  assert rules.ahead(a, b) == want
+  assert rules.ahead(b, a) == -want
+
+
+def test_gap_reading_per_level_penalty_and_head_to_head():
+  arms = {"zero/minirl": arm(0.40, 0.40, 0.40), "zero/minirl_no_is": arm(0.40, 0.40, 0.39),
+          "int4/minirl": arm(0.35, 0.36, 0.34),
+          "int4/minirl_no_is": arm(0.10, 0.20, 0.30, collapsed=[0, 1]),
+          "int4/minirl_seq_tis": arm(0.30, 0.30, 0.30),
+          "int4/minirl_geo_mis": arm(0.05, 0.05, 0.05, collapsed=[0, 1, 2])}
+  got = {r.question: r.verdict for r in rules.read_gap(arms)}
+  assert got == {
+      "zero: finding 3 (w/o IS collapses)": "not reproduced",
+      "zero: MiniRL vs w/o IS": "no difference shown",
+      "int4: finding 3 (w/o IS collapses)": "reproduced",
+      "int4: MiniRL vs w/o IS": "MiniRL ahead",
+      "the w/o-IS penalty grows from zero to int4 by more than 0.04": "yes",
+      "int4: token IS vs minirl_seq_tis": "token IS ahead",
+      "int4: token IS vs minirl_geo_mis": "token IS ahead"}
+  arms["int4/minirl_no_is"] = arm(0.30, 0.30, 0.30, collapsed=[0])  # 1 of 3: undecided
+  got = {r.question: r.verdict for r in rules.read_gap(arms)}
+  assert got["int4: finding 3 (w/o IS collapses)"] == "inconclusive"
+
+
+def _offpolicy(collapses, r2_r3):
+  """collapses[n] = collapse counts of (no_clip, r2_no_clip, minirl, r3) over 3 seeds;
+  r2_r3[n] = (R2 finals, R3 finals)."""
+  arms = {}
+  for n in (2, 4, 8):
+    for name, k in zip(("minirl_no_clip", "minirl+r2_no_clip", "minirl", "minirl+r3"),
+                       collapses[n]):
+      arms[f"n{n}/{name}"] = arm(0.3, 0.3, 0.3, collapsed=range(k))
+    r2, r3 = r2_r3[n]
+    arms[f"n{n}/minirl+r2"] = arm(*r2)
+    arms[f"n{n}/minirl+r3"] = rules.Arm(start=dict(enumerate(r3)), final=dict(enumerate(r3)),
+                                        collapsed={s: s < collapses[n][3] for s in range(3)})
+  return {r.question: r.verdict for r in rules.read_offpolicy(arms)}
+
+
+HI, LO, MID = (0.40, 0.40, 0.40), (0.30, 0.30, 0.30), (0.35, 0.35, 0.35)
+
+
+def test_offpolicy_reading_findings_5_and_6():
+  got = _offpolicy({2: (3, 2, 2, 0), 4: (3, 3, 2, 1), 8: (0, 0, 0, 0)},
+                   {2: (HI, LO), 4: (LO, HI), 8: (LO, HI)})
+  assert [got[f"N = {n}: finding 5 holds"] for n in (2, 4, 8)] == ["yes", "yes", "no"]
+  assert got["finding 5 (without clipping or replay, collapse)"] == "reproduced"
+  assert got["finding 6 (R2 ahead at N = 2, R3 at N = 4, 8)"] == "reproduced"
+  assert got["N = 2: R2 vs R3"] == "R2 ahead" and got["N = 8: R2 vs R3"] == "R3 ahead"
+  # nothing collapses, and R3 ahead at N = 2: the opposite of the paper
+  got = _offpolicy({n: (0, 0, 0, 0) for n in (2, 4, 8)},
+                   {2: (LO, HI), 4: (LO, HI), 8: (LO, HI)})
+  assert got["finding 5 (without clipping or replay, collapse)"] == "not reproduced"
+  assert got["finding 6 (R2 ahead at N = 2, R3 at N = 4, 8)"] == "not reproduced"
+  # no difference anywhere and R2 never collapses: not reproduced; one N right: inconclusive
+  got = _offpolicy({n: (1, 0, 0, 0) for n in (2, 4, 8)},
+                   {2: (MID, MID), 4: (MID, MID), 8: (MID, MID)})
+  assert got["finding 5 (without clipping or replay, collapse)"] == "inconclusive"
+  assert got["finding 6 (R2 ahead at N = 2, R3 at N = 4, 8)"] == "not reproduced"
+  got = _offpolicy({n: (0, 0, 0, 0) for n in (2, 4, 8)},
+                   {2: (HI, LO), 4: (MID, MID), 8: (MID, MID)})
+  assert got["finding 6 (R2 ahead at N = 2, R3 at N = 4, 8)"] == "inconclusive"
+
+
+@pytest.mark.parametrize("starts,finals,collapsed,want", [
+    ((0.15, 0.30, 0.45), (0.35, 0.36, 0.38), 0, "reproduced"),   # spread 0.30 -> 0.03
+    ((0.15, 0.30, 0.45), (0.20, 0.33, 0.45), 0, "not reproduced"),  # 0.30 -> 0.25
+    ((0.15, 0.30, 0.45), (0.25, 0.33, 0.40), 0, "inconclusive"),  # 0.30 -> 0.15: partly
+    ((0.30, 0.31, 0.32), (0.30, 0.31, 0.32), 0, "inconclusive"),  # nothing to close
+    ((0.15, 0.30, 0.45), (0.05, 0.36, 0.38), 2, "reproduced"),  # the collapsed start is out
+])
+def test_coldstart_reading(starts, finals, collapsed, want):
+  arms = {f"minirl_from_{name}": arm(f, f, f, starts=(s, s, s),
+                                     collapsed=range(collapsed) if k == 0 else ())
+          for k, (name, s, f) in enumerate(zip(rules.COLD_STARTS, starts, finals))}
+  (reading,) = rules.read_coldstart(arms)
+  assert reading.verdict == want
+  assert rules.read_coldstart({}) == []  # a grid cut short has no verdict yet
+
+
+def test_load_and_write_read_the_runs(tmp_path):
+  grid = grids.get("coldstart")
+  for k, arm_ in enumerate(grid.arms):
+    for seed in range(3):
+      run_dir = tmp_path / arm_.name / f"seed_{seed}"
+      os.makedirs(run_dir)
+      start = 0.15 * (k + 1)
+      records = [{"stage": "rl", "step": 0, "eval/accuracy": start},
+                 {"stage": "rl", "step": 10, "eval/accuracy": 0.36 + 0.01 * seed,
+                  "policy/entropy": 0.3}]
+      (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+      (run_dir / runner.SUMMARY).write_text("{}")
+  loaded = rules.load(grid, 3, str(tmp_path))
+  assert loaded["minirl_from_sft_long"].start == pytest.approx({0: 0.45, 1: 0.45, 2: 0.45})
+  assert loaded["minirl_from_sft_short"].final == pytest.approx({0: 0.36, 1: 0.37, 2: 0.38})
+  (reading,) = rules.write(grid, 3, str(tmp_path))
+  assert reading.verdict == "reproduced"
+  assert "| finding 7 (cold starts converge) | reproduced | spread of the stable starts " \
+         "0.300 at RL step 0 -> 0.000 at the end" in (tmp_path / "verdicts.md").read_text()
+  assert rules.write(grids.get("quick"), 1, str(tmp_path)) is None

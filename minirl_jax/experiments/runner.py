@@ -130,6 +130,63 @@ class _Process:
     self.log.close()
 
 
+class _Queue:
+  """The jobs still to run, the running processes, and the failures so far."""
+
+  def __init__(self, jobs: list[Job], base_config: str, root: str, max_jobs: int, bar):
+    self.todo = [j for j in jobs if not j.done]
+    self.running: list[_Process] = []
+    self.failures: list[str] = []
+    self.base_config, self.root, self.max_jobs, self.bar = base_config, root, max_jobs, bar
+
+  @property
+  def busy(self) -> bool:
+    return bool(self.todo or self.running)
+
+  def _ready(self, job: Job) -> bool:
+    return not job.cold_start or _done(job.cold_start)
+
+  def _coming(self, run_dir: str) -> bool:
+    return any(j.workdir == run_dir for j in self.todo) or any(
+        p.job.workdir == run_dir for p in self.running)
+
+  def drop_orphans(self) -> None:
+    """Jobs whose cold start neither finished nor is still to come (it failed) fail."""
+    for job in [j for j in self.todo if not self._ready(j) and not self._coming(j.cold_start)]:
+      self.todo.remove(job)
+      self.failures.append(f"{job.workdir} not run: its cold start {job.cold_start} did "
+                           "not finish")
+      self.bar.update(1)
+
+  def start_ready(self) -> None:
+    for job in [j for j in self.todo if self._ready(j)][:self.max_jobs - len(self.running)]:
+      self.todo.remove(job)
+      self.running.append(_Process(job, self.base_config, self.root))
+
+  def reap(self) -> None:
+    for p in [p for p in self.running if p.proc.poll() is not None]:
+      self.running.remove(p)
+      try:
+        p.finish()
+      except RuntimeError as e:
+        self.failures.append(str(e))
+      self.bar.update(1)
+
+  def stop(self, signum: int) -> errors.RunStopped:
+    for p in self.running:
+      p.stop()
+    return errors.RunStopped(
+        f"{signal.Signals(signum).name}: {len(self.running)} running run(s) saved a "
+        f"checkpoint and stopped, {len(self.todo)} not started; run the same command to "
+        "resume", status=128 + signum)
+
+  def kill(self) -> None:
+    for p in self.running:
+      if p.proc.poll() is None:
+        p.proc.kill()
+        p.proc.wait()
+
+
 def run_jobs(jobs: list[Job], *, base_config: str, root: str, max_jobs: int,
              desc: str, progress: bool = True) -> None:
   """Runs the unfinished jobs in order, at most `max_jobs` at once; a job waits for its
@@ -138,54 +195,22 @@ def run_jobs(jobs: list[Job], *, base_config: str, root: str, max_jobs: int,
   failures are raised together at the end, and the arms of a failed cold start with them.
   SIGTERM / SIGINT (preemption, Ctrl-C) pass SIGTERM on to the running jobs, which save a
   checkpoint and stop, and raise `errors.RunStopped`; a second SIGINT kills them at once."""
-  todo = [j for j in jobs if not j.done]
-  bar = tqdm.tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc,
-                  disable=not progress, dynamic_ncols=True)
-  running: list[_Process] = []
-  failures = []
-
-  def pending(run_dir):
-    return any(j.workdir == run_dir for j in todo) or any(
-        p.job.workdir == run_dir for p in running)
-
-  try:
-    with loop.StopSignals() as signals:
-      while (todo or running) and signals.received is None:
-        for job in [j for j in todo if j.cold_start and not _done(j.cold_start)
-                    and not pending(j.cold_start)]:
-          todo.remove(job)
-          failures.append(f"{job.workdir} not run: its cold start {job.cold_start} did not "
-                          "finish")
-          bar.update(1)
-        ready = [j for j in todo if not j.cold_start or _done(j.cold_start)]
-        while ready and len(running) < max_jobs:
-          job = ready.pop(0)
-          todo.remove(job)
-          running.append(_Process(job, base_config, root))
-        time.sleep(0.2)
-        for p in [p for p in running if p.proc.poll() is not None]:
-          running.remove(p)
-          try:
-            p.finish()
-          except RuntimeError as e:
-            failures.append(str(e))
-          bar.update(1)
-      if signals.received is not None:
-        for p in running:
-          p.stop()
-        name = signal.Signals(signals.received).name
-        raise errors.RunStopped(
-            f"{name}: {len(running)} running run(s) saved a checkpoint and stopped, "
-            f"{len(todo)} not started; run the same command to resume",
-            status=128 + signals.received)
-  finally:
-    for p in running:
-      if p.proc.poll() is None:
-        p.proc.kill()
-        p.proc.wait()
-    bar.close()
-  if failures:
-    raise RuntimeError(f"{len(failures)} run(s) failed:\n" + "\n".join(failures))
+  with tqdm.tqdm(total=len(jobs), initial=sum(j.done for j in jobs), desc=desc,
+                 disable=not progress, dynamic_ncols=True) as bar:
+    queue = _Queue(jobs, base_config, root, max_jobs, bar)
+    try:
+      with loop.StopSignals() as signals:
+        while queue.busy and signals.received is None:
+          queue.drop_orphans()
+          queue.start_ready()
+          time.sleep(0.2)
+          queue.reap()
+        if signals.received is not None:
+          raise queue.stop(signals.received)
+    finally:
+      queue.kill()
+  if queue.failures:
+    raise RuntimeError(f"{len(queue.failures)} run(s) failed:\n" + "\n".join(queue.failures))
 
 
 def run_grid(grid: grids.Grid, *, seeds: int, workdir: str, max_jobs: int, root: str,

@@ -78,8 +78,8 @@ def _order(a: str, b: str, sign: int) -> str:
 
 
 def _paired(a: Arm, b: Arm) -> str:
-  diffs = ", ".join(f"{a.final[s] - b.final[s]:+.3f}" for s in sorted(a.final.keys()
-                                                                        & b.final.keys()))
+  seeds = sorted(a.final.keys() & b.final.keys())
+  diffs = ", ".join(f"{a.final[s] - b.final[s]:+.3f}" for s in seeds)
   return (f"{a.mean():.3f} vs {b.mean():.3f} (per seed {diffs}; collapsed {a.collapses}/"
           f"{len(a.final)} vs {b.collapses}/{len(b.final)})")
 

@@ -27,9 +27,10 @@ def _write_run(run_dir, records, wall_s=10.0):
     json.dump({"wall_s": wall_s}, f)
 
 
-def _rl(step, acc=None, entropy=0.3, kl=1e-3, reward=0.5, skipped=0.0):
+def _rl(step, acc=None, entropy=0.3, kl=1e-3, reward=0.5, skipped=0.0, staleness=0.0):
   r = {"step": step, "policy/entropy": entropy, "mismatch/kl_k3": kl,
-       "reward/mean": reward, "optim/skipped": skipped}
+       "reward/mean": reward, "optim/skipped": skipped,
+       "staleness/abs_log_pi_pi_old": staleness}
   return r | ({"eval/accuracy": acc} if acc is not None else {})
 
 
@@ -54,7 +55,8 @@ def test_table_aggregates_seeds(tmp_path):
                     tuple(grids.Arm(name) for name in ("a", "b", "c", "never_ran")), "test")
   for seed, (peak, final) in enumerate(((0.4, 0.3), (0.6, 0.5))):
     _write_run(tmp_path / "a" / f"seed_{seed}", [
-        {"step": 0, "eval/accuracy": 0.2}, _rl(1, acc=peak, kl=2e-3), _rl(2, acc=final)])
+        {"step": 0, "eval/accuracy": 0.2}, _rl(1, acc=peak, kl=2e-3, staleness=0.02 * seed),
+        _rl(2, acc=final, staleness=0.01)])
     _write_run(tmp_path / "b" / f"seed_{seed}", [
         {"step": 0, "eval/accuracy": 0.2}, _rl(1, acc=0.5), _rl(2, acc=0.1, entropy=0.5)])
   # c: seed 0 finished, seed 1 interrupted (no summary); a grid cut short reports what it has
@@ -67,17 +69,18 @@ def test_table_aggregates_seeds(tmp_path):
   a, b = rows["a"], rows["b"]
   assert (a.start_accuracy, a.peak_accuracy, a.final_accuracy) == pytest.approx((0.2, 0.5, 0.4))
   assert a.peak_accuracy_std == pytest.approx(0.1) and a.max_kl == pytest.approx(2e-3)
+  assert a.max_staleness == pytest.approx((0.01 + 0.02) / 2)  # per run max, then the mean
   assert a.collapsed == 0 and b.collapsed == 2 and b.collapse_step_median == 2
   assert b.final_entropy == pytest.approx(0.5) and a.wall_s == 10.0
   with open(tmp_path / "table.csv") as f:
     assert [r["arm"] for r in csv.DictReader(f)] == ["a", "b", "c"]
-  assert "| b | 2 | 0.200 ± 0.000 | 0.500 ± 0.000 | 0.100 ± 0.000 | 2/2 (2) |" in (
-      tmp_path / "table.md").read_text()
+  assert ("| b | 2 | 0.200 ± 0.000 | 0.500 ± 0.000 | 0.100 ± 0.000 | 2/2 (2) | 0.5 | "
+          "1.00e-03 | 0.00e+00 | 10 |") in (tmp_path / "table.md").read_text()
 
 
 def test_levels_group_level_variant_arms_in_grid_order(tmp_path):
   row = lambda arm, acc: report.ArmRow(arm, 3, 0.3, 0.0, acc, 0.0, acc, 0.01, 0, None, 0.05,
-                                       1e-3, 9.0)
+                                       1e-3, 0.0, 9.0)
   rows = [row("zero/minirl", 0.4), row("zero/no_is", 0.3), row("int4/minirl", 0.2),
           row("int4/no_is", 0.1), row("int4/seq", 0.25)]
   levels, variants = report.by_level(rows)

@@ -65,11 +65,18 @@ class ArmRow:
   collapse_step_median: Optional[float]
   final_entropy: float
   max_kl: float
+  max_staleness: float  # |log pi_theta - log pi_old| per token, the step's mean: 0 at N = 1
   wall_s: float
 
 
 def _series(records, key):
   return [(r["step"], r[key]) for r in records if key in r]
+
+
+def _mean_of_max(runs, key) -> float:
+  """Each run's largest value of `key` over its RL steps, averaged over runs."""
+  return float(np.mean([max((v for _, v in _series(r, key)), default=float("nan"))
+                        for r in runs]))
 
 
 def arm_row(arm: str, run_dirs: list[str]) -> ArmRow:
@@ -86,8 +93,8 @@ def arm_row(arm: str, run_dirs: list[str]) -> ArmRow:
       final_accuracy_std=float(np.std(finals)), collapsed=len(collapsed),
       collapse_step_median=float(np.median(collapsed)) if collapsed else None,
       final_entropy=float(np.mean([_series(r, "policy/entropy")[-1][1] for r in runs])),
-      max_kl=float(np.mean([max(v for _, v in _series(r, "mismatch/kl_k3"))
-                            for r in runs])),
+      max_kl=_mean_of_max(runs, "mismatch/kl_k3"),
+      max_staleness=_mean_of_max(runs, "staleness/abs_log_pi_pi_old"),
       wall_s=float(np.mean(walls)))
 
 
@@ -120,14 +127,15 @@ def write_table(grid: grids.Grid, seeds: int, workdir: str) -> list[ArmRow]:
     writer.writeheader()
     writer.writerows(dataclasses.asdict(r) for r in rows)
   lines = ["| arm | seeds | start acc | peak acc | final acc | collapsed (step) | "
-           "final entropy | max KL | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+           "final entropy | max KL | max staleness | wall s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     when = f" ({r.collapse_step_median:.0f})" if r.collapsed else ""
     lines.append(
         f"| {r.arm} | {r.seeds} | {r.start_accuracy:.3f} ± {r.start_accuracy_std:.3f} | "
         f"{r.peak_accuracy:.3f} ± {r.peak_accuracy_std:.3f} | "
         f"{r.final_accuracy:.3f} ± {r.final_accuracy_std:.3f} | {r.collapsed}/{r.seeds}{when}"
-        f" | {r.final_entropy:.3g} | {r.max_kl:.2e} | {r.wall_s:.0f} |")
+        f" | {r.final_entropy:.3g} | {r.max_kl:.2e} | {r.max_staleness:.2e} | {r.wall_s:.0f} |")
   with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   return rows

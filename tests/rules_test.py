@@ -127,4 +127,9 @@ def test_load_and_write_read_the_runs(tmp_path):
   assert reading.verdict == "reproduced"
   assert "| finding 7 (cold starts converge) | reproduced | spread of the stable starts " \
          "0.300 at RL step 0 -> 0.000 at the end" in (tmp_path / "verdicts.md").read_text()
+  assert not (tmp_path / "verdicts.md").read_text().startswith("**Partial")
+  os.remove(tmp_path / "minirl_from_sft_long" / "seed_2" / runner.SUMMARY)  # still running
+  rules.write(grid, 3, str(tmp_path))
+  assert (tmp_path / "verdicts.md").read_text().startswith(
+      "**Partial, not verdicts**: 1 arm(s) with fewer than 3 finished seeds, 0 with none.")
   assert rules.write(grids.get("quick"), 1, str(tmp_path)) is None

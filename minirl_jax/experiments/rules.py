@@ -202,8 +202,15 @@ def write(grid: grids.Grid, seeds: int, workdir: str) -> Optional[list[Reading]]
   """DIR/verdicts.md for a grid with stated rules (None for the others)."""
   if grid.name not in READERS:
     return None
-  readings = READERS[grid.name](load(grid, seeds, workdir))
-  lines = ["| question | reading | evidence |", "|---|---|---|"]
+  arms = load(grid, seeds, workdir)
+  readings = READERS[grid.name](arms)
+  short = sorted(name for name, arm in arms.items() if len(arm.final) < seeds)
+  missing = len(grid.arms) - len(arms)
+  lines = []
+  if short or missing:
+    lines += [f"**Partial, not verdicts**: {len(short)} arm(s) with fewer than {seeds} "
+              f"finished seeds, {missing} with none.", ""]
+  lines += ["| question | reading | evidence |", "|---|---|---|"]
   lines += [f"| {r.question} | {r.verdict} | {r.evidence} |" for r in readings]
   with open(os.path.join(workdir, "verdicts.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")

@@ -122,21 +122,21 @@ def read_gap(arms: dict[str, Arm]) -> list[Reading]:
 
 
 OFFPOLICY_NS = (2, 4, 8)
-MISSING_ONE = ("minirl_no_clip", "minirl+r2_no_clip", "minirl")  # no clipping or no replay
+LACKING_CLIP_OR_REPLAY = ("minirl_no_clip", "minirl+r2_no_clip", "minirl")  # no clipping or no replay
 
 
 def read_offpolicy(arms: dict[str, Arm]) -> list[Reading]:
   """Findings 5 and 6, read at each N that has every arm they need."""
   readings, holds, no_more = [], [], []
   for n in OFFPOLICY_NS:
-    missing = [arms.get(f"n{n}/{name}") for name in MISSING_ONE]
+    missing = [arms.get(f"n{n}/{name}") for name in LACKING_CLIP_OR_REPLAY]
     full = arms.get(f"n{n}/minirl+r3")
     if full is None or None in missing:
       continue
     holds.append(all(m.collapses >= 2 for m in missing) and full.collapses <= 1)
     no_more.append(sum(m.collapses for m in missing) <= len(missing) * full.collapses)
     counts = ", ".join(f"{name} {m.collapses}/{len(m.final)}"
-                       for name, m in zip(MISSING_ONE, missing))
+                       for name, m in zip(LACKING_CLIP_OR_REPLAY, missing))
     readings.append(Reading(f"N = {n}: finding 5 holds", "yes" if holds[-1] else "no",
                             f"collapsed: {counts}; minirl+r3 {full.collapses}/"
                             f"{len(full.final)}"))

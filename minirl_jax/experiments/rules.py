@@ -122,21 +122,22 @@ def read_gap(arms: dict[str, Arm]) -> list[Reading]:
 
 
 OFFPOLICY_NS = (2, 4, 8)
-LACKING_CLIP_OR_REPLAY = ("minirl_no_clip", "minirl+r2_no_clip", "minirl")  # no clipping or no replay
+# The arms without clipping, without replay, or without both
+LACKING_CLIP_OR_REPLAY = ("minirl_no_clip", "minirl+r2_no_clip", "minirl")
 
 
 def read_offpolicy(arms: dict[str, Arm]) -> list[Reading]:
   """Findings 5 and 6, read at each N that has every arm they need."""
   readings, holds, no_more = [], [], []
   for n in OFFPOLICY_NS:
-    missing = [arms.get(f"n{n}/{name}") for name in LACKING_CLIP_OR_REPLAY]
+    lacking = [arms.get(f"n{n}/{name}") for name in LACKING_CLIP_OR_REPLAY]
     full = arms.get(f"n{n}/minirl+r3")
-    if full is None or None in missing:
+    if full is None or None in lacking:
       continue
-    holds.append(all(m.collapses >= 2 for m in missing) and full.collapses <= 1)
-    no_more.append(sum(m.collapses for m in missing) <= len(missing) * full.collapses)
+    holds.append(all(m.collapses >= 2 for m in lacking) and full.collapses <= 1)
+    no_more.append(sum(m.collapses for m in lacking) <= len(lacking) * full.collapses)
     counts = ", ".join(f"{name} {m.collapses}/{len(m.final)}"
-                       for name, m in zip(LACKING_CLIP_OR_REPLAY, missing))
+                       for name, m in zip(LACKING_CLIP_OR_REPLAY, lacking))
     readings.append(Reading(f"N = {n}: finding 5 holds", "yes" if holds[-1] else "no",
                             f"collapsed: {counts}; minirl+r3 {full.collapses}/"
                             f"{len(full.final)}"))

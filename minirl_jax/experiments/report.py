@@ -219,7 +219,9 @@ def plot_levels(rows: list[ArmRow], path: str, title: str = "") -> Optional[str]
 def write_report(grid: grids.Grid, seeds: int, workdir: str) -> dict:
   """Table and figures of a finished grid; returns where they are and the rows."""
   rows = write_table(grid, seeds, workdir)
-  title = f"{grid.name}: mean over {seeds} seed(s)"
+  counts = sorted({r.seeds for r in rows}) or [0]  # a grid read mid-run has fewer
+  runs = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+  title = f"{grid.name}: mean over {runs} of {seeds} seed(s)"
   figure = plot_arms(finished_runs(grid, seeds, workdir), os.path.join(workdir, "curves.png"),
                      f"{title}, band = min-max")
   return {"table_csv": os.path.join(workdir, "table.csv"),

@@ -44,8 +44,9 @@ def main(argv):
     runner.run_grid(grid, seeds=_SEEDS.value, workdir=workdir, max_jobs=_JOBS.value,
                     root=ROOT, progress=_PROGRESS.value)
   result = report.write_report(grid, _SEEDS.value, workdir)
-  result.update(early_warning.write(report.finished_runs(grid, _SEEDS.value, workdir), workdir))
-  readings = rules.write(grid, _SEEDS.value, workdir)
+  runs = early_warning.load(report.finished_runs(grid, _SEEDS.value, workdir))
+  result.update(early_warning.write(runs, workdir))
+  readings = rules.write(grid, _SEEDS.value, runs, workdir)
   print(open(result["table_md"], encoding="utf-8").read())
   if readings is not None:
     print(open(os.path.join(workdir, "verdicts.md"), encoding="utf-8").read())

@@ -255,7 +255,7 @@ def test_early_warning_leads_by_the_stated_thresholds(tmp_path):
   assert len(leads) == 1 and leads[0].run == "arm/seed_0" and leads[0].collapse_step == 20
   assert leads[0].leads == {"is/first_order_error": 11, "is/grad_cosine_token_seq_last": 8,
                             "mismatch/kl_k3": None, "policy/entropy": 4}
-  out = early_warning.write(runs, str(tmp_path))
+  out = early_warning.write(early_warning.load(runs), str(tmp_path))
   assert "| arm/seed_0 | 20 | +11 | +8 | never | +4 |" in open(out["early_warning_md"]).read()
   assert out["false_alarms"]["mismatch/kl_k3"] == (1, 2)  # calm/seed_1's KL
   assert out["false_alarms"]["policy/entropy"] == (0, 2)

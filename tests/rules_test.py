@@ -4,7 +4,9 @@ import os
 
 import pytest
 
+from minirl_jax.experiments import early_warning
 from minirl_jax.experiments import grids
+from minirl_jax.experiments import report
 from minirl_jax.experiments import rules
 from minirl_jax.experiments import runner
 
@@ -108,6 +110,10 @@ def test_coldstart_reading(starts, finals, collapsed, want):
   assert rules.read_coldstart({}) == []  # a grid cut short has no verdict yet
 
 
+def _runs(grid, workdir):
+  return early_warning.load(report.finished_runs(grid, 3, str(workdir)))
+
+
 def test_load_and_write_read_the_runs(tmp_path):
   grid = grids.get("coldstart")
   for k, arm_ in enumerate(grid.arms):
@@ -120,16 +126,16 @@ def test_load_and_write_read_the_runs(tmp_path):
                   "policy/entropy": 0.3}]
       (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
       (run_dir / runner.SUMMARY).write_text("{}")
-  loaded = rules.load(grid, 3, str(tmp_path))
+  loaded = rules.load(_runs(grid, tmp_path))
   assert loaded["minirl_from_sft_long"].start == pytest.approx({0: 0.45, 1: 0.45, 2: 0.45})
   assert loaded["minirl_from_sft_short"].final == pytest.approx({0: 0.36, 1: 0.37, 2: 0.38})
-  (reading,) = rules.write(grid, 3, str(tmp_path))
+  (reading,) = rules.write(grid, 3, _runs(grid, tmp_path), str(tmp_path))
   assert reading.verdict == "reproduced"
   assert "| finding 7 (cold starts converge) | reproduced | spread of the stable starts " \
          "0.300 at RL step 0 -> 0.000 at the end" in (tmp_path / "verdicts.md").read_text()
   assert not (tmp_path / "verdicts.md").read_text().startswith("**Partial")
   os.remove(tmp_path / "minirl_from_sft_long" / "seed_2" / runner.SUMMARY)  # still running
-  rules.write(grid, 3, str(tmp_path))
+  rules.write(grid, 3, _runs(grid, tmp_path), str(tmp_path))
   assert (tmp_path / "verdicts.md").read_text().startswith(
       "**Partial, not verdicts**: 1 arm(s) with fewer than 3 finished seeds, 0 with none.")
-  assert rules.write(grids.get("quick"), 1, str(tmp_path)) is None
+  assert rules.write(grids.get("quick"), 1, [], str(tmp_path)) is None

@@ -110,9 +110,8 @@ def false_alarms(runs: list[Run]) -> dict[str, tuple[int, int]]:
                    len(stable)) for metric, _, transform in SIGNALS}
 
 
-def write(run_dirs: dict[str, list[str]], workdir: str) -> dict:
+def write(runs: list[Run], workdir: str) -> dict:
   """DIR/early_warning.{csv,md} and DIR/early_warning.png; returns their paths."""
-  runs = load(run_dirs)
   rows = warnings_for(runs)
   metrics = [m for m, _, _ in SIGNALS]
   with open(os.path.join(workdir, "early_warning.csv"), "w", newline="",

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from minirl_jax.experiments import grids
-from minirl_jax.experiments import report
+from minirl_jax.experiments import early_warning
 
 NOISE = 0.04  # the binomial noise of 128 held-out problems near 0.35
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
@@ -44,17 +44,15 @@ class Reading:
   evidence: str
 
 
-def load(grid: grids.Grid, seeds: int, workdir: str) -> dict[str, Arm]:
+def load(runs: list[early_warning.Run]) -> dict[str, Arm]:
+  """Each arm's runs (as `early_warning.load` read them) by RL seed."""
   arms = {}
-  for name, dirs in report.finished_runs(grid, seeds, workdir).items():
-    start, final, collapsed = {}, {}, {}
-    for run_dir in dirs:
-      seed = int(os.path.basename(run_dir).removeprefix("seed_"))
-      records = report.rl_records(run_dir)
-      accuracy = [r["eval/accuracy"] for r in records if "eval/accuracy" in r]
-      start[seed], final[seed] = accuracy[0], accuracy[-1]
-      collapsed[seed] = report.collapse_step(records) is not None
-    arms[name] = Arm(start, final, collapsed)
+  for run in runs:
+    arm = arms.setdefault(run.arm, Arm({}, {}, {}))
+    seed = int(run.name.rsplit("/seed_", 1)[1])
+    accuracy = [r["eval/accuracy"] for r in run.records if "eval/accuracy" in r]
+    arm.start[seed], arm.final[seed] = accuracy[0], accuracy[-1]
+    arm.collapsed[seed] = run.collapse_step is not None
   return arms
 
 
@@ -199,11 +197,12 @@ def read_coldstart(arms: dict[str, Arm]) -> list[Reading]:
 READERS = {"gap": read_gap, "offpolicy": read_offpolicy, "coldstart": read_coldstart}
 
 
-def write(grid: grids.Grid, seeds: int, workdir: str) -> Optional[list[Reading]]:
+def write(grid: grids.Grid, seeds: int, runs: list[early_warning.Run],
+          workdir: str) -> Optional[list[Reading]]:
   """DIR/verdicts.md for a grid with stated rules (None for the others)."""
   if grid.name not in READERS:
     return None
-  arms = load(grid, seeds, workdir)
+  arms = load(runs)
   readings = READERS[grid.name](arms)
   short = sorted(name for name, arm in arms.items() if len(arm.final) < seeds)
   missing = len(grid.arms) - len(arms)

@@ -43,8 +43,8 @@ def main(argv):
   if not _REPORT_ONLY.value:
     runner.run_grid(grid, seeds=_SEEDS.value, workdir=workdir, max_jobs=_JOBS.value,
                     root=ROOT, progress=_PROGRESS.value)
-  result = report.write_report(grid, _SEEDS.value, workdir)
-  runs = early_warning.load(report.finished_runs(grid, _SEEDS.value, workdir))
+  runs = report.load(report.finished_runs(grid, _SEEDS.value, workdir))
+  result = report.write_report(grid, _SEEDS.value, runs, workdir)
   result.update(early_warning.write(runs, workdir))
   readings = rules.write(grid, _SEEDS.value, runs, workdir)
   print(open(result["table_md"], encoding="utf-8").read())

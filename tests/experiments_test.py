@@ -63,7 +63,8 @@ def test_table_aggregates_seeds(tmp_path):
   _write_run(tmp_path / "c" / "seed_0", [{"step": 0, "eval/accuracy": 0.2}, _rl(1, acc=0.7)])
   _write_run(tmp_path / "c" / "seed_1", [{"step": 0, "eval/accuracy": 0.2}])
   os.remove(tmp_path / "c" / "seed_1" / runner.SUMMARY)
-  rows = {r.arm: r for r in report.write_table(grid, 2, str(tmp_path))}
+  runs = report.load(report.finished_runs(grid, 2, str(tmp_path)))
+  rows = {r.arm: r for r in report.write_table(runs, str(tmp_path))}
   assert list(rows) == ["a", "b", "c"] and rows["c"].seeds == 1
   assert rows["c"].peak_accuracy == pytest.approx(0.7)
   a, b = rows["a"], rows["b"]
@@ -251,11 +252,11 @@ def test_early_warning_leads_by_the_stated_thresholds(tmp_path):
       for step in range(1, 11)])
   runs = {"arm": [str(tmp_path / "arm" / "seed_0")],
           "calm": [str(tmp_path / "calm" / "seed_0"), str(tmp_path / "calm" / "seed_1")]}
-  leads = early_warning.warnings_for(early_warning.load(runs))
+  leads = early_warning.warnings_for(report.load(runs))
   assert len(leads) == 1 and leads[0].run == "arm/seed_0" and leads[0].collapse_step == 20
   assert leads[0].leads == {"is/first_order_error": 11, "is/grad_cosine_token_seq_last": 8,
                             "mismatch/kl_k3": None, "policy/entropy": 4}
-  out = early_warning.write(early_warning.load(runs), str(tmp_path))
+  out = early_warning.write(report.load(runs), str(tmp_path))
   assert "| arm/seed_0 | 20 | +11 | +8 | never | +4 |" in open(out["early_warning_md"]).read()
   assert out["false_alarms"]["mismatch/kl_k3"] == (1, 2)  # calm/seed_1's KL
   assert out["false_alarms"]["policy/entropy"] == (0, 2)

@@ -5,8 +5,6 @@ import pathlib
 
 import matplotlib
 
-from minirl_jax.experiments import report
-
 ROOT = pathlib.Path(__file__).parents[1]
 
 
@@ -25,9 +23,10 @@ def test_quickstart_notebook_runs(monkeypatch):
   assert float(namespace["kl"]) != 0.0  # int8 sampling really differs from the trainer
   assert os.path.exists(os.path.join(namespace["workdir"], "metrics.jsonl"))
   # Section 5: two quick-grid arms branched from one cold start, compared in one figure.
-  rows, arm_dirs = namespace["rows"], namespace["arm_dirs"]
+  rows = namespace["rows"]
   assert [r.arm for r in rows] == ["minirl", "minirl_no_is"] and all(r.seeds == 1 for r in rows)
-  records = [report.rl_records(dirs[0]) for dirs in arm_dirs.values()]
+  assert "| minirl_no_is | 1 |" in open(os.path.join(namespace["grid_dir"], "table.md")).read()
+  records = [run.records for run in namespace["runs"]]
   assert all([r["step"] for r in rl_records] == [0, 1, 2] for rl_records in records)
   assert records[0][0] == records[1][0]  # same cold start: same accuracy before RL
   assert os.path.getsize(namespace["figure"]) > 10_000

@@ -4,7 +4,6 @@ import os
 
 import pytest
 
-from minirl_jax.experiments import early_warning
 from minirl_jax.experiments import grids
 from minirl_jax.experiments import report
 from minirl_jax.experiments import rules
@@ -111,7 +110,7 @@ def test_coldstart_reading(starts, finals, collapsed, want):
 
 
 def _runs(grid, workdir):
-  return early_warning.load(report.finished_runs(grid, 3, str(workdir)))
+  return report.load(report.finished_runs(grid, 3, str(workdir)))
 
 
 def test_load_and_write_read_the_runs(tmp_path):

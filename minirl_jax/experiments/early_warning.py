@@ -34,25 +34,6 @@ SIGNALS = (("is/first_order_error", "first-order error", lambda v: v),
            ("policy/entropy", "1 / entropy", lambda v: 1.0 / max(v, 1e-12)))
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-  arm: str
-  name: str  # ARM/seed_K
-  records: list[dict]  # its RL records
-  collapse_step: Optional[int]
-
-
-def load(run_dirs: dict[str, list[str]]) -> list[Run]:
-  """Each run's RL records and collapse step, read once for the table, alarms and figure."""
-  runs = []
-  for arm, dirs in run_dirs.items():
-    for run_dir in dirs:
-      records = report.rl_records(run_dir)
-      runs.append(Run(arm, f"{arm}/{os.path.basename(run_dir)}", records,
-                      report.collapse_step(records)))
-  return runs
-
-
 @dataclasses.dataclass
 class Lead:
   run: str
@@ -88,7 +69,7 @@ def crossing_step(records: list[dict], metric: str, transform=lambda v: v) -> Op
   return None
 
 
-def warnings_for(runs: list[Run]) -> list[Lead]:
+def warnings_for(runs: list[report.Run]) -> list[Lead]:
   """One row per collapsed run."""
   rows = []
   for run in runs:
@@ -102,7 +83,7 @@ def warnings_for(runs: list[Run]) -> list[Lead]:
   return rows
 
 
-def false_alarms(runs: list[Run]) -> dict[str, tuple[int, int]]:
+def false_alarms(runs: list[report.Run]) -> dict[str, tuple[int, int]]:
   """Per signal (crossed, runs) over the runs that never collapsed: how often a signal
   crosses without a collapse following, which a lead alone does not show."""
   stable = [run.records for run in runs if run.collapse_step is None]
@@ -110,7 +91,7 @@ def false_alarms(runs: list[Run]) -> dict[str, tuple[int, int]]:
                    len(stable)) for metric, _, transform in SIGNALS}
 
 
-def write(runs: list[Run], workdir: str) -> dict:
+def write(runs: list[report.Run], workdir: str) -> dict:
   """DIR/early_warning.{csv,md} and DIR/early_warning.png; returns their paths."""
   rows = warnings_for(runs)
   metrics = [m for m, _, _ in SIGNALS]
@@ -137,7 +118,7 @@ def write(runs: list[Run], workdir: str) -> dict:
           "false_alarms": alarms}
 
 
-def _plot(runs: list[Run], path: str) -> str:
+def _plot(runs: list[report.Run], path: str) -> str:
   """Each signal's badness over its baseline against RL step, one line per run; the
   threshold FACTOR dashed; a collapsed run's collapse step marked with an x."""
   fig, axes = report.panels(len(SIGNALS))

@@ -51,6 +51,45 @@ def collapse_step(records: list[dict]) -> Optional[int]:
   return None
 
 
+def runner_summary(run_dir: str) -> dict:
+  """The run's summary.json ({} for a run made outside a grid, e.g. in a notebook)."""
+  if not os.path.exists(os.path.join(run_dir, runner.SUMMARY)):
+    return {}
+  with open(os.path.join(run_dir, runner.SUMMARY), encoding="utf-8") as f:
+    return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One finished run, read once for the table, the figures, the early warning and the
+  verdicts."""
+  arm: str
+  name: str  # ARM/seed_K
+  records: list[dict]  # its RL records
+  collapse_step: Optional[int]
+  wall_s: float  # the runner's wall time (nan for a run made outside a grid)
+
+
+def load(run_dirs: dict[str, list[str]]) -> list[Run]:
+  """Each run's RL records, collapse step and wall time, arm by arm."""
+  runs = []
+  for arm, dirs in run_dirs.items():
+    for run_dir in dirs:
+      records = rl_records(run_dir)
+      runs.append(Run(arm, f"{arm}/{os.path.basename(run_dir)}", records,
+                      collapse_step(records),
+                      runner_summary(run_dir).get("wall_s", float("nan"))))
+  return runs
+
+
+def by_arm(runs: list[Run]) -> dict[str, list[Run]]:
+  """The runs grouped by arm, arms in the order they first appear."""
+  grouped = {}
+  for run in runs:
+    grouped.setdefault(run.arm, []).append(run)
+  return grouped
+
+
 @dataclasses.dataclass
 class ArmRow:
   arm: str
@@ -79,31 +118,22 @@ def _mean_of_max(runs, key) -> float:
                         for r in runs]))
 
 
-def arm_row(arm: str, run_dirs: list[str]) -> ArmRow:
-  runs = [rl_records(d) for d in run_dirs]
-  accs = [[v for _, v in _series(r, "eval/accuracy")] for r in runs]
+def arm_row(arm: str, runs: list[Run]) -> ArmRow:
+  """One arm's table row from its runs (all of the same arm)."""
+  records = [run.records for run in runs]
+  accs = [[v for _, v in _series(r, "eval/accuracy")] for r in records]
   starts, peaks, finals = [a[0] for a in accs], [max(a) for a in accs], [a[-1] for a in accs]
-  steps = [collapse_step(r) for r in runs]
-  collapsed = [s for s in steps if s is not None]
-  walls = [runner_summary(d).get("wall_s", float("nan")) for d in run_dirs]
+  collapsed = [run.collapse_step for run in runs if run.collapse_step is not None]
   return ArmRow(
       arm=arm, seeds=len(runs), start_accuracy=float(np.mean(starts)),
       start_accuracy_std=float(np.std(starts)), peak_accuracy=float(np.mean(peaks)),
       peak_accuracy_std=float(np.std(peaks)), final_accuracy=float(np.mean(finals)),
       final_accuracy_std=float(np.std(finals)), collapsed=len(collapsed),
       collapse_step_median=float(np.median(collapsed)) if collapsed else None,
-      final_entropy=float(np.mean([_series(r, "policy/entropy")[-1][1] for r in runs])),
-      max_kl=_mean_of_max(runs, "mismatch/kl_k3"),
-      max_staleness=_mean_of_max(runs, "staleness/abs_log_pi_pi_old"),
-      wall_s=float(np.mean(walls)))
-
-
-def runner_summary(run_dir: str) -> dict:
-  """The run's summary.json ({} for a run made outside a grid, e.g. in a notebook)."""
-  if not os.path.exists(os.path.join(run_dir, runner.SUMMARY)):
-    return {}
-  with open(os.path.join(run_dir, runner.SUMMARY), encoding="utf-8") as f:
-    return json.load(f)
+      final_entropy=float(np.mean([_series(r, "policy/entropy")[-1][1] for r in records])),
+      max_kl=_mean_of_max(records, "mismatch/kl_k3"),
+      max_staleness=_mean_of_max(records, "staleness/abs_log_pi_pi_old"),
+      wall_s=float(np.mean([run.wall_s for run in runs])))
 
 
 def finished_runs(grid: grids.Grid, seeds: int, workdir: str) -> dict[str, list[str]]:
@@ -118,9 +148,9 @@ def finished_runs(grid: grids.Grid, seeds: int, workdir: str) -> dict[str, list[
   return by_arm
 
 
-def write_table(grid: grids.Grid, seeds: int, workdir: str) -> list[ArmRow]:
+def write_table(runs: list[Run], workdir: str) -> list[ArmRow]:
   """DIR/table.csv and DIR/table.md, one row per arm."""
-  rows = [arm_row(arm, dirs) for arm, dirs in finished_runs(grid, seeds, workdir).items()]
+  rows = [arm_row(arm, arm_runs) for arm, arm_runs in by_arm(runs).items()]
   fields = [f.name for f in dataclasses.fields(ArmRow)]
   with open(os.path.join(workdir, "table.csv"), "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=fields)
@@ -163,13 +193,12 @@ def save_figure(fig, axes, path: str, title: str = "", legend_size: int = 7) -> 
   return path
 
 
-def plot_arms(arm_dirs: dict[str, list[str]], path: str, title: str = "") -> str:
+def plot_arms(runs: list[Run], path: str, title: str = "") -> str:
   """The four panels against RL step: per arm the mean over its seeds, min-max band."""
   fig, axes = panels(len(PANELS))
-  for arm, dirs in arm_dirs.items():
-    runs = [rl_records(d) for d in dirs]
+  for arm, arm_runs in by_arm(runs).items():
     for ax, (key, label) in zip(axes, PANELS):
-      series = [dict(_series(r, key)) for r in runs]
+      series = [dict(_series(run.records, key)) for run in arm_runs]
       steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
       if not steps:
         continue
@@ -216,14 +245,13 @@ def plot_levels(rows: list[ArmRow], path: str, title: str = "") -> Optional[str]
   return save_figure(fig, (acc_ax, kl_ax), path, title)
 
 
-def write_report(grid: grids.Grid, seeds: int, workdir: str) -> dict:
-  """Table and figures of a finished grid; returns where they are and the rows."""
-  rows = write_table(grid, seeds, workdir)
+def write_report(grid: grids.Grid, seeds: int, runs: list[Run], workdir: str) -> dict:
+  """Table and figures of a grid's finished runs; returns where they are and the rows."""
+  rows = write_table(runs, workdir)
   counts = sorted({r.seeds for r in rows}) or [0]  # a grid read mid-run has fewer
-  runs = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-  title = f"{grid.name}: mean over {runs} of {seeds} seed(s)"
-  figure = plot_arms(finished_runs(grid, seeds, workdir), os.path.join(workdir, "curves.png"),
-                     f"{title}, band = min-max")
+  have = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+  title = f"{grid.name}: mean over {have} of {seeds} seed(s)"
+  figure = plot_arms(runs, os.path.join(workdir, "curves.png"), f"{title}, band = min-max")
   return {"table_csv": os.path.join(workdir, "table.csv"),
           "table_md": os.path.join(workdir, "table.md"), "figure": figure,
           "levels_figure": plot_levels(rows, os.path.join(workdir, "levels.png"), title),

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from minirl_jax.experiments import grids
-from minirl_jax.experiments import early_warning
+from minirl_jax.experiments import report
 
 NOISE = 0.04  # the binomial noise of 128 held-out problems near 0.35
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
@@ -44,8 +44,8 @@ class Reading:
   evidence: str
 
 
-def load(runs: list[early_warning.Run]) -> dict[str, Arm]:
-  """Each arm's runs (as `early_warning.load` read them) by RL seed."""
+def load(runs: list[report.Run]) -> dict[str, Arm]:
+  """Each arm's runs (as `report.load` read them) by RL seed."""
   arms = {}
   for run in runs:
     arm = arms.setdefault(run.arm, Arm({}, {}, {}))
@@ -197,7 +197,7 @@ def read_coldstart(arms: dict[str, Arm]) -> list[Reading]:
 READERS = {"gap": read_gap, "offpolicy": read_offpolicy, "coldstart": read_coldstart}
 
 
-def write(grid: grids.Grid, seeds: int, runs: list[early_warning.Run],
+def write(grid: grids.Grid, seeds: int, runs: list[report.Run],
           workdir: str) -> Optional[list[Reading]]:
   """DIR/verdicts.md for a grid with stated rules (None for the others)."""
   if grid.name not in READERS:

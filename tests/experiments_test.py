@@ -79,6 +79,19 @@ def test_table_aggregates_seeds(tmp_path):
           "1.00e-03 | 0.00e+00 | 10 |") in (tmp_path / "table.md").read_text()
 
 
+def test_series_keeps_every_runs_steps(tmp_path):
+  _write_run(tmp_path / "a" / "seed_0", [{"step": 0, "eval/accuracy": 0.25},
+                                         _rl(1, kl=2.5e-3), _rl(2, acc=0.375, entropy=0.125)])
+  runs = report.load({"a": [str(tmp_path / "a" / "seed_0")]})
+  with open(report.write_series(runs, str(tmp_path))) as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["run"], r["step"]) for r in rows] == [("a/seed_0", "0"), ("a/seed_0", "1"),
+                                                   ("a/seed_0", "2")]
+  assert [r["eval/accuracy"] for r in rows] == ["0.25", "", "0.375"]
+  assert rows[1]["mismatch/kl_k3"] == "0.0025" and rows[2]["policy/entropy"] == "0.125"
+  assert rows[0]["policy/entropy"] == "" and rows[2]["is/seq_frac_masked"] == ""
+
+
 def test_levels_group_level_variant_arms_in_grid_order(tmp_path):
   row = lambda arm, acc: report.ArmRow(arm, 3, 0.3, 0.0, acc, 0.0, acc, 0.01, 0, None, 0.05,
                                        1e-3, 0.0, 9.0)

@@ -25,6 +25,12 @@ COLLAPSE_ENTROPY_FLOOR = 0.02
 # The paper's Figures 1-4: one panel per tracked metric against the RL step.
 PANELS = (("reward/mean", "training reward"), ("eval/accuracy", "held-out accuracy"),
           ("policy/entropy", "token entropy"), ("mismatch/kl_k3", "train-infer KL (k3)"))
+# The per-step metrics DIR/series.csv keeps for every run: what the results pages quote per
+# seed (trajectories, KL, entropy, masking, the early-warning signals) beyond the tables.
+SERIES = ("reward/mean", "eval/accuracy", "policy/entropy", "mismatch/kl_k3",
+          "moe/routing_disagreement", "staleness/abs_log_pi_pi_old", "is/first_order_error",
+          "is/grad_cosine_token_seq_last", "is/frac_truncated", "is/seq_frac_masked",
+          "rollout/length_mean", "optim/skipped")
 
 
 def rl_records(workdir: str) -> list[dict]:
@@ -171,6 +177,20 @@ def write_table(runs: list[Run], workdir: str) -> list[ArmRow]:
   return rows
 
 
+def write_series(runs: list[Run], workdir: str) -> str:
+  """DIR/series.csv: one row per (run, RL step) with the SERIES metrics (empty where a
+  step did not log one), so every per-seed number can be checked without the runs."""
+  path = os.path.join(workdir, "series.csv")
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(["run", "step", *SERIES])
+    for run in runs:
+      for r in run.records:
+        writer.writerow([run.name, r["step"],
+                         *(f"{r[key]:.6g}" if key in r else "" for key in SERIES)])
+  return path
+
+
 def panels(n: int, width: float = 4.2, height: float = 3.4):
   """(figure, axes): n panels in a row, drawn off-screen."""
   import matplotlib
@@ -254,5 +274,6 @@ def write_report(grid: grids.Grid, seeds: int, runs: list[Run], workdir: str) ->
   figure = plot_arms(runs, os.path.join(workdir, "curves.png"), f"{title}, band = min-max")
   return {"table_csv": os.path.join(workdir, "table.csv"),
           "table_md": os.path.join(workdir, "table.md"), "figure": figure,
+          "series_csv": write_series(runs, workdir),
           "levels_figure": plot_levels(rows, os.path.join(workdir, "levels.png"), title),
           "rows": [dataclasses.asdict(r) for r in rows]}

@@ -28,8 +28,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Grid output directory.", requir
 _JOBS = flags.DEFINE_integer("jobs", 1, "Arms run at once (each its own process).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar over runs.")
 _REPORT_ONLY = flags.DEFINE_bool(
-    "report_only", False, "Run nothing: write the table and figure of the finished runs "
-    "(a grid cut short, or one still running elsewhere).")
+    "report_only", False, "Run nothing: write the report (table, series, figures, early "
+    "warning, verdicts) of the finished runs (a grid cut short, or one still running "
+    "elsewhere).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

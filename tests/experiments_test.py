@@ -111,6 +111,11 @@ def test_plan_shares_cold_starts_and_names_run_dirs(tmp_path):
   cold, arms = runner.plan(grid, 2, str(tmp_path))
   assert len(cold) == 3 and len(arms) == 3 * 2  # three cold starts, shared by the RL seeds
   assert all("--config.rl.steps=0" in j.flags and "--config.seed=0" in j.flags for j in cold)
+  short_cold = [j for j in cold if "--config.sft.target_accuracy=0.15" in j.flags]
+  short_arms = [j for j in arms if j.cold_start == short_cold[0].workdir]
+  assert [j.workdir for j in short_arms] == [str(tmp_path / "minirl_from_sft_short" / s)
+                                             for s in ("seed_0", "seed_1")]
+  assert all("--config.sft.target_accuracy=0.15" in j.flags for j in short_arms)
   cold, arms = runner.plan(grids.get("onpolicy"), 3, str(tmp_path))
   assert len(cold) == 1 and len(arms) == 10 * 3  # every on-policy arm and seed: one start
   assert arms[0].workdir == str(tmp_path / "minirl" / "seed_0")
@@ -122,10 +127,16 @@ def test_plan_shares_cold_starts_and_names_run_dirs(tmp_path):
 
 
 def test_offpolicy_arms_keep_the_mini_batch_and_grow_n():
-  for arm in grids.get("offpolicy").arms:
-    n = int(arm.name.split("/")[0][1:])
+  arms = grids.get("offpolicy").arms
+  assert len(arms) == 15
+  for arm in arms:
+    n, recipe = arm.name.split("/")
     o = arm.overrides
-    assert o["rl.mini_batch_size"] == 32 and o["rl.prompts_per_step"] * 8 == n * 32
+    assert o["rl.mini_batch_size"] == 32 and o["rl.prompts_per_step"] * 8 == int(n[1:]) * 32
+    assert o["objective.name"] == "minirl"
+    assert o.get("objective.clip", True) == ("no_clip" not in recipe)
+    replay = "r2" if "+r2" in recipe else "r3" if "+r3" in recipe else None
+    assert o.get("rl.routing_replay") == replay
 
 
 def test_quick_grid_runs_resumably_as_processes(tmp_path):

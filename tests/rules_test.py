@@ -12,7 +12,7 @@ from minirl_jax.experiments import runner
 
 def arm(*finals, collapsed=(), starts=None):
   seeds = range(len(finals))
-  return rules.Arm(start={s: (starts or finals)[s] for s in seeds},
+  return rules.ArmResult(start={s: (starts or finals)[s] for s in seeds},
                    final={s: finals[s] for s in seeds},
                    collapsed={s: s in collapsed for s in seeds})
 
@@ -58,13 +58,11 @@ def _offpolicy(collapses, r2_r3):
   r2_r3[n] = (R2 finals, R3 finals)."""
   arms = {}
   for n in (2, 4, 8):
-    for name, k in zip(("minirl_no_clip", "minirl+r2_no_clip", "minirl", "minirl+r3"),
-                       collapses[n]):
+    for name, k in zip(("minirl_no_clip", "minirl+r2_no_clip", "minirl"), collapses[n]):
       arms[f"n{n}/{name}"] = arm(0.3, 0.3, 0.3, collapsed=range(k))
     r2, r3 = r2_r3[n]
     arms[f"n{n}/minirl+r2"] = arm(*r2)
-    arms[f"n{n}/minirl+r3"] = rules.Arm(start=dict(enumerate(r3)), final=dict(enumerate(r3)),
-                                        collapsed={s: s < collapses[n][3] for s in range(3)})
+    arms[f"n{n}/minirl+r3"] = arm(*r3, collapsed=range(collapses[n][3]))
   return {r.question: r.verdict for r in rules.read_offpolicy(arms)}
 
 
@@ -103,7 +101,8 @@ def test_offpolicy_reading_findings_5_and_6():
 def test_coldstart_reading(starts, finals, collapsed, want):
   arms = {f"minirl_from_{name}": arm(f, f, f, starts=(s, s, s),
                                      collapsed=range(collapsed) if k == 0 else ())
-          for k, (name, s, f) in enumerate(zip(rules.COLD_STARTS, starts, finals))}
+          for k, (name, s, f) in enumerate(zip(("sft_short", "sft_default", "sft_long"),
+                                               starts, finals))}
   (reading,) = rules.read_coldstart(arms)
   assert reading.verdict == want
   assert rules.read_coldstart({}) == []  # a grid cut short has no verdict yet
@@ -125,7 +124,7 @@ def test_load_and_write_read_the_runs(tmp_path):
                   "policy/entropy": 0.3}]
       (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
       (run_dir / runner.SUMMARY).write_text("{}")
-  loaded = rules.load(_runs(grid, tmp_path))
+  loaded = rules.by_seed(_runs(grid, tmp_path))
   assert loaded["minirl_from_sft_long"].start == pytest.approx({0: 0.45, 1: 0.45, 2: 0.45})
   assert loaded["minirl_from_sft_short"].final == pytest.approx({0: 0.36, 1: 0.37, 2: 0.38})
   (reading,) = rules.write(grid, 3, _runs(grid, tmp_path), str(tmp_path))
@@ -138,3 +137,24 @@ def test_load_and_write_read_the_runs(tmp_path):
   assert (tmp_path / "verdicts.md").read_text().startswith(
       "**Partial, not verdicts**: 1 arm(s) with fewer than 3 finished seeds, 0 with none.")
   assert rules.write(grids.get("quick"), 1, [], str(tmp_path)) is None
+  # one seed asked for and finished: still progress, never a verdict
+  one_seed = report.load(report.finished_runs(grid, 1, str(tmp_path)))
+  rules.write(grid, 1, one_seed, str(tmp_path))
+  assert (tmp_path / "verdicts.md").read_text().startswith(
+      "**Partial, not verdicts**: 3 arm(s) with fewer than 3 finished seeds, 0 with none.")
+
+
+@pytest.mark.parametrize("name,final_questions", [
+    ("gap", ["the w/o-IS penalty grows from zero to int4 by more than 0.04",
+             "int4: token IS vs minirl_seq_tis", "int4: token IS vs minirl_geo_mis"]),
+    ("offpolicy", ["finding 5 (without clipping or replay, collapse)",
+                   "finding 6 (R2 ahead at N = 2, R3 at N = 4, 8)"]),
+    ("coldstart", ["finding 7 (cold starts converge)"]),
+])
+def test_every_reading_finds_its_arms_in_the_real_grid(name, final_questions):
+  """A rule reads arms by name: renaming a grid's arm must not silently drop its verdict."""
+  arms = {a.name: arm(0.3, 0.3, 0.3) for a in grids.get(name).arms}
+  questions = [r.question for r in rules.READERS[name](arms)]
+  assert all(q in questions for q in final_questions), questions
+  per_n = [f"N = {n}: {q}" for n in (2, 4, 8) for q in ("finding 5 holds", "R2 vs R3")]
+  assert name != "offpolicy" or all(q in questions for q in per_n)

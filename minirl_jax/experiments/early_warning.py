@@ -114,6 +114,7 @@ def write(runs: list[report.Run], workdir: str) -> dict:
     f.write("\n".join(lines) + "\n")
   figure = _plot(runs, os.path.join(workdir, "early_warning.png"))
   return {"early_warning_md": os.path.join(workdir, "early_warning.md"),
+          "early_warning_csv": os.path.join(workdir, "early_warning.csv"),
           "early_warning_figure": figure, "collapsed_runs": len(rows),
           "false_alarms": alarms}
 

@@ -1,8 +1,8 @@
 """The paper's experiments as named grids of arms, each arm a set of config overrides.
 
 An arm is RL overrides on top of a base config plus (optionally) cold-start overrides; arms
-with the same cold-start overrides and seed branch from one shared SFT checkpoint, so they
-differ only in what the arm changes.
+with the same cold-start overrides branch from one shared SFT checkpoint (trained at seed 0,
+whatever the RL seed), so they differ only in what the arm changes.
 """
 import dataclasses
 from typing import Mapping
@@ -53,6 +53,15 @@ SEQUENCE_IS = (Arm("minirl_seq_tis", {**MINIRL, "objective.is_level": "sequence"
                                       "objective.is_bounds": (0.999, 1.001)}))
 
 
+# The off-policy grid: N updates per step, and its five recipes (finding 5 compares those
+# lacking clipping or replay with MiniRL + R3; finding 6, R2 with R3).
+OFFPOLICY_NS = (2, 4, 8)
+OFFPOLICY_RECIPES = {"minirl_no_clip": {**MINIRL, **NO_CLIP},
+                     "minirl+r2_no_clip": {**MINIRL, **NO_CLIP, **R2},
+                     "minirl": MINIRL, "minirl+r2": {**MINIRL, **R2},
+                     "minirl+r3": {**MINIRL, **R3}}
+
+
 def _offpolicy(mini_batch_size: int, group_size: int) -> tuple[Arm, ...]:
   """N = 2, 4, 8 updates per step at a fixed mini-batch: the global batch grows with N.
 
@@ -61,13 +70,10 @@ def _offpolicy(mini_batch_size: int, group_size: int) -> tuple[Arm, ...]:
   CPU. Decided before any off-policy arm ran.
   """
   arms = []
-  for n in (2, 4, 8):
+  for n in OFFPOLICY_NS:
     batch = {"rl.mini_batch_size": mini_batch_size,
              "rl.prompts_per_step": n * mini_batch_size // group_size}
-    for name, overrides in (("minirl_no_clip", {**MINIRL, **NO_CLIP}),
-                            ("minirl+r2_no_clip", {**MINIRL, **NO_CLIP, **R2}),
-                            ("minirl", MINIRL), ("minirl+r2", {**MINIRL, **R2}),
-                            ("minirl+r3", {**MINIRL, **R3})):
+    for name, overrides in OFFPOLICY_RECIPES.items():
       arms.append(Arm(f"n{n}/{name}", {**batch, **overrides}))
   return tuple(arms)
 
@@ -91,12 +97,19 @@ def _gap() -> tuple[Arm, ...]:
   return tuple(arms)
 
 
+# The cold-start grid's three SFT checkpoints, least trained first.
+COLD_STARTS = {"sft_short": {"sft.target_accuracy": 0.15},
+               "sft_default": {},
+               "sft_long": {"sft.target_accuracy": 0.45}}
+
+
+def coldstart_arm(start: str) -> str:
+  return f"minirl_from_{start}"
+
+
 def _coldstart() -> tuple[Arm, ...]:
   """The stable recipe (MiniRL, on-policy) from three differently trained SFT checkpoints."""
-  starts = {"sft_short": {"sft.target_accuracy": 0.15},
-            "sft_default": {},
-            "sft_long": {"sft.target_accuracy": 0.45}}
-  return tuple(Arm(f"minirl_from_{name}", MINIRL, cold) for name, cold in starts.items())
+  return tuple(Arm(coldstart_arm(name), MINIRL, cold) for name, cold in COLD_STARTS.items())
 
 
 GRIDS = {

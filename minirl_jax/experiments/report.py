@@ -1,4 +1,5 @@
-"""A grid's table (CSV, Markdown) and figures, from its runs' metrics.jsonl.
+"""A grid's table (CSV, Markdown), per-step series (CSV) and figures, from its runs'
+metrics.jsonl.
 
 Collapse criterion, fixed before any grid was run: a run collapses at the first RL step
 where (a) held-out accuracy falls below COLLAPSE_ACCURACY_FRACTION of its running peak,
@@ -11,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from typing import Optional
 
 import numpy as np
@@ -59,7 +61,7 @@ def collapse_step(records: list[dict]) -> Optional[int]:
 
 def runner_summary(run_dir: str) -> dict:
   """The run's summary.json ({} for a run made outside a grid, e.g. in a notebook)."""
-  if not os.path.exists(os.path.join(run_dir, runner.SUMMARY)):
+  if not runner.done(run_dir):
     return {}
   with open(os.path.join(run_dir, runner.SUMMARY), encoding="utf-8") as f:
     return json.load(f)
@@ -71,6 +73,7 @@ class Run:
   verdicts."""
   arm: str
   name: str  # ARM/seed_K
+  seed: Optional[int]  # K of a grid's seed_K run dir; None for another dir
   records: list[dict]  # its RL records
   collapse_step: Optional[int]
   wall_s: float  # the runner's wall time (nan for a run made outside a grid)
@@ -81,9 +84,9 @@ def load(run_dirs: dict[str, list[str]]) -> list[Run]:
   runs = []
   for arm, dirs in run_dirs.items():
     for run_dir in dirs:
-      records = rl_records(run_dir)
-      runs.append(Run(arm, f"{arm}/{os.path.basename(run_dir)}", records,
-                      collapse_step(records),
+      records, base = rl_records(run_dir), os.path.basename(run_dir)
+      seed = int(base[len("seed_"):]) if re.fullmatch(r"seed_\d+", base) else None
+      runs.append(Run(arm, f"{arm}/{base}", seed, records, collapse_step(records),
                       runner_summary(run_dir).get("wall_s", float("nan"))))
   return runs
 
@@ -118,10 +121,10 @@ def _series(records, key):
   return [(r["step"], r[key]) for r in records if key in r]
 
 
-def _mean_of_max(runs, key) -> float:
+def _mean_of_max(records, key) -> float:
   """Each run's largest value of `key` over its RL steps, averaged over runs."""
   return float(np.mean([max((v for _, v in _series(r, key)), default=float("nan"))
-                        for r in runs]))
+                        for r in records]))
 
 
 def arm_row(arm: str, runs: list[Run]) -> ArmRow:
@@ -145,13 +148,13 @@ def arm_row(arm: str, runs: list[Run]) -> ArmRow:
 def finished_runs(grid: grids.Grid, seeds: int, workdir: str) -> dict[str, list[str]]:
   """Each arm's finished runs (seeds 0..seeds-1 with a summary); arms with none are left
   out, so a grid cut short reports what it has and the table says how many seeds each had."""
-  by_arm = {}
+  dirs = {}
   for arm in grid.arms:
-    dirs = [os.path.join(workdir, arm.name, f"seed_{k}") for k in range(seeds)]
-    finished = [d for d in dirs if os.path.exists(os.path.join(d, runner.SUMMARY))]
+    finished = [d for d in (runner.run_dir(workdir, arm.name, k) for k in range(seeds))
+                if runner.done(d)]
     if finished:
-      by_arm[arm.name] = finished
-  return by_arm
+      dirs[arm.name] = finished
+  return dirs
 
 
 def write_table(runs: list[Run], workdir: str) -> list[ArmRow]:
@@ -266,7 +269,8 @@ def plot_levels(rows: list[ArmRow], path: str, title: str = "") -> Optional[str]
 
 
 def write_report(grid: grids.Grid, seeds: int, runs: list[Run], workdir: str) -> dict:
-  """Table and figures of a grid's finished runs; returns where they are and the rows."""
+  """Table, series and figures of a grid's finished runs; returns where they are and the
+  rows."""
   rows = write_table(runs, workdir)
   counts = sorted({r.seeds for r in rows}) or [0]  # a grid read mid-run has fewer
   have = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"

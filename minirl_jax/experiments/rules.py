@@ -19,11 +19,12 @@ from minirl_jax.experiments import grids
 from minirl_jax.experiments import report
 
 NOISE = 0.04  # the binomial noise of 128 held-out problems near 0.35
+MIN_SEEDS = 3  # fewer finished seeds in any arm: the readings are progress, not verdicts
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
 
 @dataclasses.dataclass(frozen=True)
-class Arm:
+class ArmResult:
   """One arm's finished runs, by RL seed."""
   start: dict[int, float]  # held-out accuracy at RL step 0
   final: dict[int, float]  # at the last evaluation
@@ -32,6 +33,11 @@ class Arm:
   @property
   def collapses(self) -> int:
     return sum(self.collapsed.values())
+
+  @property
+  def stable(self) -> bool:
+    """Collapsed in at most 1 of its seeds (the rules' "stable"; 2 or more is not)."""
+    return self.collapses <= 1
 
   def mean(self, which: str = "final") -> float:
     return float(np.mean(list(getattr(self, which).values())))
@@ -44,23 +50,22 @@ class Reading:
   evidence: str
 
 
-def load(runs: list[report.Run]) -> dict[str, Arm]:
+def by_seed(runs: list[report.Run]) -> dict[str, ArmResult]:
   """Each arm's runs (as `report.load` read them) by RL seed."""
   arms = {}
   for run in runs:
-    arm = arms.setdefault(run.arm, Arm({}, {}, {}))
-    seed = int(run.name.rsplit("/seed_", 1)[1])
+    arm = arms.setdefault(run.arm, ArmResult({}, {}, {}))
     accuracy = [r["eval/accuracy"] for r in run.records if "eval/accuracy" in r]
-    arm.start[seed], arm.final[seed] = accuracy[0], accuracy[-1]
-    arm.collapsed[seed] = run.collapse_step is not None
+    arm.start[run.seed], arm.final[run.seed] = accuracy[0], accuracy[-1]
+    arm.collapsed[run.seed] = run.collapse_step is not None
   return arms
 
 
-def ahead(a: Arm, b: Arm) -> int:
+def ahead(a: ArmResult, b: ArmResult) -> int:
   """+1: a is ahead of b; -1: b of a; 0: no difference shown (module docstring)."""
-  if a.collapses <= 1 and b.collapses >= 2:
+  if a.stable and not b.stable:
     return 1
-  if b.collapses <= 1 and a.collapses >= 2:
+  if b.stable and not a.stable:
     return -1
   paired = sorted(a.final.keys() & b.final.keys())
   diffs = np.array([a.final[s] - b.final[s] for s in paired])
@@ -75,14 +80,16 @@ def _order(a: str, b: str, sign: int) -> str:
   return {1: f"{a} ahead", -1: f"{b} ahead", 0: "no difference shown"}[sign]
 
 
-def _paired(a: Arm, b: Arm) -> str:
+def _paired(a: ArmResult, b: ArmResult) -> str:
+  """The means over the seeds both have (those `ahead` compares), then per seed."""
   seeds = sorted(a.final.keys() & b.final.keys())
+  mean = lambda arm: float(np.mean([arm.final[s] for s in seeds]))
   diffs = ", ".join(f"{a.final[s] - b.final[s]:+.3f}" for s in seeds)
-  return (f"{a.mean():.3f} vs {b.mean():.3f} (per seed {diffs}; collapsed {a.collapses}/"
+  return (f"{mean(a):.3f} vs {mean(b):.3f} (per seed {diffs}; collapsed {a.collapses}/"
           f"{len(a.final)} vs {b.collapses}/{len(b.final)})")
 
 
-def read_gap(arms: dict[str, Arm]) -> list[Reading]:
+def read_gap(arms: dict[str, ArmResult]) -> list[Reading]:
   """Finding 3 and MiniRL against w/o IS at each level, the w/o-IS penalty against the gap,
   and token IS against the sequence-level corrections at the widest level."""
   levels = [level for level, _ in grids.GAP_LEVELS
@@ -90,7 +97,7 @@ def read_gap(arms: dict[str, Arm]) -> list[Reading]:
   readings = []
   for level in levels:
     minirl, no_is = arms[f"{level}/minirl"], arms[f"{level}/minirl_no_is"]
-    if no_is.collapses >= 2 and minirl.collapses <= 1:
+    if not no_is.stable and minirl.stable:
       verdict = REPRODUCED
     else:
       verdict = NOT_REPRODUCED if no_is.collapses == 0 else INCONCLUSIVE
@@ -119,44 +126,49 @@ def read_gap(arms: dict[str, Arm]) -> list[Reading]:
   return readings
 
 
-OFFPOLICY_NS = (2, 4, 8)
-# The arms without clipping, without replay, or without both
+# The off-policy arms without clipping, without replay, or without both
 LACKING_CLIP_OR_REPLAY = ("minirl_no_clip", "minirl+r2_no_clip", "minirl")
 
 
-def read_offpolicy(arms: dict[str, Arm]) -> list[Reading]:
-  """Findings 5 and 6, read at each N that has every arm they need."""
-  readings, holds, no_more = [], [], []
-  for n in OFFPOLICY_NS:
+def _finding5(arms: dict[str, ArmResult]) -> list[Reading]:
+  """At each N: do the arms lacking clipping or replay collapse while MiniRL + R3 holds?"""
+  readings, holds, none_worse = [], [], []
+  for n in grids.OFFPOLICY_NS:
     lacking = [arms.get(f"n{n}/{name}") for name in LACKING_CLIP_OR_REPLAY]
     full = arms.get(f"n{n}/minirl+r3")
     if full is None or None in lacking:
       continue
-    holds.append(all(m.collapses >= 2 for m in lacking) and full.collapses <= 1)
-    no_more.append(sum(m.collapses for m in lacking) <= len(lacking) * full.collapses)
+    holds.append(all(not m.stable for m in lacking) and full.stable)
+    # the lacking arms collapse no more often, together, than 3 x MiniRL + R3
+    none_worse.append(sum(m.collapses for m in lacking) <= len(lacking) * full.collapses)
     counts = ", ".join(f"{name} {m.collapses}/{len(m.final)}"
                        for name, m in zip(LACKING_CLIP_OR_REPLAY, lacking))
     readings.append(Reading(f"N = {n}: finding 5 holds", "yes" if holds[-1] else "no",
                             f"collapsed: {counts}; minirl+r3 {full.collapses}/"
                             f"{len(full.final)}"))
-  if len(holds) == len(OFFPOLICY_NS):
+  if len(holds) == len(grids.OFFPOLICY_NS):
     verdict = (REPRODUCED if sum(holds) >= 2 else
-               NOT_REPRODUCED if all(no_more) else INCONCLUSIVE)
+               NOT_REPRODUCED if all(none_worse) else INCONCLUSIVE)
     readings.append(Reading("finding 5 (without clipping or replay, collapse)", verdict,
                             f"holds at {sum(holds)} of {len(holds)} N"))
-  signs = {}
-  for n in OFFPOLICY_NS:
+  return readings
+
+
+def _finding6(arms: dict[str, ArmResult]) -> list[Reading]:
+  """At each N, R2 against R3 by the ahead rule; the paper: R2 at N = 2, R3 at 4 and 8."""
+  readings, signs = [], {}
+  for n in grids.OFFPOLICY_NS:
     r2, r3 = arms.get(f"n{n}/minirl+r2"), arms.get(f"n{n}/minirl+r3")
     if r2 and r3:
       signs[n] = ahead(r2, r3)
       readings.append(Reading(f"N = {n}: R2 vs R3", _order("R2", "R3", signs[n]),
                               _paired(r2, r3)))
-  if len(signs) == len(OFFPOLICY_NS):
-    wanted = {2: 1, 4: -1, 8: -1}  # the paper: R2 ahead at N = 2, R3 at N = 4 and 8
+  if len(signs) == len(grids.OFFPOLICY_NS):
+    wanted = {2: 1, 4: -1, 8: -1}
     r2_never_collapses = all(arms[f"n{n}/minirl+r2"].collapses == 0 for n in (4, 8))
-    if all(signs[n] == wanted[n] for n in OFFPOLICY_NS):
+    if all(signs[n] == wanted[n] for n in grids.OFFPOLICY_NS):
       verdict = REPRODUCED
-    elif any(signs[n] == -wanted[n] for n in OFFPOLICY_NS) or (
+    elif any(signs[n] == -wanted[n] for n in grids.OFFPOLICY_NS) or (
         not any(signs.values()) and r2_never_collapses):
       verdict = NOT_REPRODUCED
     else:
@@ -167,17 +179,19 @@ def read_offpolicy(arms: dict[str, Arm]) -> list[Reading]:
   return readings
 
 
-COLD_STARTS = ("sft_short", "sft_default", "sft_long")
+def read_offpolicy(arms: dict[str, ArmResult]) -> list[Reading]:
+  """Findings 5 and 6, read at each N that has every arm they need."""
+  return _finding5(arms) + _finding6(arms)
 
 
-def read_coldstart(arms: dict[str, Arm]) -> list[Reading]:
+def read_coldstart(arms: dict[str, ArmResult]) -> list[Reading]:
   """Finding 7: the spread of the stable cold starts' mean accuracy, at RL step 0 and at
   the end."""
-  starts = {name: arms[f"minirl_from_{name}"] for name in COLD_STARTS
-            if f"minirl_from_{name}" in arms}
-  if len(starts) < len(COLD_STARTS):
+  starts = {name: arms[grids.coldstart_arm(name)] for name in grids.COLD_STARTS
+            if grids.coldstart_arm(name) in arms}
+  if len(starts) < len(grids.COLD_STARTS):
     return []
-  stable = {name: arm for name, arm in starts.items() if arm.collapses <= 1}
+  stable = {name: arm for name, arm in starts.items() if arm.stable}
   spread = lambda which: float(np.ptp([arm.mean(which) for arm in stable.values()]))
   evidence = "; ".join(f"{name}: {arm.mean('start'):.3f} -> {arm.mean():.3f} (collapsed "
                        f"{arm.collapses}/{len(arm.final)})" for name, arm in starts.items())
@@ -202,13 +216,14 @@ def write(grid: grids.Grid, seeds: int, runs: list[report.Run],
   """DIR/verdicts.md for a grid with stated rules (None for the others)."""
   if grid.name not in READERS:
     return None
-  arms = load(runs)
+  arms = by_seed(runs)
   readings = READERS[grid.name](arms)
-  short = sorted(name for name, arm in arms.items() if len(arm.final) < seeds)
+  needed = max(seeds, MIN_SEEDS)
+  short = sorted(name for name, arm in arms.items() if len(arm.final) < needed)
   missing = len(grid.arms) - len(arms)
   lines = []
   if short or missing:
-    lines += [f"**Partial, not verdicts**: {len(short)} arm(s) with fewer than {seeds} "
+    lines += [f"**Partial, not verdicts**: {len(short)} arm(s) with fewer than {needed} "
               f"finished seeds, {missing} with none.", ""]
   lines += ["| question | reading | evidence |", "|---|---|---|"]
   lines += [f"| {r.question} | {r.verdict} | {r.evidence} |" for r in readings]

@@ -29,8 +29,13 @@ from minirl_jax.rl import loop
 SUMMARY = "summary.json"
 
 
-def _done(run_dir: str) -> bool:
-  return os.path.exists(os.path.join(run_dir, SUMMARY))
+def done(path: str) -> bool:
+  """Whether the run in `path` finished: its summary is written last."""
+  return os.path.exists(os.path.join(path, SUMMARY))
+
+
+def run_dir(workdir: str, arm: str, seed: int) -> str:
+  return os.path.join(workdir, arm, f"seed_{seed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +47,7 @@ class Job:
 
   @property
   def done(self) -> bool:
-    return _done(self.workdir)
+    return done(self.workdir)
 
 
 def _key(overrides) -> str:
@@ -62,11 +67,11 @@ def plan(grid: grids.Grid, seeds: int, workdir: str) -> tuple[list[Job], list[Jo
   for seed in range(seeds):
     for arm in grid.arms:
       cold_flags = grids.flags(arm.cold_start)
-      cold_dir = os.path.join(workdir, "_coldstart", _key(arm.cold_start),
-                              f"seed_{COLD_START_SEED}")
+      cold_dir = run_dir(os.path.join(workdir, "_coldstart"), _key(arm.cold_start),
+                         COLD_START_SEED)
       cold.setdefault(cold_dir, Job(cold_dir, (f"--config.seed={COLD_START_SEED}",
                                                *cold_flags, "--config.rl.steps=0")))
-      arms.append(Job(os.path.join(workdir, arm.name, f"seed_{seed}"),
+      arms.append(Job(run_dir(workdir, arm.name, seed),
                       (f"--config.seed={seed}", *cold_flags, *grids.flags(arm.overrides)),
                       cold_start=cold_dir))
   return list(cold.values()), arms
@@ -144,11 +149,11 @@ class _Queue:
     return bool(self.todo or self.running)
 
   def _ready(self, job: Job) -> bool:
-    return not job.cold_start or _done(job.cold_start)
+    return not job.cold_start or done(job.cold_start)
 
-  def _coming(self, run_dir: str) -> bool:
-    return any(j.workdir == run_dir for j in self.todo) or any(
-        p.job.workdir == run_dir for p in self.running)
+  def _coming(self, path: str) -> bool:
+    return any(j.workdir == path for j in self.todo) or any(
+        p.job.workdir == path for p in self.running)
 
   def drop_orphans(self) -> None:
     """Jobs whose cold start neither finished nor is still to come (it failed) fail."""
@@ -214,10 +219,9 @@ def run_jobs(jobs: list[Job], *, base_config: str, root: str, max_jobs: int,
 
 
 def run_grid(grid: grids.Grid, *, seeds: int, workdir: str, max_jobs: int, root: str,
-             progress: bool = True) -> list[Job]:
+             progress: bool = True) -> None:
   """Cold starts first, then every arm x seed, each arm as soon as its cold start is
-  done; returns the arm jobs (all finished)."""
+  done."""
   cold, arms = plan(grid, seeds, workdir)
   run_jobs(cold + arms, base_config=grid.base_config, root=root, max_jobs=max_jobs,
            desc=f"{grid.name}: runs", progress=progress)
-  return arms

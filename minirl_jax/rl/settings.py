@@ -186,7 +186,8 @@ class OptimConfig:
     """Values that round to 0 or inf in the parameter dtype (optimizer state shares it):
     `eps=1e-50` is 0 in float32 and divides by zero at the first update."""
     for field in ("learning_rate", "eps"):
-      value = np.asarray(getattr(self, field), dtype)
+      with np.errstate(over="ignore"):  # an overflow is reported below, in one line
+        value = np.asarray(getattr(self, field), dtype)
       if not (np.isfinite(value) and value > 0):
         _fail(where_field(self.stage, field), f"is {getattr(self, field)}, which is "
               f"{value.item()} in the parameter dtype {np.dtype(dtype).name}")

@@ -78,6 +78,11 @@ class Run:
   collapse_step: Optional[int]
   wall_s: float  # the runner's wall time (nan for a run made outside a grid)
 
+  @property
+  def accuracies(self) -> list[float]:
+    """Held-out accuracy at each evaluation, RL step 0 first."""
+    return [r["eval/accuracy"] for r in self.records if "eval/accuracy" in r]
+
 
 def load(run_dirs: dict[str, list[str]]) -> list[Run]:
   """Each run's RL records, collapse step and wall time, arm by arm."""
@@ -130,7 +135,7 @@ def _mean_of_max(records, key) -> float:
 def arm_row(arm: str, runs: list[Run]) -> ArmRow:
   """One arm's table row from its runs (all of the same arm)."""
   records = [run.records for run in runs]
-  accs = [[v for _, v in _series(r, "eval/accuracy")] for r in records]
+  accs = [run.accuracies for run in runs]
   starts, peaks, finals = [a[0] for a in accs], [max(a) for a in accs], [a[-1] for a in accs]
   collapsed = [run.collapse_step for run in runs if run.collapse_step is not None]
   return ArmRow(

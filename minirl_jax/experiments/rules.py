@@ -55,8 +55,7 @@ def by_seed(runs: list[report.Run]) -> dict[str, ArmResult]:
   arms = {}
   for run in runs:
     arm = arms.setdefault(run.arm, ArmResult({}, {}, {}))
-    accuracy = [r["eval/accuracy"] for r in run.records if "eval/accuracy" in r]
-    arm.start[run.seed], arm.final[run.seed] = accuracy[0], accuracy[-1]
+    arm.start[run.seed], arm.final[run.seed] = run.accuracies[0], run.accuracies[-1]
     arm.collapsed[run.seed] = run.collapse_step is not None
   return arms
 

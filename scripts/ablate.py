@@ -3,6 +3,8 @@
   python scripts/ablate.py --grid=quick --seeds=1 --workdir=runs/quick
   python scripts/ablate.py --grid=onpolicy --seeds=3 --workdir=runs/onpolicy --jobs=1
   python scripts/ablate.py --grid=onpolicy --seeds=3 --workdir=runs/onpolicy --report_only
+  python scripts/ablate.py --grid=offpolicy --seeds=3 --workdir=runs/offpolicy \
+      --restore_from=docs/results/offpolicy  # go on from the committed runs
 Grids: minirl_jax/experiments/grids.py. Rerunning skips finished arms and resumes
 interrupted ones. Grids with stated reading rules (gap, offpolicy, coldstart) also get
 verdicts.md (minirl_jax/experiments/rules.py). Last line: one JSON object (table, figures,
@@ -31,6 +33,10 @@ _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Run nothing: write the report (table, series, figures, early "
     "warning, verdicts) of the finished runs (a grid cut short, or one still running "
     "elsewhere).")
+_RESTORE_FROM = flags.DEFINE_string(
+    "restore_from", None, "A committed report's directory (e.g. docs/results/offpolicy): "
+    "first rebuild the finished runs its series.csv and table.csv hold, so a grid goes on "
+    "where another machine left it.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +47,9 @@ def main(argv):
   if _SEEDS.value < 1 or _JOBS.value < 1:
     raise errors.UserError("--seeds and --jobs must be >= 1")
   workdir = os.path.abspath(_WORKDIR.value)
+  if _RESTORE_FROM.value:
+    made = report.restore(grid, _RESTORE_FROM.value, workdir)
+    print(f"restored {len(made)} finished run(s) from {_RESTORE_FROM.value}")
   if not _REPORT_ONLY.value:
     runner.run_grid(grid, seeds=_SEEDS.value, workdir=workdir, max_jobs=_JOBS.value,
                     root=ROOT, progress=_PROGRESS.value)

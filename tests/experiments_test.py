@@ -92,6 +92,38 @@ def test_series_keeps_every_runs_steps(tmp_path):
   assert rows[0]["policy/entropy"] == "" and rows[2]["is/seq_frac_masked"] == ""
 
 
+def test_a_committed_report_restores_its_runs_for_the_next_machine(tmp_path):
+  grid = grids.Grid("t", "configs/smoke.py", (grids.Arm("a"), grids.Arm("b")), "test")
+  made = tmp_path / "made"
+  for seed in range(2):
+    _write_run(made / "a" / f"seed_{seed}", [
+        {"step": 0, "eval/accuracy": 0.25}, _rl(1, kl=1 / 3, staleness=0.01 * seed),
+        _rl(2, acc=0.375 + 0.125 * seed, entropy=0.01)], wall_s=10.0 + seed)
+  _write_run(made / "b" / "seed_0", [{"step": 0, "eval/accuracy": 0.25}, _rl(1, acc=0.5)])
+  results = tmp_path / "results"
+  os.makedirs(results)
+  runs = report.load(report.finished_runs(grid, 2, str(made)))
+  report.write_table(runs, str(results))
+  report.write_series(runs, str(results))
+  workdir = tmp_path / "next_machine"
+  _write_run(workdir / "b" / "seed_0", [{"step": 0, "eval/accuracy": 0.75}])  # kept as is
+  assert report.restore(grid, str(results), str(workdir)) == [
+      str(workdir / "a" / "seed_0"), str(workdir / "a" / "seed_1")]
+  assert runner.done(str(workdir / "a" / "seed_1"))
+  restored = report.load(report.finished_runs(grid, 2, str(workdir)))
+  a0 = restored[0]
+  assert (a0.name, a0.seed, a0.collapse_step) == ("a/seed_0", 0, 2)  # entropy under the floor
+  assert a0.records[1]["mismatch/kl_k3"] == pytest.approx(1 / 3, rel=1e-6)  # 6 digits kept
+  assert a0.accuracies == [0.25, 0.375] and restored[1].accuracies == [0.25, 0.5]
+  assert [r.wall_s for r in restored] == [10.5, 10.5, 10.0]  # the arm's mean: it stays
+  assert restored[2].accuracies == [0.75]
+  other = grids.Grid("other", "configs/smoke.py", (grids.Arm("a"),), "test")
+  with pytest.raises(errors.UserError, match="run b/seed_0 is not an arm of grid other"):
+    report.restore(other, str(results), str(tmp_path / "x"))
+  with pytest.raises(errors.UserError, match="no .*missing.table.csv"):
+    report.restore(grid, str(tmp_path / "missing"), str(tmp_path / "x"))
+
+
 def test_levels_group_level_variant_arms_in_grid_order(tmp_path):
   row = lambda arm, acc: report.ArmRow(arm, 3, 0.3, 0.0, acc, 0.0, acc, 0.01, 0, None, 0.05,
                                        1e-3, 0.0, 9.0)

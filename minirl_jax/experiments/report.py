@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from minirl_jax import errors
 from minirl_jax import metrics as metrics_lib
 from minirl_jax.experiments import grids
 from minirl_jax.experiments import runner
@@ -197,6 +198,45 @@ def write_series(runs: list[Run], workdir: str) -> str:
         writer.writerow([run.name, r["step"],
                          *(f"{r[key]:.6g}" if key in r else "" for key in SERIES)])
   return path
+
+
+def restore(grid: grids.Grid, results_dir: str, workdir: str) -> list[str]:
+  """Finished run dirs under `workdir` rebuilt from a committed report of `grid`
+  (results_dir's series.csv and table.csv), so a grid spans machines: a rerun of the grid
+  skips them and the report reads them like any run. A run dir keeps the SERIES metrics at
+  6 significant digits and its arm's mean wall time (summary.json says "restored_from");
+  dirs that exist are left alone. Returns the dirs it made."""
+  paths = [os.path.join(results_dir, name) for name in ("table.csv", "series.csv")]
+  for path in paths:
+    if not os.path.isfile(path):
+      raise errors.UserError(f"--restore_from={results_dir}: no {path} (a grid's committed "
+                             "report has table.csv and series.csv)")
+  with open(paths[0], encoding="utf-8") as f:
+    wall_s = {row["arm"]: float(row["wall_s"]) for row in csv.DictReader(f)}
+  records: dict[str, list[dict]] = {}
+  with open(paths[1], encoding="utf-8") as f:
+    for row in csv.DictReader(f):
+      records.setdefault(row.pop("run"), []).append(
+          {"step": int(row.pop("step")), "stage": "rl",
+           **{key: float(value) for key, value in row.items() if value}})
+  arms = {arm.name for arm in grid.arms}
+  for name in records:
+    if name.rsplit("/", 1)[0] not in arms & set(wall_s):
+      raise errors.UserError(f"--restore_from={results_dir}: run {name} is not an arm of "
+                             f"grid {grid.name} with a row in {paths[0]}")
+  made = []
+  for name, run_records in records.items():
+    arm, base = name.rsplit("/", 1)
+    path = os.path.join(workdir, arm, base)
+    if os.path.exists(path):
+      continue
+    os.makedirs(path)
+    with open(os.path.join(path, "metrics.jsonl"), "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in run_records)
+    with open(os.path.join(path, runner.SUMMARY), "w", encoding="utf-8") as f:
+      json.dump({"wall_s": wall_s[arm], "restored_from": results_dir}, f)
+    made.append(path)
+  return made
 
 
 def panels(n: int, width: float = 4.2, height: float = 3.4):

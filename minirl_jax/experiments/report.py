@@ -200,39 +200,44 @@ def write_series(runs: list[Run], workdir: str) -> str:
   return path
 
 
+def read_series(path: str) -> dict[str, list[dict]]:
+  """The RL records of each run in a series.csv (write_series' inverse, 6 digits kept)."""
+  records: dict[str, list[dict]] = {}
+  with open(path, encoding="utf-8") as f:
+    for row in csv.DictReader(f):
+      records.setdefault(row.pop("run"), []).append(
+          {"step": int(row.pop("step")), **{k: float(v) for k, v in row.items() if v}})
+  return records
+
+
 def restore(grid: grids.Grid, results_dir: str, workdir: str) -> list[str]:
   """Finished run dirs under `workdir` rebuilt from a committed report of `grid`
   (results_dir's series.csv and table.csv), so a grid spans machines: a rerun of the grid
   skips them and the report reads them like any run. A run dir keeps the SERIES metrics at
   6 significant digits and its arm's mean wall time (summary.json says "restored_from");
   dirs that exist are left alone. Returns the dirs it made."""
-  paths = [os.path.join(results_dir, name) for name in ("table.csv", "series.csv")]
-  for path in paths:
+  table, series = (os.path.join(results_dir, name) for name in ("table.csv", "series.csv"))
+  for path in (table, series):
     if not os.path.isfile(path):
       raise errors.UserError(f"--restore_from={results_dir}: no {path} (a grid's committed "
                              "report has table.csv and series.csv)")
-  with open(paths[0], encoding="utf-8") as f:
+  with open(table, encoding="utf-8") as f:
     wall_s = {row["arm"]: float(row["wall_s"]) for row in csv.DictReader(f)}
-  records: dict[str, list[dict]] = {}
-  with open(paths[1], encoding="utf-8") as f:
-    for row in csv.DictReader(f):
-      records.setdefault(row.pop("run"), []).append(
-          {"step": int(row.pop("step")), "stage": "rl",
-           **{key: float(value) for key, value in row.items() if value}})
-  arms = {arm.name for arm in grid.arms}
+  records = read_series(series)
+  known = {arm.name for arm in grid.arms} & set(wall_s)
   for name in records:
-    if name.rsplit("/", 1)[0] not in arms & set(wall_s):
+    if name.rsplit("/", 1)[0] not in known:
       raise errors.UserError(f"--restore_from={results_dir}: run {name} is not an arm of "
-                             f"grid {grid.name} with a row in {paths[0]}")
+                             f"grid {grid.name} with a row in {table}")
   made = []
   for name, run_records in records.items():
-    arm, base = name.rsplit("/", 1)
-    path = os.path.join(workdir, arm, base)
+    path, arm = os.path.join(workdir, name), name.rsplit("/", 1)[0]
     if os.path.exists(path):
       continue
-    os.makedirs(path)
-    with open(os.path.join(path, "metrics.jsonl"), "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in run_records)
+    writer = metrics_lib.MetricWriter(path, tensorboard=False)
+    for r in run_records:
+      writer.write(r["step"], "rl", {k: v for k, v in r.items() if k != "step"})
+    writer.close()
     with open(os.path.join(path, runner.SUMMARY), "w", encoding="utf-8") as f:
       json.dump({"wall_s": wall_s[arm], "restored_from": results_dir}, f)
     made.append(path)

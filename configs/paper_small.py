@@ -17,7 +17,7 @@ sets mini-batch 32 and raises prompts_per_step with N. Checkpoints every 10 step
 cut off (a session's end, a preemption) resumes near where it stopped; resume is bit-exact.
 
 Sampler: fp8 (the paper's FP8 inference against a float32 trainer; README "A gap you can
-dial" says why the grids run there).
+dial" says why the grids run there), 64 responses decoded over 16 slots (continuous batching).
 
 Measured once on the 2-core CPU (timings with it idle; shared, it ran ~2x slower), to be
 re-measured before sizing a grid. SFT: ~2.0 s per step; held-out accuracy (temperature 1) is
@@ -38,8 +38,9 @@ def get_config():
                       num_experts=8, top_k=2, expert_ffn_dim=128, dense_ffn_dim=384)
   config.data.update(task="chain", min_steps=3, max_steps=18, max_value=10, modulus=100,
                      operators="+-", max_prompt_len=40, eval_size=128)
-  config.sampler.update(dtype="fp8", max_new_tokens=147,
-                        prompt_bucket=8)  # longest solution (146) + EOS
+  # max_new_tokens: the longest solution (146) + EOS. 16 slots for 64 responses: the
+  # fastest rollouts measured (docs/sampling.md, "Continuous batching").
+  config.sampler.update(dtype="fp8", max_new_tokens=147, prompt_bucket=8, slots=16)
   # N = 1 (on-policy): one mini-batch of 8 x 8; the off-policy grid raises prompts_per_step.
   config.rl.update(steps=40, prompts_per_step=8, group_size=8, mini_batch_size=64,
                    eval_every=10, learning_rate=2e-4)

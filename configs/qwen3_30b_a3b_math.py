@@ -25,7 +25,7 @@ PRESETS = {
     # A TPU v5p-256 slice: 128 chips of 95 GiB.
     "v5p": dict(hardware=dict(name="TPU v5p-256", devices=128, device_gib=95.0),
                 mesh=dict(data=1, fsdp=16, expert=8, tensor=1),
-                rl=dict(micro_batch_size=128), sampler=dict(batch_size=1024),
+                rl=dict(micro_batch_size=128), sampler=dict(slots=1024),
                 model=dict(attention_chunk=256)),
     # One host of 8 x H100 80 GB, plain FSDP. The train state (bf16 weights, Adam moments
     # and gradient buffers) takes ~50 GiB of each GPU, so the paper's 32k-token responses
@@ -34,7 +34,7 @@ PRESETS = {
     "h100": dict(hardware=dict(name="8 x H100 80GB", devices=8, device_gib=80.0),
                  mesh=dict(data=1, fsdp=8, expert=1, tensor=1),
                  rl=dict(micro_batch_size=8),
-                 sampler=dict(batch_size=128, max_new_tokens=8192),
+                 sampler=dict(slots=128, max_new_tokens=8192),
                  model=dict(attention_chunk=128)),
 }
 

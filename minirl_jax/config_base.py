@@ -70,7 +70,9 @@ def get_base_config() -> ml_collections.ConfigDict:
                         activation_dtype=config_dict.placeholder(str),
                         kv_cache_dtype=config_dict.placeholder(str),  # None: activation dtype
                         quantize_embeddings=False, int4_group_size=32,
-                        batch_size=0,  # rows decoded at once (0: all): bounds the KV cache
+                        # rows decoded at once (0: all); an ended row takes the next
+                        # waiting response (docs/sampling.md). Bounds the KV cache.
+                        slots=0,
                         scan_layers=False)
   config.objective = dict(
       name="minirl", eps_low=0.2, eps_high=0.27, tis_cap=config_dict.placeholder(float),
@@ -90,7 +92,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       allow_greedy=False,  # True: allow samplers whose G responses cannot differ
       # rows per forward/backward in an update, pi_old and the gradient cosine; 0: whole
       # mini-batch (global batch for pi_old). Activation memory follows it; values do not.
-      micro_batch_size=0)
+      micro_batch_size=0,
+      # a warning names every this many RL steps in a row whose groups all had equal
+      # rewards (zero advantages: nothing to learn; `reward/zero_adv_frac` = 1)
+      no_signal_warn_steps=5)
   config.sft = dict(
       max_steps=2000, batch_size=64, learning_rate=3e-3, warmup_steps=50,
       eval_every=50, eval_size=128,  # a cheap held-out check that stops SFT early
@@ -105,12 +110,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(config)
 
 
-def define_config_flag(script_file: str, default: str = "tiny"):
+def define_config_flag(script_file: str, default: str = "tiny", name: str = "config"):
   """`--config=configs/NAME.py` (plus `--config.section.field=value` overrides) for a
   script in `scripts/`; the default is found next to the script, whatever the cwd."""
   path = os.path.join(os.path.dirname(os.path.abspath(script_file)), os.pardir, "configs",
                       f"{default}.py")
   return config_flags.DEFINE_config_file(
-      "config", os.path.normpath(path),
-      "Experiment config file; override fields with --config.section.field=value.",
+      name, os.path.normpath(path),
+      f"Experiment config file; override fields with --{name}.section.field=value.",
       lock_config=True)

@@ -238,13 +238,18 @@ def make(s: settings_lib.Settings, num_devices: int) -> Plan:
   old = Shapes(rows=max(1, rl.global_batch // rl.micro_per_global_batch // shards),
                length=length, cfg=cfg, mesh=sizes)
   rollout_rows = max(1, rl.global_batch // shards)
-  decode_rows = max(1, (s.sampler.batch_size or rl.global_batch) // shards)
+  decode_rows = sampler_lib.num_slots(s.sampler, rl.global_batch, shards) // shards
   engine = sampler_lib.engine_config(cfg, s.sampler)
-  cache = jax.eval_shape(lambda: transformer.init_kv_cache(
-      engine, decode_rows * shards, length - 1, s.sampler.kv_cache_dtype))
-  cache_bytes = sum(_shard_bytes(x.shape, x.dtype, _cache_axes(x.ndim), mesh)
-                    for x in jax.tree.leaves(cache))
-  decode_state = decode_rows * length * (4 * 4 + 1 + cfg.num_moe_layers * cfg.top_k)
+  kv_bytes = lambda rows, slots: sum(
+      _shard_bytes(x.shape, x.dtype, _cache_axes(x.ndim), mesh) for x in jax.tree.leaves(
+          jax.eval_shape(lambda: transformer.init_kv_cache(engine, rows, slots,
+                                                           s.sampler.kv_cache_dtype))))
+  prompt = _bucket(s.data.max_prompt_len, s.sampler.prompt_bucket)
+  cache_bytes = kv_bytes(decode_rows * shards, length - 1)
+  # The loop writes every response of the step (the Rollout) and reads each prompt's
+  # cached keys once per slot it starts (prefilled once per prompt).
+  decode_state = (rollout_rows * length * (4 * 4 + 1 + cfg.num_moe_layers * cfg.top_k)
+                  + kv_bytes(rl.prompts_per_step, prompt))
   decode = Shapes(rows=decode_rows, length=1, cfg=engine, mesh=sizes)
   replay = s.rl.routing_replay != "none"
   mini = train_batch_bytes(max(1, s.rl.mini_batch_size // shards), length, cfg, replay)

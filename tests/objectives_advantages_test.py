@@ -70,6 +70,15 @@ class GroupAdvantagesTest(chex.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "group_size >= 2, got 1"):
       advantages.group_advantages(jnp.array([1.0, 0.0]), 1, True, std_ddof=1)
 
+  def test_zero_advantage_frac_counts_the_groups_without_signal(self):
+    # Groups (1, 1, 1), (0, 1, 0), (0, 0, 0), (0.1, 0.1, 0.1): three of four all equal.
+    rewards = jnp.array([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.1, 0.1])
+    np.testing.assert_array_equal(advantages.equal_reward_groups(rewards, 3),
+                                  [True, False, True, True])
+    self.assertEqual(float(advantages.zero_advantage_frac(rewards, 3)), 0.75)
+    adv = advantages.group_advantages(rewards, 3, False).reshape(4, 3)
+    np.testing.assert_array_equal(np.all(adv == 0, axis=1), [True, False, True, True])
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -105,12 +105,21 @@ def _measure(s, mesh):
       linear.is_quantized(x))
   if not s.sampler.scan_layers:
     sampler_params = _per_layer(sampler_params, mesh)
-  kw = dict(model_cfg=cfg, sampler_cfg=s.sampler)
-  prompts = jax.ShapeDtypeStruct((rows, 64), jnp.int32)
-  decode_state = jax.eval_shape(functools.partial(sampler_lib.prefill, **kw), sampler_params,
-                                prompts, jax.ShapeDtypeStruct((rows, 64), bool),
-                                jax.random.key(0))
-  decode_state = _rows_sharded(decode_state, rows, mesh)
+  kw = dict(model_cfg=cfg, sampler_cfg=s.sampler, group_size=rl.group_size)
+  n, shards = rl.prompts_per_step, sharding.batch_size_multiple(mesh)
+  slots = sampler_lib.num_slots(s.sampler, rows, shards)
+  prefix, rollout = jax.eval_shape(
+      functools.partial(sampler_lib.prefill, **kw), sampler_params,
+      jax.ShapeDtypeStruct((n, 64), jnp.int32), jax.ShapeDtypeStruct((n, 64), bool),
+      jax.random.key(0))
+  decode_state = jax.eval_shape(functools.partial(sampler_lib.start, slots=slots,
+                                                  shards=shards, **kw), prefix, rollout)
+  prefix = _rows_sharded(prefix, n, mesh)
+  decode_state = decode_state.replace(
+      **{f: _rows_sharded(getattr(decode_state, f), shards, mesh)
+         for f in ("seq", "pos", "queue", "waiting", "num_live")},
+      cache=_rows_sharded(decode_state.cache, slots, mesh),
+      rollout=_rows_sharded(decode_state.rollout, rows, mesh))
   shard_bytes = lambda tree: sum(
       math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
       for x in jax.tree.leaves(tree))
@@ -126,8 +135,8 @@ def _measure(s, mesh):
             state_sh, sharding.replicated(mesh))).lower(state, mini).compile()),
         "pi_old": _total(jax.jit(old).lower(state.params, tokens, mask).compile()),
         "decode": _total(jax.jit(functools.partial(sampler_lib.decode, **kw),
-                                 donate_argnums=1).lower(sampler_params,
-                                                         decode_state).compile()),
+                                 donate_argnums=1).lower(sampler_params, decode_state,
+                                                         prefix).compile()),
     }
 
 

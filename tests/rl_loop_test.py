@@ -62,6 +62,8 @@ def test_main_job_outputs_and_resume_equivalence(tmp_path):
   for name in ("reward_mean", "eval_accuracy", "policy_entropy", "mismatch_kl_mu_pi_old"):
     assert os.path.getsize(os.path.join(full, f"{name}.png")) > 1000
   assert summary["rl_steps"] == 4 and os.listdir(os.path.join(full, "tensorboard"))
+  no_signal = sum(r["reward/zero_adv_frac"] == 1 for r in rl if r["step"] > 0)
+  assert summary["rl_steps_without_signal"] == no_signal
 
   # SIGTERM (preemption) during RL step 2: the step finishes, a checkpoint is written, the
   # run stops with 128 + 15; the same command resumes and logs the same numbers.
@@ -79,7 +81,8 @@ def test_main_job_outputs_and_resume_equivalence(tmp_path):
   assert stop.value.status == 128 + signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
   assert max(r["step"] for r in _records(resumed) if r["stage"] == "rl") == 2
-  smoke_run(resumed, **{"rl.steps": 4}).run()
+  resumed_summary = smoke_run(resumed, **{"rl.steps": 4}).run()
+  assert resumed_summary["rl_steps_without_signal"] == no_signal  # recounted on resume
   again = _records(resumed)
   assert [(r["stage"], r["step"]) for r in again] == [(r["stage"], r["step"]) for r in records]
   for a, b in zip(records, again):
@@ -136,3 +139,28 @@ def test_user_reward_function_is_plugged_in_by_name():
   for bad in ("no_colon", f"{__name__}:missing", "no_such_module_xyz:f"):
     with pytest.raises(ValueError, match="data.reward"):
       data.build(settings.from_config(smoke_config(**{"data.reward": bad})))
+
+
+def test_steps_without_learning_signal_are_named(caplog):
+  """Every `warn_after` steps in a row with all groups' rewards equal, one warning; a step
+  with signal restarts the count; the total counts every such step."""
+  watch = loop.NoSignalWatch(warn_after=2)
+  fracs = [1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0]
+  with caplog.at_level("WARNING"):
+    for step, frac in enumerate(fracs, start=1):
+      watch.observe(step, {"reward/zero_adv_frac": frac})
+  warnings = [r.getMessage() for r in caplog.records if "no learning signal" in r.getMessage()]
+  assert [w.split(" had")[0] for w in warnings] == [
+      "RL steps 1-2", "RL steps 4-5", "RL steps 4-7"]
+  assert watch.total == 6 and watch.in_a_row == 4
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    watch.summarize(rl_steps=7)  # one step had signal: no summary warning
+    assert not caplog.records
+    loop.NoSignalWatch(warn_after=5).summarize(rl_steps=0)
+    assert not caplog.records
+    all_zero = loop.NoSignalWatch(warn_after=5)
+    for step in (1, 2):
+      all_zero.observe(step, {"reward/zero_adv_frac": 1.0})
+    all_zero.summarize(rl_steps=2)
+  assert "No RL step had a learning signal (2 of 2)" in caplog.records[-1].getMessage()

@@ -71,8 +71,10 @@ def test_training_steps_stop_a_failing_reward_and_evaluation_never_does():
     fns.close()
 
 
-def test_sampler_batch_size_decodes_slices_with_their_own_keys():
-  """sampler.batch_size=4 of 8 rows: two generate calls, each slice as if sampled alone."""
+@pytest.mark.parametrize("slots", [1, 3])
+def test_sampler_slots_do_not_change_the_rollout(slots):
+  """Two prompts x 4 samples through `rl.rollout.sample` with `sampler.slots` 1 and 3 (a
+  slot's ended sequence gives way to the next) vs all 8 rows at once: the same rollout."""
   import dataclasses
 
   import jax
@@ -80,7 +82,6 @@ def test_sampler_batch_size_decodes_slices_with_their_own_keys():
   from minirl_jax.models import transformer
   from minirl_jax.rl import rollout
   from minirl_jax.sampling import quantize
-  from minirl_jax.sampling import sampler
   from minirl_jax.sampling.config import SamplerConfig
 
   cfg = transformer.ModelConfig(vocab_size=16, num_experts=4, top_k=2)
@@ -88,20 +89,15 @@ def test_sampler_batch_size_decodes_slices_with_their_own_keys():
                                 SamplerConfig(dtype="float32"), transformer.param_axes(cfg))
   prompts = {"prompt_tokens": np.array([[3, 4, 5], [0, 6, 7]], np.int32),
              "prompt_mask": np.array([[1, 1, 1], [0, 1, 1]], bool)}
-  scfg = SamplerConfig(dtype="float32", max_new_tokens=5, prompt_bucket=4, eos_ids=())
+  scfg = SamplerConfig(dtype="float32", max_new_tokens=6, prompt_bucket=4, eos_ids=(2,))
   mesh, key = sharding.make_mesh({}), jax.random.key(3)
-  sliced = rollout.sample(params, prompts, key, group_size=4, model_cfg=cfg, mesh=mesh,
-                          sampler_cfg=dataclasses.replace(scfg, batch_size=4))
+  got = rollout.sample(params, prompts, key, group_size=4, model_cfg=cfg, mesh=mesh,
+                       sampler_cfg=dataclasses.replace(scfg, slots=slots))
   whole = rollout.sample(params, prompts, key, group_size=4, model_cfg=cfg, mesh=mesh,
                          sampler_cfg=scfg)
-  assert sliced.tokens.shape == whole.tokens.shape == (8, 9)
-  assert sliced.routing_mu.shape == whole.routing_mu.shape
-  tokens = np.repeat(prompts["prompt_tokens"], 4, axis=0)
-  lengths = np.repeat(prompts["prompt_mask"].sum(axis=1), 4, axis=0)
-  for i in range(2):
-    alone = sampler.generate(params, tokens[4 * i:4 * i + 4], lengths[4 * i:4 * i + 4],
-                             jax.random.fold_in(key, i), model_cfg=cfg, sampler_cfg=scfg)
-    np.testing.assert_array_equal(sliced.tokens[4 * i:4 * i + 4], alone.tokens)
-    np.testing.assert_array_equal(sliced.routing_mu[:, 4 * i:4 * i + 4], alone.routing_mu)
-    np.testing.assert_allclose(sliced.mu_logp[4 * i:4 * i + 4], alone.mu_logp, rtol=1e-6)
-  assert not np.array_equal(sliced.tokens, whole.tokens)  # other keys: other samples
+  assert got.tokens.shape == whole.tokens.shape == (8, 10)
+  assert len(set(np.asarray(whole.num_generated))) > 1  # rows end at different steps
+  for field in ("tokens", "attn_mask", "completion_mask", "routing_mu", "num_generated"):
+    np.testing.assert_array_equal(getattr(got, field), getattr(whole, field), err_msg=field)
+  np.testing.assert_allclose(got.mu_logp, whole.mu_logp, atol=1e-5)
+  np.testing.assert_allclose(got.sample_logp, whole.sample_logp, atol=1e-5)

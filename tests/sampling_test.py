@@ -94,7 +94,7 @@ def test_routing_mu_matches_teacher_forced_routing(rollout, teacher):
   before_last = (r.completion_mask > 0) & (np.arange(r.tokens.shape[1]) < last[:, None])
   assert np.all(ran[:, prompt]) and np.all(ran[:, before_last])
   assert not np.any(ran[:, ~r.attn_mask])
-  assert not np.all(ran[:, np.arange(B), last])  # the loop stops before running them all
+  assert not np.any(ran[:, np.arange(B), last])  # an ended sequence frees its slot at once
 
 
 def test_r3_forward_on_rollout_replays_sampler_routing(params, rollout, teacher, fwd):
@@ -156,16 +156,18 @@ def test_same_rng_same_rollout_and_one_compilation_per_bucket(params, prompts, r
 def test_decode_step_traced_once_and_equals_the_loop(params, prompts, rollout):
   @jax.jit
   @chex.assert_max_traces(n=1)
-  def step(params, state):
-    return sampler.decode_step(params, state, model_cfg=CFG, sampler_cfg=SAMPLE)
+  def step(params, state, prefix):
+    return sampler.decode_step(params, state, prefix, group_size=1, model_cfg=CFG,
+                               sampler_cfg=SAMPLE)
 
   tokens, mask = sampler.bucket_prompts(prompts, LENGTHS, SAMPLE)
-  state = sampler.prefill_jit(params, tokens, mask, jax.random.key(2), model_cfg=CFG,
-                              sampler_cfg=SAMPLE)
-  for _ in range(SAMPLE.max_new_tokens - 1):
-    state = step(params, state)
-  stepped = sampler.to_rollout(state)
-  for field in ("tokens", "attn_mask", "completion_mask", "num_generated"):
+  kw = dict(model_cfg=CFG, sampler_cfg=SAMPLE, group_size=1)
+  prefix, first = sampler.prefill_jit(params, tokens, mask, jax.random.key(2), **kw)
+  state = sampler.start_jit(prefix, first, slots=B, shards=1, **kw)
+  for _ in range(SAMPLE.max_new_tokens - 1):  # steps with no busy slot change nothing
+    state = step(params, state, prefix)
+  stepped = state.rollout
+  for field in ("tokens", "attn_mask", "completion_mask", "num_generated", "routing_mu"):
     np.testing.assert_array_equal(getattr(stepped, field), getattr(rollout, field))
   np.testing.assert_allclose(stepped.mu_logp, rollout.mu_logp, atol=1e-6)
 
@@ -240,7 +242,7 @@ def test_params_must_match_the_sampler_dtype(params, prompts):
 
 def _sample(logits, cfg, num=256):
   keys = jax.random.split(jax.random.key(0), num)
-  fn = jax.jit(jax.vmap(lambda k: sampler.sample_token(logits, k, cfg)))
+  fn = jax.jit(jax.vmap(lambda k: sampler.sample_token(logits, k[None], cfg)))
   return _np(fn(keys))
 
 
@@ -267,6 +269,7 @@ def test_top_k_top_p_and_temperature():
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(pad_id=-1), "pad_id"),
     (dict(prompt_bucket=0), "prompt_bucket"), (dict(eos_ids=(-2,)), "eos_ids"),
+    (dict(slots=-1), "slots"), (dict(slots=2.5), "slots"),
 ])
 def test_invalid_sampler_fields_are_named(kwargs, field):
   with pytest.raises(ValueError, match=rf"sampler\.{field}"):

@@ -113,3 +113,18 @@ def _check_gap(workdir, smoke):
   assert abs(levels["float32"]["kl_k1"]) <= 1e-5 and levels["float32"]["kl_k3"] <= 1e-5
   assert levels["int4"]["kl_k3"] > levels["float32"]["kl_k3"]
   assert len(levels["int4"]["routing_disagreement"]) == 2  # the smoke model's MoE layers
+
+
+def test_bench_sampler_rollouts_count_the_row_steps_of_both_engines():
+  """16 responses of imposed lengths 1, 3, 5, 2 (cycled): the static batch decodes 16 rows
+  for the longest's 4 steps; 2 slots stay busy, so they waste at most the last 4 steps."""
+  _, out = _last_json([str(ROOT / "scripts" / "bench_sampler.py"), "--only_rollouts",
+                       f"--rollout_config={ROOT / 'configs' / 'smoke.py'}",
+                       "--rollout_dtypes=float32", "--slots=2", "--repeats=1",
+                       "--response_lengths=1,3,5,2"])
+  rows = out["rollouts"]["rows"]
+  static, slots = rows["float32/static"], rows["float32/slots2"]
+  work = 4 * (0 + 2 + 4 + 1)  # tokens after each response's first (prefill samples it)
+  assert static["decode_steps"] == 4 and static["wasted_row_steps"] == 16 * 4 - work
+  assert slots["wasted_row_steps"] == 2 * slots["decode_steps"] - work
+  assert work / 2 <= slots["decode_steps"] <= work / 2 + 4

@@ -1,6 +1,7 @@
 """The programs `sharding_test.py` runs on 8 fake CPU devices, one child process each: their
 checks compare the sharded computation with one device and print one JSON line."""
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -21,6 +22,7 @@ from minirl_jax import sharding
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
 from minirl_jax.rl import loop
+from minirl_jax.rl import rollout as rollout_lib
 from minirl_jax.rl import settings as settings_lib
 from minirl_jax.rl import state as state_lib
 from minirl_jax.rl import train_step
@@ -180,24 +182,39 @@ def _smoke_config():
 
 
 def _check_sampler(run, out):
-  """The run's sampler params on the mesh with batch-sharded prompts vs on one device."""
+  """The run's sampler on the mesh (batch-sharded prompts, every shard scheduling its own
+  slots) vs on one device (one queue): the same rollout."""
   rng = np.random.default_rng(0)
-  tokens = rng.integers(3, 15, (16, 8)).astype(np.int32)
-  lengths = rng.integers(3, 9, 16)
-  kw = dict(model_cfg=run.s.model, sampler_cfg=run.s.sampler)
+  tokens = rng.integers(3, 15, (8, 8)).astype(np.int32)
+  lengths = rng.integers(3, 9, 8)
+  scfg = dataclasses.replace(run.s.sampler, slots=16)  # 2 per shard for 8 x 2 sequences
+  kw = dict(model_cfg=run.s.model, sampler_cfg=scfg, group_size=2)
   params = run.fns.quantize(run.state.params)
   placed = sharding.shard_batch((tokens, lengths), run.mesh)
-  prefill, decode = (sharding.on_mesh(run.mesh, f) for f in (sampler.prefill_jit,
-                                                               sampler.decode_jit))
-  state = prefill(params, *sampler.bucket_prompts(*placed, run.s.sampler), jax.random.key(7),
-                  **kw)
-  cache_spec = _spec(state.cache.k_LBSGK[0])  # per layer: [B, S, G, K]
-  got = sampler.to_rollout(decode(params, state, **kw))
+  prefill, start = (sharding.on_mesh(run.mesh, f) for f in (sampler.prefill_jit,
+                                                              sampler.start_jit))
+  prefix, first = prefill(params, *sampler.bucket_prompts(*placed, scfg), jax.random.key(7),
+                          **kw)
+  slots = start(prefix, first, slots=16, shards=sharding.batch_size_multiple(run.mesh), **kw)
+  cache_spec = _spec(slots.cache.k_LBSGK[0])  # per layer: [S, P + n - 1, G, K]
+  got = sharding.on_mesh(run.mesh, sampler.generate)(
+      params, *placed, jax.random.key(7), shards=sharding.batch_size_multiple(run.mesh), **kw)
   one_device = jax.device_put(params, jax.devices()[0])
   want = sampler.generate(one_device, tokens, lengths, jax.random.key(7), **kw)
-  out["sampler"] = dict(cache_spec=cache_spec,
+  # 4 prompts do not split over 8 shards: `rollout.sample` prefills each response alone.
+  prompts = dict(prompt_tokens=tokens[:4], prompt_mask=np.arange(8) >= 8 - lengths[:4, None])
+  few = rollout_lib.sample(params, prompts, jax.random.key(7), group_size=4,
+                           model_cfg=run.s.model, sampler_cfg=scfg, mesh=run.mesh)
+  few_want = sampler.generate(one_device, tokens[:4], lengths[:4], jax.random.key(7),
+                              **dict(kw, group_size=4))
+  out["sampler"] = dict(cache_spec=cache_spec, rows_spec=_spec(got.tokens),
                         tokens_equal=bool(np.array_equal(got.tokens, want.tokens)),
-                        mu_logp_err=_max_err(got.mu_logp, want.mu_logp))
+                        routing_equal=bool(np.array_equal(got.routing_mu, want.routing_mu)),
+                        mu_logp_err=_max_err(got.mu_logp, want.mu_logp),
+                        few_prompts_equal=bool(np.array_equal(few.tokens, few_want.tokens)
+                                               and np.array_equal(few.routing_mu,
+                                                                  few_want.routing_mu)),
+                        few_prompts_mu_logp_err=_max_err(few.mu_logp, few_want.mu_logp))
 
 
 def _child_run(workdir, out):

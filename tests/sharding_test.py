@@ -202,8 +202,10 @@ def test_sampler_on_a_mesh_shards_the_cache_and_matches_one_device(children):
   out, errors = children.result("run")
   _ok(errors, "run", "sampler")
   samp = out["sampler"]
-  assert samp["cache_spec"][0] == ["data", "fsdp", "expert"]  # [B, S, G, K]: batch-sharded
-  assert samp["tokens_equal"] and samp["mu_logp_err"] < 1e-5, samp
+  assert samp["cache_spec"][0] == ["data", "fsdp", "expert"]  # the slots: batch-sharded
+  assert samp["rows_spec"][0] == ["data", "fsdp", "expert"]  # the rollout's rows too
+  assert samp["tokens_equal"] and samp["routing_equal"] and samp["mu_logp_err"] < 1e-5, samp
+  assert samp["few_prompts_equal"] and samp["few_prompts_mu_logp_err"] < 1e-5, samp
 
 
 # --- the child programs ----------------------------------------------------------------------

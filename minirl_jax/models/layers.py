@@ -46,9 +46,10 @@ def attend(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, query_slot_T, chunk: int = 0):
   """Grouped-query softmax attention.
 
   Query t sees key slot s iff `key_valid_BS[b, s]` and s <= `query_slot_T[t]` (causal over
-  cache slots). With `chunk` > 0, queries are taken `chunk` at a time and each chunk's
-  scores are recomputed in the backward pass (`jax.checkpoint`), so neither the [T, S]
-  mask nor more than [chunk, S] scores per head ever exist: memory O(T * chunk), not T^2.
+  cache slots); `query_slot_T` may also be [B, T], one slot per row (the sampler's slots hold
+  sequences at different positions). With `chunk` > 0, queries are taken `chunk` at a time
+  and each chunk's scores are recomputed in the backward pass (`jax.checkpoint`), so neither
+  the [T, S] mask nor more than [chunk, S] scores per head ever exist: memory O(T * chunk).
   """
   t = q_BTHK.shape[1]
   if not chunk or chunk >= t:
@@ -58,7 +59,10 @@ def attend(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, query_slot_T, chunk: int = 0):
   # Padded queries have slot -1: they see nothing, stay finite, and are cut off below.
   q_nBcHK = jnp.pad(q_BTHK, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
       q_BTHK.shape[0], n, chunk, *q_BTHK.shape[2:]).swapaxes(0, 1)
-  slot_nc = jnp.pad(query_slot_T, (0, pad), constant_values=-1).reshape(n, chunk)
+  pads = ((0, 0),) * (query_slot_T.ndim - 1) + ((0, pad),)
+  slot_nc = jnp.pad(query_slot_T, pads, constant_values=-1).reshape(
+      *query_slot_T.shape[:-1], n, chunk)
+  slot_nc = jnp.moveaxis(slot_nc, -2, 0)
   block = jax.checkpoint(lambda qs: _attend_block(qs[0], k_BSGK, v_BSGK, key_valid_BS, qs[1]))
   out_nBcHK = jax.lax.map(block, (q_nBcHK, slot_nc))
   return out_nBcHK.swapaxes(0, 1).reshape(q_BTHK.shape[0], n * chunk,
@@ -72,7 +76,7 @@ def _attend_block(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, query_slot_T):
   scores = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK,
                       preferred_element_type=jnp.float32) * d ** -0.5
   slots_S = jnp.arange(k_BSGK.shape[1])
-  mask_BTS = key_valid_BS[:, None, :] & (slots_S[None, None, :] <= query_slot_T[None, :, None])
+  mask_BTS = key_valid_BS[:, None, :] & (slots_S <= query_slot_T[..., :, None])
   scores = jnp.where(mask_BTS[:, None, None], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BSGK.dtype)
   out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BSGK)

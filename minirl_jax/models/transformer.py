@@ -32,7 +32,9 @@ class KVCache:
   k_LBSGK: jax.Array   # storage dtype
   v_LBSGK: jax.Array
   valid_BS: jax.Array  # bool: slot holds a real (non-pad) token
-  end: jax.Array       # [] int32: slots written so far; the next write starts here
+  # [] int32: slots written so far, the next write starts here; or [B]: one write slot per
+  # row (the continuous-batching sampler, whose rows hold sequences at different positions)
+  end: jax.Array
   k_scale_LBSG1: Optional[jax.Array] = None  # float32; None for float storage
   v_scale_LBSG1: Optional[jax.Array] = None
 
@@ -131,15 +133,22 @@ def init_kv_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCa
                  k_scale_LBSG1=scale, v_scale_LBSG1=scale)
 
 
+def write_slots(x_BS, chunk_BT, end):
+  """`chunk_BT` written into `x_BS` (any trailing axes) at slot `end`: [] for every row, or
+  [B], one slot per row."""
+  if jnp.ndim(end) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(x_BS, chunk_BT.astype(x_BS.dtype), end, 1)
+  return jax.vmap(lambda x, c, e: jax.lax.dynamic_update_slice_in_dim(x, c, e, 0))(
+      x_BS, chunk_BT.astype(x_BS.dtype), end)
+
+
 def _cache_write(values_BSGK, scale_BSG1, x_BTGK, end):
   """Writes a chunk at slot `end`: cast, or quantised per (token, kv head) with a scale."""
-  at = (0, end, 0, 0)
   if scale_BSG1 is None:
-    return jax.lax.dynamic_update_slice(values_BSGK, x_BTGK.astype(values_BSGK.dtype), at), None
+    return write_slots(values_BSGK, x_BTGK, end), None
   fmt = linear.FORMATS_BY_STORAGE[jnp.dtype(values_BSGK.dtype)].name
   x_values, x_scale = linear.quantize_values(x_BTGK, (3,), fmt)
-  return (jax.lax.dynamic_update_slice(values_BSGK, x_values, at),
-          jax.lax.dynamic_update_slice(scale_BSG1, x_scale, at))
+  return write_slots(values_BSGK, x_values, end), write_slots(scale_BSG1, x_scale, end)
 
 
 def _cache_read(values_BSGK, scale_BSG1, dtype):
@@ -301,8 +310,8 @@ def hidden_states(params, tokens_BT: jax.Array, *, cfg: ModelConfig,
   else:
     end = kv_cache.end
     positions_BT = positions_BT + jnp.sum(kv_cache.valid_BS, axis=1, keepdims=True)
-    valid_BS = jax.lax.dynamic_update_slice(kv_cache.valid_BS, attn_mask_BT, (0, end))
-    visible = (valid_BS, end + jnp.arange(t))
+    valid_BS = write_slots(kv_cache.valid_BS, attn_mask_BT, end)
+    visible = (valid_BS, jnp.expand_dims(end, -1) + jnp.arange(t))
   x_BTD = jnp.take(params["embed"], tokens_BT, axis=0).astype(cfg.dtype)
 
   routings, kvs = [], []

@@ -32,10 +32,27 @@ def group_advantages(rewards_N: jax.Array, group_size: int, normalize_std: bool,
   if normalize_std and group_size <= std_ddof:
     raise ValueError(f"the sample std (std_ddof={std_ddof}) needs group_size >= "
                      f"{std_ddof + 1}, got {group_size}")
-  rewards_PG = rewards_N.astype(jnp.float32).reshape(-1, group_size)  # P prompts
+  rewards_PG = _groups(rewards_N, group_size)  # P prompts
   centred_PG = rewards_PG - jnp.mean(rewards_PG, axis=-1, keepdims=True)
   if normalize_std:
     std_P1 = jnp.std(rewards_PG, axis=-1, keepdims=True, ddof=std_ddof)
     centred_PG = centred_PG / jnp.where(std_P1 > 0, std_P1, 1.0)
-  equal_P1 = jnp.max(rewards_PG, -1, keepdims=True) == jnp.min(rewards_PG, -1, keepdims=True)
+  equal_P1 = equal_reward_groups(rewards_N, group_size)[:, None]
   return jnp.where(equal_P1, 0.0, centred_PG).reshape(num)
+
+
+def equal_reward_groups(rewards_N: jax.Array, group_size: int) -> jax.Array:
+  """[P] bool: the prompt groups whose G rewards are all equal (no learning signal: their
+  advantages are exactly 0)."""
+  rewards_PG = _groups(rewards_N, group_size)
+  return jnp.max(rewards_PG, -1) == jnp.min(rewards_PG, -1)
+
+
+def zero_advantage_frac(rewards_N: jax.Array, group_size: int) -> jax.Array:
+  """`reward/zero_adv_frac`: the fraction of prompt groups without learning signal; 1 means
+  the step's update has nothing to learn from."""
+  return jnp.mean(equal_reward_groups(rewards_N, group_size).astype(jnp.float32))
+
+
+def _groups(rewards_N: jax.Array, group_size: int) -> jax.Array:
+  return rewards_N.astype(jnp.float32).reshape(-1, group_size)

@@ -67,6 +67,43 @@ class SkipGuard:
           "saved after the last finite checkpoint. Lower the learning rate or check the data")
 
 
+class NoSignalWatch:
+  """Counts RL steps without learning signal: every group's rewards were equal
+  (`reward/zero_adv_frac` = 1), so every advantage was 0 and the update learned nothing.
+  Each `warn_after` such steps in a row, one warning names them."""
+
+  def __init__(self, warn_after: int):
+    self.warn_after, self.in_a_row, self.total = warn_after, 0, 0
+
+  def observe(self, step: int, m: dict, warn: bool = True) -> None:
+    if m.get("reward/zero_adv_frac", 0.0) < 1:
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    self.total += 1
+    if warn and self.in_a_row % self.warn_after == 0:
+      logging.warning(
+          "RL steps %d-%d had no learning signal: in each, every group's rewards were "
+          "equal, so every advantage was 0 (rl.no_signal_warn_steps=%d). Check the reward "
+          "(always the same?) and the learning rate (a broken model scores 0 everywhere)",
+          step - self.in_a_row + 1, step, self.warn_after)
+
+  def resume(self, records, step: int) -> None:
+    """Recounts RL steps 1..`step` from the metrics records kept on resume (in step order)."""
+    for r in records:
+      if r["stage"] == "rl" and 0 < r["step"] <= step:
+        self.observe(r["step"], r, warn=False)
+    counts = np.array([self.in_a_row, self.total])
+    if jax.process_count() > 1:  # process 0 alone holds metrics.jsonl
+      counts = multihost_utils.broadcast_one_to_all(counts)
+    self.in_a_row, self.total = (int(c) for c in counts)
+
+  def summarize(self, rl_steps: int) -> None:
+    if rl_steps and self.total == rl_steps:
+      logging.warning("No RL step had a learning signal (%d of %d): every group's rewards "
+                      "were equal in each, so RL learned nothing", self.total, rl_steps)
+
+
 class StopSignals:
   """SIGTERM / SIGINT (preemption, Ctrl-C) ask the loop to stop after the current step;
   a second SIGINT interrupts at once."""
@@ -122,6 +159,7 @@ class Run:
     self.ckpt = checkpointing.Manager(os.path.join(workdir, "checkpoints"), s.checkpoint)
     self.writer: Optional[metrics_lib.MetricWriter] = None
     self.guard = SkipGuard(s.rl_optim().max_skipped_in_a_row)
+    self.no_signal = NoSignalWatch(s.rl.no_signal_warn_steps)
     self.signals = StopSignals()
 
   def run(self) -> dict:
@@ -234,6 +272,8 @@ class Run:
       acc = self.evaluate(self.s.data.eval_size, eval_key)["avg@1"]
       self.writer.write(0, "rl", {"eval/accuracy": acc})
       self.progress.start_accuracy = acc
+    else:
+      self.no_signal.resume(self._kept_records(), self.progress.rl_step)
     sampler_params = self.fns.quantize(self.state.params)
     bar = self._bar(cfg.steps, self.progress.rl_step, "rl")
     acc = self.progress.start_accuracy if cfg.steps == 0 else None
@@ -244,9 +284,10 @@ class Run:
         acc = m["eval/accuracy"] = self.evaluate(self.s.data.eval_size, eval_key)["avg@1"]
       self.progress.rl_step = step
       self.writer.write(step, "rl", m)
-      self._advance(bar, m, ("reward/mean", "eval/accuracy", "policy/entropy",
-                             "mismatch/kl_mu_pi_old"))
+      self._advance(bar, m, ("reward/mean", "reward/zero_adv_frac", "eval/accuracy",
+                             "policy/entropy", "mismatch/kl_k3"))
       self.guard.observe("rl", step, m)
+      self.no_signal.observe(step, m)
       if step % self.s.checkpoint.every == 0 or step == cfg.steps:
         self._save()
       if step < cfg.steps and self.signals.requested():
@@ -254,9 +295,17 @@ class Run:
     bar.close()
     if acc is None:
       acc = self.evaluate(self.s.data.eval_size, eval_key)["avg@1"]
+    self.no_signal.summarize(self.progress.rl_step)
     return {"sft_steps": self.progress.sft_step, "rl_steps": self.progress.rl_step,
+            "rl_steps_without_signal": self.no_signal.total,
             "accuracy_after_sft": self.progress.start_accuracy, "accuracy_after_rl": acc,
             "metrics": self.writer.path}
+
+  def _kept_records(self) -> list[dict]:
+    """metrics.jsonl as `run` kept it on resume (process 0's file; [] elsewhere)."""
+    if jax.process_index() or not os.path.exists(self.writer.path):
+      return []
+    return metrics_lib.read_jsonl(self.writer.path)
 
   def _rl_step(self, step, sampler_params):
     """The five calls of one RL step (`rl.step`), timed, then re-quantise."""
@@ -265,11 +314,12 @@ class Run:
     key = jax.random.fold_in(self.key, 1000 + step)
     rollout = clock.lap("sample", f.sample(sampler_params, prompts, key))
     rewards, reward_m = clock.lap("score", f.score(rollout, prompts))
-    advantages = f.advantages(rewards)
+    advantages, adv_m = f.advantages(rewards)
     batch, batch_m = clock.lap("old_logp", f.old_policy(self.state.params, rollout, advantages))
     self.state, train_m = f.update(self.state, batch, step)
     sampler_params = clock.lap("train", f.quantize(self.state.params))
-    m = {**metrics_lib.to_python({**reward_m, **batch_m}), **train_m, **clock.metrics}
+    m = {**metrics_lib.to_python({**reward_m, **adv_m, **batch_m}), **train_m,
+         **clock.metrics}
     m["time/step_s"] = time.perf_counter() - clock.start
     m["throughput/tok_s"] = m["rollout/tokens"] / m["time/step_s"]
     return m, sampler_params
@@ -286,7 +336,8 @@ class Run:
 
 
 _LABELS = {"sft/loss": "loss", "eval/accuracy": "acc", "reward/mean": "reward",
-           "policy/entropy": "entropy", "mismatch/kl_mu_pi_old": "kl"}
+           "reward/zero_adv_frac": "zero_adv", "policy/entropy": "entropy",
+           "mismatch/kl_k3": "kl"}
 
 
 def _check_batch_sizes(s: settings_lib.Settings, mesh, num_eval_records: int) -> None:
@@ -297,7 +348,7 @@ def _check_batch_sizes(s: settings_lib.Settings, mesh, num_eval_records: int) ->
                        ("rl.micro_batch_size", s.rl.micro_batch_size or multiple),
                        ("sft.batch_size", s.sft.batch_size),
                        ("sft.micro_batch_size", s.sft.micro_batch_size or multiple),
-                       ("sampler.batch_size", s.sampler.batch_size or multiple),
+                       ("sampler.slots", s.sampler.slots or multiple),
                        ("data.eval_size", eval_batch(s.data.eval_size)),
                        ("sft.eval_size", eval_batch(s.sft.eval_size))):
     if value % multiple:

@@ -4,14 +4,12 @@ Plain functions over explicit arguments; `rl.step.bind` closes them over a run's
 once. Batches are global `jax.Array`s sharded over the mesh's batch axes; each process
 decodes and scores only the rows it holds.
 """
-import functools
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minirl_jax import batch as batch_lib
 from minirl_jax import sharding
 from minirl_jax.data import scoring
 from minirl_jax.data import tokenizer as tokenizer_lib
@@ -46,27 +44,26 @@ def sample(sampler_params, prompts: dict, key: jax.Array, *, group_size: int,
     sampler_params: `quantize.for_sampler(params, sampler_cfg, axes)`.
     prompts: this process's rows of a prompt batch (`prompt_tokens` left-padded,
       `prompt_mask`), as the grain pipelines yield them.
-    key: sampling key; the same key gives the same rollout.
-    group_size: G, responses per prompt.
+    key: sampling key; the same key gives the same rollout (at any `sampler.slots`).
+    group_size: G, responses per prompt (each prompt is prefilled once for its G where
+      the mesh's batch shards divide the prompts).
     model_cfg, sampler_cfg: the trainer's model and the inference engine's settings.
-    mesh: the run's mesh.
+    mesh: the run's mesh; each of its batch shards schedules its own rows.
 
   Returns:
     A Rollout of B * G rows.
   """
-  tokens = np.repeat(prompts["prompt_tokens"], group_size, axis=0)
-  lengths = np.repeat(prompts["prompt_mask"].sum(axis=1), group_size, axis=0)
-  generate = functools.partial(sharding.on_mesh(mesh, sampler.generate), sampler_params,
-                               model_cfg=model_cfg, sampler_cfg=sampler_cfg)
-  size = sampler_cfg.batch_size // jax.process_count() or len(tokens)
-  if size >= len(tokens):
-    return generate(to_global(tokens, mesh), to_global(lengths, mesh), key)
-  # Rows are sampled independently: slices of `sampler.batch_size` rows, each its own key.
-  parts = [generate(to_global(tokens[i:i + size], mesh), to_global(lengths[i:i + size], mesh),
-                    jax.random.fold_in(key, i // size)) for i in range(0, len(tokens), size)]
-  axes = batch_lib.batch_axes(parts[0])
-  return sampler.Rollout(**{name: jnp.concatenate([getattr(p, name) for p in parts],
-                                                  axis=axes[name]) for name in axes})
+  tokens, lengths = prompts["prompt_tokens"], prompts["prompt_mask"].sum(axis=1)
+  shards = sharding.batch_size_multiple(mesh)
+  if len(tokens) * jax.process_count() % shards:
+    # Each batch shard prefills its own prompts: where the prompts do not split over the
+    # shards, every response gets its own copy of its prompt (the same rollout, tested).
+    tokens, lengths = (np.repeat(x, group_size, axis=0) for x in (tokens, lengths))
+    group_size = 1
+  generate = sharding.on_mesh(mesh, sampler.generate)
+  return generate(sampler_params, to_global(tokens, mesh), to_global(lengths, mesh), key,
+                  model_cfg=model_cfg, sampler_cfg=sampler_cfg, group_size=group_size,
+                  shards=shards)
 
 
 def completions(rollout: sampler.Rollout, tokenizer, eos_ids) -> list[str]:

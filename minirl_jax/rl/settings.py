@@ -69,11 +69,15 @@ class RLConfig:
   # Rows per forward/backward inside an update, pi_old and the gradient cosine (0: the
   # mini-batch, and the global batch for pi_old): activation memory follows it.
   micro_batch_size: int
+  # warn after this many RL steps in a row without learning signal (every group's rewards
+  # equal, so every advantage is 0)
+  no_signal_warn_steps: int
 
   def __post_init__(self):
     if not isinstance(self.steps, int) or self.steps < 0:
       _fail("rl.steps", f"must be an integer >= 0 (0: cold start only), got {self.steps!r}")
-    for field in ("prompts_per_step", "group_size", "mini_batch_size", "eval_every"):
+    for field in ("prompts_per_step", "group_size", "mini_batch_size", "eval_every",
+                  "no_signal_warn_steps"):
       if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
         _fail(f"rl.{field}", f"must be a positive integer, got {getattr(self, field)!r}")
     if self.group_size < 2:

@@ -2,7 +2,7 @@
 
     rollout = fns.sample(sampler_params, prompts, key)      # inference engine: mu, routing_mu
     rewards, m = fns.score(rollout, prompts)                # R(x, y)
-    advantages = fns.advantages(rewards)                    # group-relative A
+    advantages, m = fns.advantages(rewards)                 # group-relative A
     batch, m = fns.old_policy(state.params, rollout, advantages)  # pi_old -> TrainBatch
     state, m = fns.update(state, batch, step)               # N mini-batch updates
 
@@ -22,6 +22,7 @@ from minirl_jax import batch as batch_lib
 from minirl_jax import objectives
 from minirl_jax import sharding
 from minirl_jax.data import scoring
+from minirl_jax.objectives import advantages as advantages_lib
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
 from minirl_jax.rl import rollout as rollout_lib
@@ -37,6 +38,19 @@ FULL_BATCH_PREFIXES = ("mismatch/",)
 TOKEN_MEANS = ("policy/entropy", "policy/ratio_mean", "policy/clip_frac",
                "policy/clip_frac_high", "policy/clip_frac_low", "is/weight_mean",
                "is/frac_truncated", "staleness/abs_log_pi_pi_old")
+
+
+def advantages(rewards: jax.Array, *, group_size: int, obj_cfg: objectives.ObjectiveConfig):
+  """Group-relative advantages of the global batch's rewards, and `reward/zero_adv_frac`
+  (the fraction of prompt groups whose rewards are all equal: no learning signal)."""
+  adv = objectives.group_advantages(rewards, group_size, obj_cfg.use_normalize_std,
+                                    obj_cfg.std_ddof)
+  return adv, {"reward/zero_adv_frac": _zero_advantage_frac(rewards, group_size)}
+
+
+# Jitted like `minibatch` (one dispatch on global arrays); the advantages stay eager, as
+# before this metric existed, so their values are unchanged.
+_zero_advantage_frac = jax.jit(advantages_lib.zero_advantage_frac, static_argnums=1)
 
 
 def old_policy(params, rollout: sampler.Rollout, advantages: jax.Array, *,
@@ -177,7 +191,7 @@ class StepFunctions:
   """One run's RL step calls (module docstring), bound once by `bind`."""
   sample: Callable      # (sampler_params, prompts, key, group_size=G) -> Rollout
   score: Callable       # (rollout, prompts, group_size=G) -> (rewards, metrics)
-  advantages: Callable  # (rewards) -> advantages
+  advantages: Callable  # (rewards) -> (advantages, metrics)
   old_policy: Callable  # (params, rollout, advantages) -> (TrainBatch, metrics)
   update: Callable      # (state, batch, step) -> (state, metrics)
   quantize: Callable    # (params) -> sampler params
@@ -235,9 +249,8 @@ def bind(s: settings_lib.Settings, mesh, tokenizer, reward_fn, state_sharding=No
 
   return StepFunctions(
       sample=sample, score=score,
-      advantages=functools.partial(objectives.group_advantages, group_size=s.rl.group_size,
-                                   normalize_std=s.objective.use_normalize_std,
-                                   std_ddof=s.objective.std_ddof),
+      advantages=functools.partial(advantages, group_size=s.rl.group_size,
+                                   obj_cfg=s.objective),
       old_policy=on_mesh(jax.jit(functools.partial(
           old_policy, model_cfg=s.model, obj_cfg=s.objective,
           routing_replay=s.rl.routing_replay, group_size=s.rl.group_size,

@@ -39,8 +39,10 @@ class SamplerConfig:
     pad_id: written after a row's EOS.
     prompt_bucket: prompts are left-padded to a multiple of this, so many prompt lengths
       share one compiled program.
-    batch_size: rows (responses, over all devices) decoded at once; a step's rollouts are
-      generated this many at a time, so the KV cache follows it. 0: all at once.
+    slots: rows (responses, over all devices) decoded at once, so the KV cache has this
+      many rows. A slot whose response has ended takes the next waiting one (continuous
+      batching), so a step's responses never wait for the longest of a fixed batch. 0: as
+      many slots as the step has responses (every response starts at once; none waits).
     scan_layers: `quantize.for_sampler` keeps the weights stacked and decode scans them,
       as the trainer does: a smaller program (compile time of very deep models). False
       (default): per-layer weights and cache (`transformer.unstack_layers`), run as an
@@ -59,7 +61,7 @@ class SamplerConfig:
   eos_ids: tuple[int, ...] = (1,)
   pad_id: int = 0
   prompt_bucket: int = 16
-  batch_size: int = 0
+  slots: int = 0
   scan_layers: bool = False
 
   def __post_init__(self):
@@ -80,7 +82,7 @@ class SamplerConfig:
     if not 0 < self.top_p <= 1:
       sections.fail("sampler.top_p", f"must be in (0, 1], got {self.top_p}")
     for field, low in (("top_k", 0), ("max_new_tokens", 1), ("pad_id", 0),
-                       ("prompt_bucket", 1), ("int4_group_size", 1), ("batch_size", 0)):
+                       ("prompt_bucket", 1), ("int4_group_size", 1), ("slots", 0)):
       value = getattr(self, field)
       if not isinstance(value, int) or value < low:
         sections.fail(f"sampler.{field}", f"must be an integer >= {low}, got {value!r}")

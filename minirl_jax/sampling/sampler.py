@@ -1,11 +1,16 @@
 """KV-cached generation that records its own log-probs (mu) and routed experts (for R3).
 
-`generate` = bucketed left padding (host) -> jitted `prefill` (prompt through the model,
-first token sampled) -> jitted `decode` (one `lax.while_loop` of `decode_step`, state donated).
+`generate` = bucketed left padding (host) -> jitted `prefill` (each distinct prompt through
+the model once, every sequence's first token sampled) -> jitted `decode`: one
+`lax.while_loop` over a fixed number of slots; a slot whose sequence has ended takes the
+next waiting sequence (its prompt's cached keys copied in), so no row waits for the longest.
+Sequence j samples its i-th token with `fold_in(fold_in(rng, j), i)`: the rollout does not
+depend on which slot or refill round ran it (docs/sampling.md).
 """
 import collections
 import dataclasses
 import functools
+from typing import Optional
 
 import flax
 import jax
@@ -44,19 +49,26 @@ class Rollout:
 
 
 @flax.struct.dataclass
-class DecodeState:
-  """The decode loop's carry. P = bucketed prompt length, S = T - 1 cache slots."""
-  step: jax.Array             # [] int32: tokens sampled so far; the next goes to P + step
-  tokens: jax.Array           # [B, T] int32
-  attn_mask: jax.Array        # [B, T] bool
-  completion_mask: jax.Array  # [B, T] float32
-  mu_logp: jax.Array          # [B, T] float32
-  sample_logp: jax.Array      # [B, T] float32
-  routing_mu: jax.Array       # [L, B, T, k] routing dtype
-  num_generated: jax.Array    # [B] int32
-  done: jax.Array             # [B] bool: the row has sampled an EOS
-  cache: transformer.KVCache  # [L, B, S, G, K] keys, values (kv_cache_dtype), or per layer
-  rng: jax.Array              # key; step i samples with fold_in(rng, i)
+class Prefix:
+  """`prefill`'s output: every distinct prompt run once. N prompts, P bucketed width."""
+  cache: transformer.KVCache  # [(L,) N, P, G, K]: the prompts' keys and values
+  keys: jax.Array             # [M] one sampling key per sequence (M = N x group size)
+  limit: jax.Array            # [M] int32: tokens the sequence may sample
+  live: jax.Array             # [M] bool: the first token did not end the sequence
+
+
+@flax.struct.dataclass
+class Slots:
+  """The decode loop's carry. D shards of C slots each (S = D x C rows decoded at once);
+  each shard schedules its own M / D sequences, so no step reads another shard's rows."""
+  step: jax.Array       # [] int32: decode steps run
+  seq: jax.Array        # [D, C] int32: the shard-local sequence in each slot, -1 when free
+  pos: jax.Array        # [D, C] int32: tokens the slot's sequence has sampled
+  queue: jax.Array      # [D, M / D] int32: live sequences in the order slots take them
+  waiting: jax.Array    # [D] int32: index into `queue` of the next sequence to start
+  num_live: jax.Array   # [D] int32: live sequences per shard (the queue's valid prefix)
+  cache: transformer.KVCache  # [(L,) S, P + n - 1, G, K], write slot per row
+  rollout: Rollout      # every field as in the Rollout, rows [M], filled as sequences run
 
 
 def engine_config(model_cfg: ModelConfig, sampler_cfg: SamplerConfig) -> ModelConfig:
@@ -87,8 +99,8 @@ def process_logits(logits_BV: jax.Array, sampler_cfg: SamplerConfig) -> jax.Arra
   return x_BV
 
 
-def sample_token(logits_BV: jax.Array, key: jax.Array, sampler_cfg: SamplerConfig):
-  """Draws one token per row.
+def sample_token(logits_BV: jax.Array, keys_B: jax.Array, sampler_cfg: SamplerConfig):
+  """Draws one token per row, row b with its own key `keys_B[b]`.
 
   Returns:
     (tokens_B int32, mu_logp_B: log-prob at temperature 1 before truncation,
@@ -101,95 +113,219 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, sampler_cfg: SamplerConfi
     sample_logp_B = jnp.zeros(tokens_B.shape, jnp.float32)
   else:
     processed_BV = process_logits(logits_BV, sampler_cfg)
-    tokens_B = jax.random.categorical(key, processed_BV, axis=-1)
+    tokens_B = jax.vmap(jax.random.categorical)(keys_B, processed_BV)
     sample_all_BV = jax.nn.log_softmax(processed_BV, axis=-1)
     sample_logp_B = jnp.take_along_axis(sample_all_BV, tokens_B[:, None], axis=-1)[:, 0]
   mu_logp_B = jnp.take_along_axis(mu_all_BV, tokens_B[:, None], axis=-1)[:, 0]
   return tokens_B.astype(jnp.int32), mu_logp_B, sample_logp_B
 
 
-def _set_column(x_BT, column_B, t):
-  return jax.lax.dynamic_update_slice_in_dim(x_BT, column_B[:, None].astype(x_BT.dtype), t, 1)
+def token_keys(sequence_keys_B: jax.Array, index_B: jax.Array) -> jax.Array:
+  """The key sequence b draws its token number `index_B[b]` (0 = the first) with."""
+  return jax.vmap(jax.random.fold_in)(sequence_keys_B, index_B)
 
 
-def _sample_into(state: DecodeState, logits_BV, sampler_cfg: SamplerConfig) -> DecodeState:
-  """Samples the token at position P + step for every unfinished row."""
-  t = state.tokens.shape[1] - sampler_cfg.max_new_tokens + state.step
-  tokens_B, mu_B, sample_B = sample_token(logits_BV, jax.random.fold_in(state.rng, state.step),
-                                          sampler_cfg)
-  alive_B = ~state.done
-  tokens_B = jnp.where(alive_B, tokens_B, sampler_cfg.pad_id)
-  is_eos_B = jnp.isin(tokens_B, jnp.asarray(sampler_cfg.eos_ids, jnp.int32))
-  return state.replace(
-      step=state.step + 1,
-      tokens=_set_column(state.tokens, tokens_B, t),
-      attn_mask=_set_column(state.attn_mask, alive_B, t),
-      completion_mask=_set_column(state.completion_mask, alive_B, t),
-      mu_logp=_set_column(state.mu_logp, jnp.where(alive_B, mu_B, 0.0), t),
-      sample_logp=_set_column(state.sample_logp, jnp.where(alive_B, sample_B, 0.0), t),
-      num_generated=state.num_generated + alive_B,
-      done=state.done | (alive_B & is_eos_B))
+def _is_eos(tokens_B, sampler_cfg: SamplerConfig):
+  return jnp.isin(tokens_B, jnp.asarray(sampler_cfg.eos_ids, jnp.int32))
 
 
-def prefill(params, tokens_BP, prompt_mask_BP, rng, *, model_cfg: ModelConfig,
-            sampler_cfg: SamplerConfig) -> DecodeState:
-  """Runs the left-padded prompts through the model and samples the first token."""
+def prefill(params, tokens_NP, prompt_mask_NP, rng, limits_M=None, *, group_size: int,
+            model_cfg: ModelConfig, sampler_cfg: SamplerConfig) -> tuple[Prefix, Rollout]:
+  """Runs each left-padded prompt through the model once and samples the first token of
+  its `group_size` sequences (sequence j = n * group_size + g is sample g of prompt n).
+  `limits_M` caps each sequence's tokens below max_new_tokens (None: no cap).
+
+  Returns:
+    (Prefix, a Rollout of M = N x group_size rows holding the prompts, their routing and
+    the first tokens).
+  """
   TRACES["prefill"] += 1
   cfg = engine_config(model_cfg, sampler_cfg)
-  b, p = tokens_BP.shape
-  n = sampler_cfg.max_new_tokens
-  # The final sampled token never runs through the model: P + n - 1 slots suffice.
-  cache = transformer.init_kv_cache(cfg, b, p + n - 1, sampler_cfg.kv_cache_dtype)
+  n, p = tokens_NP.shape
+  m, new = n * group_size, sampler_cfg.max_new_tokens
+  cache = transformer.init_kv_cache(cfg, n, p, sampler_cfg.kv_cache_dtype)
   if transformer.is_per_layer(params):  # the cache follows the weights' form
     cache = transformer.unstack_layers(cache)
-  logits_BPV, aux = transformer.forward(params, tokens_BP, cfg=cfg, attn_mask_BT=prompt_mask_BP,
+  logits_NPV, aux = transformer.forward(params, tokens_NP, cfg=cfg, attn_mask_BT=prompt_mask_NP,
                                         kv_cache=cache)
+  repeat = functools.partial(jnp.repeat, repeats=group_size, axis=0, total_repeat_length=m)
+  keys_M = jax.vmap(functools.partial(jax.random.fold_in, rng))(jnp.arange(m))
+  first_M, mu_M, sample_M = sample_token(repeat(logits_NPV[:, -1]),
+                                         token_keys(keys_M, jnp.zeros(m, jnp.int32)),
+                                         sampler_cfg)
+  mask_MP = repeat(prompt_mask_NP)
   # Pads get -1 (route live): the trainer's experts at a pad position never matter.
-  routing_LBPk = jnp.where(prompt_mask_BP[None, :, :, None], aux.routing, -1)
-  prompt_BP = jnp.where(prompt_mask_BP, tokens_BP, sampler_cfg.pad_id).astype(jnp.int32)
-  state = DecodeState(
-      step=jnp.zeros((), jnp.int32),
-      tokens=jnp.pad(prompt_BP, ((0, 0), (0, n)), constant_values=sampler_cfg.pad_id),
-      attn_mask=jnp.pad(prompt_mask_BP, ((0, 0), (0, n))),
-      completion_mask=jnp.zeros((b, p + n), jnp.float32),
-      mu_logp=jnp.zeros((b, p + n), jnp.float32),
-      sample_logp=jnp.zeros((b, p + n), jnp.float32),
-      routing_mu=jnp.pad(routing_LBPk, ((0, 0), (0, 0), (0, n), (0, 0)), constant_values=-1),
-      num_generated=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
-      cache=aux.kv_cache, rng=rng)
-  return _sample_into(state, logits_BPV[:, -1], sampler_cfg)
+  routing_LMPk = jnp.where(mask_MP[None, :, :, None], jnp.repeat(aux.routing, group_size, 1), -1)
+
+  def first_column(prompt_MP, first_M, fill=0):
+    """The prompt, then the first token at column P, then `fill` up to T."""
+    out_MT = jnp.pad(prompt_MP, ((0, 0), (0, new)), constant_values=fill)
+    return out_MT.at[:, p].set(first_M.astype(out_MT.dtype))
+  zeros_MP = jnp.zeros((m, p), jnp.float32)
+  prompt_MP = jnp.where(mask_MP, repeat(tokens_NP), sampler_cfg.pad_id).astype(jnp.int32)
+  rollout = Rollout(
+      tokens=first_column(prompt_MP, first_M, sampler_cfg.pad_id),
+      attn_mask=first_column(mask_MP, jnp.ones(m, bool)),
+      completion_mask=first_column(zeros_MP, jnp.ones(m)), mu_logp=first_column(zeros_MP, mu_M),
+      sample_logp=first_column(zeros_MP, sample_M),
+      routing_mu=jnp.pad(routing_LMPk, ((0, 0), (0, 0), (0, new), (0, 0)), constant_values=-1),
+      num_generated=jnp.ones(m, jnp.int32))
+  limit_M = jnp.full(m, new, jnp.int32) if limits_M is None else jnp.clip(limits_M, 1, new)
+  live_M = ~_is_eos(first_M, sampler_cfg) & (limit_M > 1)
+  return Prefix(cache=aux.kv_cache.replace(end=None), keys=keys_M, limit=limit_M,
+                live=live_M), rollout
 
 
-def decode_step(params, state: DecodeState, *, model_cfg: ModelConfig,
-                sampler_cfg: SamplerConfig) -> DecodeState:
-  """Runs the last sampled token through the model (cache, routing) and samples the next."""
+def _shard(x, d, axis=0):
+  return x.reshape(*x.shape[:axis], d, x.shape[axis] // d, *x.shape[axis + 1:])
+
+
+def _unshard(x, axis=0):
+  return x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2:])
+
+
+_CACHE_ARRAYS = ("k_LBSGK", "v_LBSGK", "k_scale_LBSG1", "v_scale_LBSG1")
+
+
+def _start(cache, prefix_cache, taken_DC, prompt_DC):
+  """The prompts' keys and values copied into the slots that take a new sequence (slot c of
+  shard d takes shard-local prompt `prompt_DC[d, c]` where `taken_DC`); the rest of those
+  rows becomes invalid, so nothing of the slot's previous sequence is seen again."""
+  d, c = taken_DC.shape
+  p = prefix_cache.valid_BS.shape[1]
+
+  def copy(slots, prompts, axis):
+    slots, prompts = _shard(slots, d, axis), _shard(prompts, d, axis)
+    slots, prompts = jnp.moveaxis(slots, (axis, axis + 1), (0, 1)), jnp.moveaxis(
+        prompts, (axis, axis + 1), (0, 1))
+
+    def one_shard(slots_C, prompts_N, taken_C, prompt_C):
+      rows = jnp.where(taken_C, jnp.arange(c), c)  # c: out of range, dropped
+      return slots_C.at[rows, ..., :p, :, :].set(prompts_N[prompt_C], mode="drop")
+    out = jax.vmap(one_shard)(slots, prompts, taken_DC, prompt_DC)
+    return _unshard(jnp.moveaxis(out, (0, 1), (axis, axis + 1)), axis)
+
+  def copy_layers(slots, prompts):  # per-layer tuples of [B, ...], or stacked [L, B, ...]
+    if isinstance(slots, tuple):
+      return tuple(copy(s, q, 0) for s, q in zip(slots, prompts))
+    return copy(slots, prompts, 1)
+  fields = {f: copy_layers(getattr(cache, f), getattr(prefix_cache, f))
+            for f in _CACHE_ARRAYS if getattr(cache, f) is not None}
+  valid_DCS = _shard(cache.valid_BS, d)
+  prompt_valid_DCP = jax.vmap(lambda v, i: v[i])(_shard(prefix_cache.valid_BS, d), prompt_DC)
+  fresh_DCS = jnp.pad(prompt_valid_DCP, ((0, 0), (0, 0), (0, valid_DCS.shape[-1] - p)))
+  valid_BS = _unshard(jnp.where(taken_DC[..., None], fresh_DCS, valid_DCS))
+  return cache.replace(valid_BS=valid_BS, **fields)
+
+
+def _refill(state: Slots, prefix: Prefix, group_size: int) -> Slots:
+  """Every free slot takes the next waiting sequence of its shard, slots in order."""
+  free_DC = state.seq < 0
+  index_DC = state.waiting[:, None] + jnp.cumsum(free_DC, axis=1) - 1
+  taken_DC = free_DC & (index_DC < state.num_live[:, None])
+  safe_DC = jnp.minimum(index_DC, state.queue.shape[1] - 1)
+  new_DC = jnp.take_along_axis(state.queue, safe_DC, axis=1)
+  cache = jax.lax.cond(jnp.any(taken_DC), _start, lambda c, *_: c, state.cache, prefix.cache,
+                       taken_DC, new_DC // group_size)
+  return state.replace(
+      seq=jnp.where(taken_DC, new_DC, state.seq), pos=jnp.where(taken_DC, 1, state.pos),
+      waiting=state.waiting + jnp.sum(taken_DC, axis=1), cache=cache)
+
+
+def _scatter(x_DM, seq_DC, value_DC, column: Optional[jax.Array] = None):
+  """Writes `value_DC` at row `seq_DC` (column `column_DC`) of each shard; rows < 0 skip."""
+  rows = jnp.where(seq_DC >= 0, seq_DC, x_DM.shape[1])
+
+  def one(x, r, v, *col):
+    return x.at[(r, *col)].set(v.astype(x.dtype), mode="drop")
+  return jax.vmap(one)(x_DM, rows, value_DC, *(() if column is None else (column,)))
+
+
+def start(prefix: Prefix, rollout: Rollout, *, slots: int, shards: int,
+          group_size: int, order: Optional[jax.Array] = None, model_cfg: ModelConfig,
+          sampler_cfg: SamplerConfig) -> Slots:
+  """The decode loop's first carry: an empty cache of `slots` rows, filled from the queue.
+
+  Args:
+    order: [M] a permutation of the sequences: the order slots take them in, within each
+      shard (a test's hook; the rollout does not depend on it). Default: index order.
+  """
   cfg = engine_config(model_cfg, sampler_cfg)
-  t = state.tokens.shape[1] - sampler_cfg.max_new_tokens + state.step - 1
-  column = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=t, slice_size=1, axis=1)
-  valid_B1 = column(state.completion_mask) > 0
-  logits_B1V, aux = transformer.forward(params, column(state.tokens), cfg=cfg,
-                                        attn_mask_BT=valid_B1, kv_cache=state.cache)
-  routing_LB1k = jnp.where(valid_B1[None, :, :, None], aux.routing, -1)
-  state = state.replace(
-      cache=aux.kv_cache,
-      routing_mu=jax.lax.dynamic_update_slice_in_dim(state.routing_mu, routing_LB1k, t, 2))
-  return _sample_into(state, logits_B1V[:, 0], sampler_cfg)
+  m = rollout.tokens.shape[0]
+  p = prefix.cache.valid_BS.shape[1]
+  cache = transformer.init_kv_cache(cfg, slots, p + sampler_cfg.max_new_tokens - 1,
+                                    sampler_cfg.kv_cache_dtype)
+  if isinstance(prefix.cache.k_LBSGK, tuple):
+    cache = transformer.unstack_layers(cache)
+  order_DM = _shard(jnp.arange(m) if order is None else order, shards)
+  local_DM = order_DM % (m // shards)  # shard-local sequence indices
+  live_DM = jnp.take_along_axis(_shard(prefix.live, shards), local_DM, axis=1)
+  queue = jnp.take_along_axis(local_DM, jnp.argsort(~live_DM, axis=1, stable=True), axis=1)
+  state = Slots(step=jnp.zeros((), jnp.int32),
+                seq=jnp.full((shards, slots // shards), -1, jnp.int32),
+                pos=jnp.zeros((shards, slots // shards), jnp.int32), queue=queue,
+                waiting=jnp.zeros(shards, jnp.int32),
+                num_live=jnp.sum(live_DM, axis=1, dtype=jnp.int32), cache=cache,
+                rollout=rollout)
+  return _refill(state, prefix, group_size)
 
 
-def decode(params, state: DecodeState, *, model_cfg: ModelConfig,
-           sampler_cfg: SamplerConfig) -> DecodeState:
-  """Decodes until every row has sampled an EOS or max_new_tokens are sampled."""
+def decode_step(params, state: Slots, prefix: Prefix, *, group_size: int,
+                model_cfg: ModelConfig, sampler_cfg: SamplerConfig) -> Slots:
+  """Runs every busy slot's last token through the model and samples its next; slots
+  whose sequence ended take the next waiting one."""
+  cfg = engine_config(model_cfg, sampler_cfg)
+  d, c = state.seq.shape
+  p = prefix.cache.valid_BS.shape[1]
+  busy_DC = state.seq >= 0
+  seq_DC = jnp.where(busy_DC, state.seq, 0)
+  by_shard = lambda x: _shard(x, d)  # noqa: E731
+  tokens_DMT = by_shard(state.rollout.tokens)
+  at_DC = p + state.pos - 1  # where the last sampled token sits
+  last_DC = jax.vmap(lambda t, s, a: t[s, a])(tokens_DMT, seq_DC, at_DC)
+  cache = state.cache.replace(end=_unshard(at_DC))
+  logits_S1V, aux = transformer.forward(params, _unshard(last_DC)[:, None], cfg=cfg,
+                                        attn_mask_BT=_unshard(busy_DC)[:, None], kv_cache=cache)
+  routing_LDCk = _shard(aux.routing[:, :, 0], d, axis=1)
+  routing = jax.vmap(
+      lambda r, s, a, v: _scatter(r, s, v, a), in_axes=(0, None, None, 0))(
+          _shard(state.rollout.routing_mu, d, axis=1), jnp.where(busy_DC, state.seq, -1),
+          at_DC, routing_LDCk)
+
+  keys_DC, limit_DC = (jax.vmap(lambda x, i: x[i])(_shard(x, d), seq_DC)
+                       for x in (prefix.keys, prefix.limit))
+  tokens, mu, sample = sample_token(
+      logits_S1V[:, 0], token_keys(_unshard(keys_DC), _unshard(state.pos)), sampler_cfg)
+  tokens_DC, mu_DC, sample_DC = (by_shard(x) for x in (tokens, mu, sample))
+  seq_or_free = jnp.where(busy_DC, state.seq, -1)
+  column_DC = p + state.pos
+  r = state.rollout
+  put = lambda x, v: _unshard(_scatter(by_shard(x), seq_or_free, v, column_DC))  # noqa: E731
+  pos_DC = state.pos + busy_DC
+  rollout = r.replace(
+      tokens=put(r.tokens, tokens_DC), attn_mask=put(r.attn_mask, busy_DC),
+      completion_mask=put(r.completion_mask, busy_DC), mu_logp=put(r.mu_logp, mu_DC),
+      sample_logp=put(r.sample_logp, sample_DC), routing_mu=_unshard(routing, axis=1),
+      num_generated=_unshard(_scatter(by_shard(r.num_generated), seq_or_free, pos_DC)))
+  ended_DC = busy_DC & (_is_eos(tokens_DC, sampler_cfg) | (pos_DC >= limit_DC))
+  state = state.replace(step=state.step + 1, seq=jnp.where(ended_DC, -1, state.seq), pos=pos_DC,
+                        cache=aux.kv_cache.replace(end=state.cache.end), rollout=rollout)
+  return _refill(state, prefix, group_size)
+
+
+def decode(params, state: Slots, prefix: Prefix, *, group_size: int, model_cfg: ModelConfig,
+           sampler_cfg: SamplerConfig) -> Slots:
+  """Decodes until every sequence has sampled an EOS or max_new_tokens."""
   TRACES["decode"] += 1
-
-  def cond(s):
-    return (s.step < sampler_cfg.max_new_tokens) & ~jnp.all(s.done)
-
-  body = functools.partial(decode_step, params, model_cfg=model_cfg, sampler_cfg=sampler_cfg)
-  return jax.lax.while_loop(cond, body, state)
+  body = functools.partial(decode_step, params, prefix=prefix, group_size=group_size,
+                           model_cfg=model_cfg, sampler_cfg=sampler_cfg)
+  return jax.lax.while_loop(lambda s: jnp.any(s.seq >= 0), body, state)
 
 
-_CONFIGS = ("model_cfg", "sampler_cfg")
+_CONFIGS = ("model_cfg", "sampler_cfg", "group_size")
 prefill_jit = jax.jit(prefill, static_argnames=_CONFIGS)
+start_jit = jax.jit(start, static_argnames=_CONFIGS + ("slots", "shards"),
+                    donate_argnames="rollout")
 decode_jit = jax.jit(decode, static_argnames=_CONFIGS, donate_argnames="state")
 
 
@@ -216,33 +352,45 @@ def _check(params, model_cfg, sampler_cfg):
                      f"({model_cfg.vocab_size})")
 
 
-def generate(sampler_params, prompt_tokens_BP, prompt_lengths_B, rng, *,
-             model_cfg: ModelConfig, sampler_cfg: SamplerConfig) -> Rollout:
-  """Samples one completion per prompt.
+def num_slots(sampler_cfg: SamplerConfig, sequences: int, shards: int = 1) -> int:
+  """Rows decoded at once: `sampler.slots` (0: every sequence), at most the sequences,
+  rounded down to a multiple of `shards` (each shard decodes as many)."""
+  wanted = min(sampler_cfg.slots or sequences, sequences)
+  return max(shards, wanted // shards * shards)
+
+
+def generate(sampler_params, prompt_tokens_NP, prompt_lengths_N, rng, *,
+             model_cfg: ModelConfig, sampler_cfg: SamplerConfig, group_size: int = 1,
+             shards: int = 1, order: Optional[jax.Array] = None,
+             limits: Optional[jax.Array] = None) -> Rollout:
+  """Samples `group_size` completions per prompt.
 
   Args:
     sampler_params: `quantize.for_sampler(params, sampler_cfg, param_axes(model_cfg))`.
-    prompt_tokens_BP: int prompts, left-padded: row b's prompt is its last
-      `prompt_lengths_B[b]` entries.
-    prompt_lengths_B: int prompt lengths (>= 1).
-    rng: a `jax.random.key`; the same key gives the same rollout.
+    prompt_tokens_NP: int prompts, left-padded: row n's prompt is its last
+      `prompt_lengths_N[n]` entries.
+    prompt_lengths_N: int prompt lengths (>= 1).
+    rng: a `jax.random.key`; the same key gives the same rollout, whatever the slots.
     model_cfg: the trainer's ModelConfig (the sampler sets its own compute dtype).
-    sampler_cfg: SamplerConfig.
+    sampler_cfg: SamplerConfig (`slots`: rows decoded at once).
+    group_size: G, completions per prompt; each prompt is prefilled once for all G.
+    shards: the batch is split in this many contiguous parts (the mesh's batch shards),
+      each scheduled over its own slots; N and the slots must divide by it.
+    order: a permutation of the N x G sequences, the order slots take them in (tests).
+    limits: [N x G] int, each sequence's token budget if below max_new_tokens (the
+      benchmark's way to impose a length distribution on an untrained model).
 
   Returns:
-    A Rollout of T = ceil(P / prompt_bucket) * prompt_bucket + max_new_tokens positions.
+    A Rollout of N x G rows (row n * G + g: sample g of prompt n) and T = ceil(P /
+    prompt_bucket) * prompt_bucket + max_new_tokens positions.
     `transformer.forward(params, r.tokens, cfg=cfg, attn_mask_BT=r.attn_mask,
     routing=r.routing_mu)` is the trainer's teacher-forced forward under R3.
   """
   _check(sampler_params, model_cfg, sampler_cfg)
-  tokens_BP, mask_BP = bucket_prompts(prompt_tokens_BP, prompt_lengths_B, sampler_cfg)
-  configs = dict(model_cfg=model_cfg, sampler_cfg=sampler_cfg)
-  state = prefill_jit(sampler_params, tokens_BP, mask_BP, rng, **configs)
-  return to_rollout(decode_jit(sampler_params, state, **configs))
-
-
-def to_rollout(state: DecodeState) -> Rollout:
-  return Rollout(tokens=state.tokens, attn_mask=state.attn_mask,
-                 completion_mask=state.completion_mask, mu_logp=state.mu_logp,
-                 sample_logp=state.sample_logp, routing_mu=state.routing_mu,
-                 num_generated=state.num_generated)
+  tokens_NP, mask_NP = bucket_prompts(prompt_tokens_NP, prompt_lengths_N, sampler_cfg)
+  configs = dict(model_cfg=model_cfg, sampler_cfg=sampler_cfg, group_size=group_size)
+  prefix, rollout = prefill_jit(sampler_params, tokens_NP, mask_NP, rng, limits, **configs)
+  slots = num_slots(sampler_cfg, rollout.tokens.shape[0], shards)
+  state = start_jit(prefix, rollout, slots=slots, shards=shards, order=order,
+                    **configs)
+  return decode_jit(sampler_params, state, prefix, **configs).rollout

@@ -19,6 +19,8 @@ setuptools.setup(
         "chex>=0.1.92",
         "absl-py>=2.5.1",
         "numpy>=2.0",
+        # The verdicts' statistics: t and noncentral-t power, Fisher exact (jax needs it too).
+        "scipy>=1.13",
         # TensorBoard event files without TensorFlow.
         "tensorboardX>=2.6.5",
         "matplotlib>=3.9",

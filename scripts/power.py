@@ -1,0 +1,111 @@
+"""Power analysis of round 1 (docs/results/round2.md): the noise of paired contrasts in the
+committed `series.csv` files, and the seeds, held-out problems and evaluations round 2 needs.
+
+  python scripts/power.py [--results=docs/results] [--effect=0.05]
+
+Reads each round-1 grid's `series.csv`, pairs arms of the same level (the gap grid's
+levels, the off-policy grid's N) seed by seed, pools the paired differences of final
+held-out accuracy over every contrast whose two runs did not collapse, splits the SD into
+evaluation (binomial) and training noise, then prints the designs. Last line: one JSON object.
+"""
+import itertools
+import json
+import os
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from minirl_jax import errors
+from minirl_jax.experiments import power
+from minirl_jax.experiments import report
+
+_RESULTS = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), os.pardir,
+                                                       "docs", "results"),
+                               "Round 1's results folder (one sub-folder per grid).")
+_EFFECT = flags.DEFINE_float("effect", 0.05, "Final-accuracy difference to detect.")
+GRIDS = ("onpolicy", "gap", "offpolicy", "coldstart")
+ROUND1_PROBLEMS = 128
+DESIGNS = [(128, 1), (128, 3), (512, 3), (1024, 1), (1024, 2), (1024, 3), (2048, 3)]
+
+
+def _runs(grid_dir: str) -> dict[str, dict[int, list[dict]]]:
+  """arm -> seed -> RL records, from a grid's series.csv."""
+  arms = {}
+  for name, records in report.read_series(os.path.join(grid_dir, "series.csv")).items():
+    arm, seed = name.rsplit("/seed_", 1)
+    arms.setdefault(arm, {})[int(seed)] = records
+  return arms
+
+
+def _score(records, last: int) -> float:
+  accuracies = [r["eval/accuracy"] for r in records if r.get("eval/accuracy") is not None]
+  return float(np.mean(accuracies[-last:]))
+
+
+def contrasts(results: str, last: int = 1):
+  """(grid, arm a, arm b, per-seed differences) for every same-level pair of arms, over
+  the seeds where neither run collapsed; and every score read."""
+  out, scores = [], []
+  for grid in GRIDS:
+    arms = _runs(os.path.join(results, grid))
+    for a, b in itertools.combinations(sorted(arms), 2):
+      if a.rpartition("/")[0] != b.rpartition("/")[0]:
+        continue  # different level or N: not a contrast the rules read
+      diffs = []
+      for seed in sorted(arms[a].keys() & arms[b].keys()):
+        ra, rb = arms[a][seed], arms[b][seed]
+        if report.collapse_step(ra) is None and report.collapse_step(rb) is None:
+          diffs.append(_score(ra, last) - _score(rb, last))
+      out.append((grid, a, b, diffs))
+    scores += [_score(r, last) for runs in arms.values() for r in runs.values()
+               if report.collapse_step(r) is None]
+  return out, scores
+
+
+def main(argv):
+  del argv
+  effect = _EFFECT.value
+  pairs, scores = contrasts(_RESULTS.value)
+  accuracy = float(np.mean(scores))
+  noise = power.pooled_noise([d for *_, d in pairs], accuracy, ROUND1_PROBLEMS)
+  # The same runs scored by the mean of their last two evaluations (steps 30 and 40).
+  pairs2, _ = contrasts(_RESULTS.value, last=2)
+  noise2 = power.pooled_noise([d for *_, d in pairs2], accuracy, ROUND1_PROBLEMS, evals=2)
+  print(f"round 1: {noise.contrasts} same-level contrasts, {noise.df} degrees of freedom, mean "
+        f"accuracy of non-collapsed runs {accuracy:.3f}")
+  for label, n in (("final evaluation", noise), ("mean of last 2 evaluations", noise2)):
+    print(f"  {label}: paired-difference SD {n.diff_sd:.4f} = evaluation {n.eval_sd:.4f} "
+          f"(binomial, 2 x {n.problems} problems x {n.evals}) + training {n.train_sd:.4f}")
+  train_sd = max(noise.train_sd, noise2.train_sd)  # the larger: conservative
+  model = power.Noise(noise.diff_sd, noise.eval_sd, train_sd, accuracy, ROUND1_PROBLEMS, 1,
+                      noise.contrasts, noise.df)
+  print(f"\nseeds for a paired t-test (two-sided 5%, power 80%) to detect {effect}; training "
+        f"SD {train_sd:.4f}")
+  print(f"{'problems':>9}{'evals':>7}{'diff SD':>9}{'seeds':>7}{'MDE@5':>8}{'MDE@10':>8}")
+  designs = []
+  for problems, evals in DESIGNS:
+    sd = model.diff_sd_at(problems, evals)
+    row = dict(problems=problems, evals=evals, diff_sd=sd,
+               seeds=power.seeds_needed(effect, sd),
+               mde_5=power.detectable_effect(sd, 5), mde_10=power.detectable_effect(sd, 10))
+    designs.append(row)
+    print(f"{problems:>9}{evals:>7}{sd:>9.4f}{row['seeds']:>7}{row['mde_5']:>8.3f}"
+          f"{row['mde_10']:>8.3f}")
+  fisher = {f"{a}/{n} vs {b}/{n}": power.fisher_one_sided(a, n, b, n)
+            for a, b, n in ((4, 0, 5), (3, 0, 5), (5, 1, 5), (5, 0, 5), (4, 0, 10), (5, 1, 10))}
+  fisher_power = {f"rates {p:.1f} vs 0 at {n} runs": power.fisher_power(p, 0.0, n)
+                  for p in (0.5, 0.8, 1.0) for n in (5, 10)}
+  print("\none-sided Fisher exact p for collapse counts:")
+  for k, v in fisher.items():
+    print(f"  {k}: p = {v:.4f}")
+  print("power (one-sided 5%) against true collapse rates:")
+  for k, v in fisher_power.items():
+    print(f"  {k}: {v:.3f}")
+  print(json.dumps({"accuracy": accuracy, "noise_final": noise.__dict__,
+                    "noise_last2": noise2.__dict__, "train_sd_used": train_sd,
+                    "designs": designs, "fisher_p": fisher, "fisher_power": fisher_power}))
+
+
+if __name__ == "__main__":
+  app.run(errors.reporting(main))

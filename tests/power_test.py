@@ -1,0 +1,59 @@
+"""The power analysis' statistics against hand values and simulation."""
+import math
+
+import numpy as np
+import pytest
+
+from minirl_jax.experiments import power
+
+
+def test_fisher_one_sided_against_hand_counts():
+  # 4/5 vs 0/5: P(a >= 4 | margins 4 of 10) = C(5,4) C(5,0) / C(10,4) = 5 / 210.
+  assert power.fisher_one_sided(4, 5, 0, 5) == pytest.approx(5 / 210)
+  # 3/5 vs 0/5: (C(5,3) C(5,0)) / C(10,3) = 10 / 120.
+  assert power.fisher_one_sided(3, 5, 0, 5) == pytest.approx(10 / 120)
+  assert power.fisher_one_sided(0, 5, 4, 5) == pytest.approx(1.0)
+
+
+def test_fisher_power_enumerates_outcomes():
+  # Rate 1 vs 0 at 5 runs always gives 5/5 vs 0/5 (p = 1/252): power 1. Rate 0.8: the test
+  # rejects only at 4/5 or 5/5 against 0/5, so power = P(Bin(5, 0.8) >= 4).
+  assert power.fisher_power(1.0, 0.0, 5) == pytest.approx(1.0)
+  assert power.fisher_power(0.8, 0.0, 5) == pytest.approx(5 * 0.8 ** 4 * 0.2 + 0.8 ** 5)
+  assert power.fisher_power(0.0, 0.0, 5) == 0.0
+
+
+def test_pooled_noise_centres_each_contrast_and_splits_the_variance():
+  # Two contrasts with different means: pooling must not count the effect as noise.
+  a, b = [0.1, 0.2, 0.3], [1.0, 1.1, 1.2]
+  n = power.pooled_noise([a, b, [5.0]], accuracy=0.5, problems=100)
+  assert n.contrasts == 2 and n.df == 4
+  assert n.diff_sd == pytest.approx(0.1)  # each: squares 0.01 + 0 + 0.01 over 2
+  assert n.eval_sd == pytest.approx(math.sqrt(2 * 0.25 / 100))  # 0.0707
+  assert n.train_sd == pytest.approx(math.sqrt(0.01 - 0.005))
+  assert n.diff_sd_at(100) == pytest.approx(0.1)  # the design it was measured at
+  assert n.diff_sd_at(400, evals=2) == pytest.approx(math.sqrt(0.005 + 2 * 0.25 / 800))
+
+
+def test_paired_t_power_matches_simulation():
+  rng = np.random.default_rng(0)
+  from scipy import stats
+  effect, sd, seeds = 0.05, 0.04, 6
+  diffs = rng.normal(effect, sd, (20000, seeds))
+  p = stats.ttest_1samp(diffs, 0.0, axis=1).pvalue
+  assert power.paired_t_power(effect, sd, seeds) == pytest.approx(np.mean(p < 0.05), abs=0.01)
+  assert power.paired_t_power(0.0, sd, seeds) == pytest.approx(0.05, abs=1e-9)
+
+
+def test_seeds_needed_and_detectable_effect_are_inverse():
+  sd = 0.034
+  seeds = power.seeds_needed(0.05, sd)
+  assert power.paired_t_power(0.05, sd, seeds) >= 0.8 > power.paired_t_power(0.05, sd, seeds - 1)
+  assert power.detectable_effect(sd, seeds) <= 0.05 < power.detectable_effect(sd, seeds - 1)
+
+
+def test_t_interval_by_hand():
+  mean, low, high = power.t_interval([0.1, 0.2, 0.3])
+  half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) x s / sqrt(n)
+  assert (mean, low, high) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
+  assert math.isnan(power.t_interval([0.1])[1])

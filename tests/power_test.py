@@ -57,3 +57,29 @@ def test_t_interval_by_hand():
   half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) x s / sqrt(n)
   assert (mean, low, high) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
   assert math.isnan(power.t_interval([0.1])[1])
+
+
+@pytest.mark.parametrize("diffs,claim,verdict", [
+    ([0.06, 0.08, 0.07, 0.05, 0.09], "ahead", "reproduced"),      # interval above 0
+    ([0.00, 0.01, -0.01, 0.02, 0.0], "ahead", "not reproduced"),  # below 0.05 throughout
+    ([0.2, -0.1, 0.15, -0.05, 0.1], "ahead", "inconclusive"),     # wide, straddles 0
+    ([0.00, 0.01, -0.01, 0.02, 0.0], "no gain", "reproduced"),    # within +-0.05
+    ([0.06, 0.08, 0.07, 0.05, 0.09], "no gain", "not reproduced"),
+    ([0.2, -0.1, 0.15, -0.05, 0.1], "no gain", "inconclusive"),
+    ([0.1], "ahead", "inconclusive"),                             # one seed: no interval
+])
+def test_read_difference(diffs, claim, verdict):
+  got, evidence = power.read_difference(diffs, claim)
+  assert got == verdict
+  assert f"{np.mean(diffs):+.3f}" in evidence and f"{len(diffs)} seeds" in evidence
+
+
+@pytest.mark.parametrize("counts,verdict", [
+    ((4, 5, 0, 5), "reproduced"),       # p = 0.024
+    ((3, 5, 0, 5), "inconclusive"),     # p = 0.083
+    ((0, 5, 0, 5), "not reproduced"),   # never collapsed in 5 runs
+    ((0, 3, 0, 3), "inconclusive"),     # round 1's 3 runs are too few to say never
+])
+def test_read_collapses(counts, verdict):
+  got, evidence = power.read_collapses(*counts)
+  assert got == verdict and f"{counts[0]}/{counts[1]} vs {counts[2]}/{counts[3]}" in evidence

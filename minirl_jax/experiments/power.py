@@ -118,3 +118,48 @@ def fisher_power(rate_a: float, rate_b: float, runs: int, alpha: float = 0.05) -
       if fisher_one_sided(a, runs, b, runs) < alpha:
         power += stats.binom.pmf(a, runs, rate_a) * stats.binom.pmf(b, runs, rate_b)
   return float(power)
+
+
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+SMALLEST_EFFECT = 0.05  # the accuracy difference round 2 is designed to detect
+
+
+def read_difference(diffs: Sequence[float], claim: str,
+                    effect: float = SMALLEST_EFFECT) -> tuple[str, str]:
+  """A paired accuracy contrast read by its 95% t interval (docs/results/round2.md).
+
+  Args:
+    diffs: per-seed paired differences, arm A minus arm B.
+    claim: "ahead" (the paper: A beats B) or "no gain" (the paper: A does not beat B).
+    effect: the smallest difference that matters.
+
+  Returns:
+    (verdict, evidence). "ahead": reproduced when the interval lies above 0, not reproduced
+    when it lies below `effect` (any advantage is smaller than what matters), else
+    inconclusive. "no gain": reproduced when the interval lies within (-effect, effect),
+    not reproduced when it excludes 0, else inconclusive.
+  """
+  mean, low, high = t_interval(diffs)
+  evidence = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (95% t, {len(diffs)} seeds)"
+  if not high >= low:  # nan: fewer than 2 seeds
+    return INCONCLUSIVE, evidence
+  if claim == "ahead":
+    verdict = REPRODUCED if low > 0 else NOT_REPRODUCED if high < effect else INCONCLUSIVE
+  elif claim == "no gain":
+    verdict = (REPRODUCED if -effect < low and high < effect else
+               NOT_REPRODUCED if low > 0 or high < 0 else INCONCLUSIVE)
+  else:
+    raise ValueError(f"claim must be 'ahead' or 'no gain', got {claim!r}")
+  return verdict, evidence
+
+
+def read_collapses(a_collapsed: int, a_runs: int, b_collapsed: int,
+                   b_runs: int) -> tuple[str, str]:
+  """The paper's "A collapses, B does not" read by a one-sided Fisher exact test:
+  reproduced at p < 0.05, not reproduced when A never collapsed in >= 5 runs, else
+  inconclusive."""
+  p = fisher_one_sided(a_collapsed, a_runs, b_collapsed, b_runs)
+  evidence = f"collapsed {a_collapsed}/{a_runs} vs {b_collapsed}/{b_runs}, Fisher p = {p:.3g}"
+  if p < 0.05:
+    return REPRODUCED, evidence
+  return (NOT_REPRODUCED if a_collapsed == 0 and a_runs >= 5 else INCONCLUSIVE), evidence

@@ -6,7 +6,8 @@ committed `series.csv` files, and the seeds, held-out problems and evaluations r
 Reads each round-1 grid's `series.csv`, pairs arms of the same level (the gap grid's
 levels, the off-policy grid's N) seed by seed, pools the paired differences of final
 held-out accuracy over every contrast whose two runs did not collapse, splits the SD into
-evaluation (binomial) and training noise, then prints the designs. Last line: one JSON object.
+evaluation (binomial) and training noise, then prints the designs, and round 1's verdict
+rows re-read by round 2's rules (intervals and Fisher p). Last line: one JSON object.
 """
 import itertools
 import json
@@ -63,6 +64,63 @@ def contrasts(results: str, last: int = 1):
   return out, scores
 
 
+def _final(records) -> float:
+  return _score(records, 1)
+
+
+def _paired(arms, a: str, b: str) -> list[float]:
+  return [_final(arms[a][s]) - _final(arms[b][s]) for s in sorted(arms[a].keys() & arms[b].keys())]
+
+
+def _collapses(arms, names) -> tuple[int, int]:
+  runs = [r for name in names for r in arms[name].values()]
+  return sum(report.collapse_step(r) is not None for r in runs), len(runs)
+
+
+def reread_round1(results: str) -> list[tuple[str, str, str, str]]:
+  """Round 1's verdict rows read by round 2's rules (docs/results/round2.md): (finding,
+  contrast, verdict, evidence), every accuracy contrast with its 95% t interval and every
+  collapse contrast with its one-sided Fisher p."""
+  on, gap, off, cold = (_runs(os.path.join(results, g)) for g in GRIDS[:3] + ("coldstart",))
+  rows = []
+  def diff(finding, label, arms, a, b, claim="ahead"):
+    rows.append((finding, label, *power.read_difference(_paired(arms, a, b), claim)))
+  def collapse(finding, label, a, b):
+    rows.append((finding, label, *power.read_collapses(*a, *b)))
+  for other in ("minirl+length_norm", "minirl_no_is", "grpo", "cispo", "minirl_seq_tis"):
+    diff("1", f"MiniRL - {other} (on-policy, fp8)", on, "minirl", other)
+  diff("2", "MiniRL - length-norm", on, "minirl", "minirl+length_norm")
+  collapse("3", "w/o IS vs MiniRL collapses (on-policy, fp8)",
+           _collapses(on, ["minirl_no_is"]), _collapses(on, ["minirl"]))
+  levels = sorted({a.rpartition("/")[0] for a in gap})
+  collapse("3", "w/o IS vs MiniRL collapses (gap grid, 7 levels pooled)",
+           _collapses(gap, [f"{v}/minirl_no_is" for v in levels]),
+           _collapses(gap, [f"{v}/minirl" for v in levels]))
+  rows.append(("4", "R3 - no replay, accuracy (3 arm pairs x 3 seeds)", *power.read_difference(
+      sum((_paired(on, f"{a}+r3", a) for a in ("minirl", "minirl+length_norm", "minirl_no_is")),
+          []), "no gain")))
+  collapse("4", "R3 w/o IS vs MiniRL + R3 collapses", _collapses(on, ["minirl_no_is+r3"]),
+           _collapses(on, ["minirl+r3"]))
+  unclipped = [a for a in off if a.endswith("_no_clip")]
+  collapse("5", "unclipped vs clipped collapses (N = 2, 4, 8)", _collapses(off, unclipped),
+           _collapses(off, [a for a in off if a not in unclipped]))
+  collapse("5", "clipped, no replay vs MiniRL + R3 collapses (N = 2, 4, 8)",
+           _collapses(off, [f"n{n}/minirl" for n in (2, 4, 8)]),
+           _collapses(off, [f"n{n}/minirl+r3" for n in (2, 4, 8)]))
+  for n, claim_r2 in ((2, True), (4, False), (8, False)):
+    a, b = ("r2", "r3") if claim_r2 else ("r3", "r2")
+    diff("6", f"N = {n}: MiniRL + {a.upper()} - {b.upper()}", off, f"n{n}/minirl+{a}",
+         f"n{n}/minirl+{b}")
+  diff("7", "final accuracy, 30% start - 15% start (the two the rule keeps)", cold,
+       "minirl_from_sft_default", "minirl_from_sft_short", "no gain")
+  diff("-", "int4: token IS - sequence TIS", gap, "int4/minirl", "int4/minirl_seq_tis")
+  diff("-", "int4: token IS - geometric masking", gap, "int4/minirl", "int4/minirl_geo_mis")
+  diff("-", "fp8: token IS - geometric masking", on, "minirl", "minirl_geo_mis")
+  collapse("-", "int4: geometric masking vs token IS collapses",
+           _collapses(gap, ["int4/minirl_geo_mis"]), _collapses(gap, ["int4/minirl"]))
+  return rows
+
+
 def main(argv):
   del argv
   effect = _EFFECT.value
@@ -102,9 +160,15 @@ def main(argv):
   print("power (one-sided 5%) against true collapse rates:")
   for k, v in fisher_power.items():
     print(f"  {k}: {v:.3f}")
+  reread = reread_round1(_RESULTS.value)
+  print("\nround 1's verdict rows by round 2's rules:")
+  for finding, label, verdict, evidence in reread:
+    print(f"  {finding:>2} {label:<66} {verdict:<15} {evidence}")
   print(json.dumps({"accuracy": accuracy, "noise_final": noise.__dict__,
                     "noise_last2": noise2.__dict__, "train_sd_used": train_sd,
-                    "designs": designs, "fisher_p": fisher, "fisher_power": fisher_power}))
+                    "designs": designs, "fisher_p": fisher, "fisher_power": fisher_power,
+                    "round1_reread": [dict(zip(("finding", "contrast", "verdict", "evidence"), r))
+                                      for r in reread]}))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from minirl_jax import errors
@@ -329,3 +330,15 @@ def test_a_signal_logged_every_10_steps_takes_its_first_value_as_baseline():
   records = [{"step": s, "is/grad_cosine_token_seq_last": 1 - v} for s, v in series]
   assert early_warning.crossing_step(records, "is/grad_cosine_token_seq_last",
                                      lambda v: 1.0 - v) == 30
+
+
+def test_series_keep_the_digits_the_early_warning_reads(tmp_path):
+  """1 - cosine is what the early warning reads: a cosine near 1 keeps 9 digits (any float32
+  exactly), the other metrics 6."""
+  cos = float(np.float32(0.99999912))
+  run = report.Run("a", "a/seed_0", 0, [
+      {"step": 1, "is/grad_cosine_token_seq_last": cos, "mismatch/kl_k3": 1 / 3}], None, 1.0)
+  back = report.read_series(report.write_series([run], str(tmp_path)))["a/seed_0"][0]
+  assert np.float32(back["is/grad_cosine_token_seq_last"]) == np.float32(cos)
+  assert 1 - back["is/grad_cosine_token_seq_last"] == pytest.approx(1 - cos, rel=1e-4)
+  assert back["mismatch/kl_k3"] == 0.333333

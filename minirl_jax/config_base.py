@@ -4,6 +4,7 @@
 each section into the frozen dataclass the library takes, validating it before anything
 compiles.
 """
+import importlib.util
 import os
 
 import ml_collections
@@ -57,6 +58,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       task="arithmetic", num_operands=2, min_steps=2, max_steps=16, modulus=100,
       max_value=100, operators="+-",  # operands in [0, max_value); a subset of "+-*"
       max_prompt_len=8, eval_size=256,
+      # held-out problems of the full evaluation at rl.full_eval_steps (0: none); the
+      # eval_size problems of the frequent one are its first ones
+      full_eval_size=0,
       tokenizer=config_dict.placeholder(str),  # tokenizer.json for real data; unset: characters
       # "package.module:function" computing R(prompt, completion, answer) in [0, 1];
       # unset: exact match (synthetic task) or math_reward (data.path).
@@ -89,6 +93,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       mini_batch_size=512,  # sequences per optimizer update: N = 64 * 8 / 512 = 1
       routing_replay="none",  # "none" | "r2" | "r3"
       eval_every=25, learning_rate=2e-4, warmup_steps=0,
+      full_eval_steps=(),  # RL steps (0: before the first) of the full evaluation
       allow_greedy=False,  # True: allow samplers whose G responses cannot differ
       # rows per forward/backward in an update, pi_old and the gradient cosine; 0: whole
       # mini-batch (global batch for pi_old). Activation memory follows it; values do not.
@@ -119,3 +124,14 @@ def define_config_flag(script_file: str, default: str = "tiny", name: str = "con
       name, os.path.normpath(path),
       f"Experiment config file; override fields with --{name}.section.field=value.",
       lock_config=True)
+
+
+def sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
+  """`get_config()` of configs/NAME.py next to `config_file`: a config that builds on
+  another (configs are files, not a package, so they are loaded by path)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+

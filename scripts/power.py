@@ -81,7 +81,7 @@ def reread_round1(results: str) -> list[tuple[str, str, str, str]]:
   """Round 1's verdict rows read by round 2's rules (docs/results/round2.md): (finding,
   contrast, verdict, evidence), every accuracy contrast with its 95% t interval and every
   collapse contrast with its one-sided Fisher p."""
-  on, gap, off, cold = (_runs(os.path.join(results, g)) for g in GRIDS[:3] + ("coldstart",))
+  on, gap, off, cold = (_runs(os.path.join(results, g)) for g in GRIDS)
   rows = []
   def diff(finding, label, arms, a, b, claim="ahead"):
     rows.append((finding, label, *power.read_difference(_paired(arms, a, b), claim)))

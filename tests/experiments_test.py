@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from minirl_jax import config_base
 from minirl_jax import errors
 from minirl_jax.experiments import early_warning
 from minirl_jax.experiments import grids
@@ -155,6 +156,11 @@ def test_plan_shares_cold_starts_and_names_run_dirs(tmp_path):
   assert arms[0].cold_start == arms[-1].cold_start == cold[0].workdir
   assert "--config.seed=2" in arms[-1].flags
   assert "--config.rl.routing_replay=r3" in arms[1].flags
+  capped = grids.Grid("capped", "configs/smoke.py", (grids.Arm("a", seeds=1), grids.Arm("b")),
+                       "test")
+  _, arms = runner.plan(capped, 3, str(tmp_path))
+  assert [j.workdir for j in arms] == [str(tmp_path / a / f"seed_{s}")
+                                       for a, s in (("a", 0), ("b", 0), ("b", 1), ("b", 2))]
   assert grids.flags({"objective.clip": False, "rl.steps": 2}) == [
       "--config.objective.clip=False", "--config.rl.steps=2"]
 
@@ -342,3 +348,24 @@ def test_series_keep_the_digits_the_early_warning_reads(tmp_path):
   assert np.float32(back["is/grad_cosine_token_seq_last"]) == np.float32(cos)
   assert 1 - back["is/grad_cosine_token_seq_last"] == pytest.approx(1 - cos, rel=1e-4)
   assert back["mismatch/kl_k3"] == 0.333333
+
+
+@pytest.mark.parametrize("name", sorted(grids.GRIDS))
+def test_every_arm_is_a_valid_config(name):
+  """Each arm's overrides (cold start and RL) on its grid's base config build valid
+  settings: a typo in a grid fails here, not hours into a run."""
+  from minirl_jax.rl import settings as settings_lib
+  grid = grids.get(name)
+  for arm in grid.arms:
+    config = config_base.sibling(str(ROOT / grid.base_config), pathlib.Path(
+        grid.base_config).stem)
+    grids.apply(config, {**arm.cold_start, **arm.overrides})
+    s = settings_lib.from_config(config)
+    assert s.rl.global_batch % s.rl.mini_batch_size == 0, arm.name
+  if name == "round2":
+    n8 = [arm for arm in grid.arms if arm.name.startswith("n8/")]
+    for arm in n8:  # N = 8 at the on-policy global batch: only the mini-batch changes
+      config = grids.apply(config_base.sibling(str(ROOT / grid.base_config), "paper_moe"),
+                           arm.overrides)
+      s = settings_lib.from_config(config)
+      assert (s.rl.global_batch, s.rl.num_minibatches) == (64, 8), arm.name

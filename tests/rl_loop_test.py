@@ -48,9 +48,14 @@ def _deterministic(record):
           if k not in ("stage", "step") and not k.startswith(("time/", "throughput/"))}
 
 
+# 4 RL steps, with the full evaluation (32 problems; the frequent one has 16) before the
+# first and after the third.
+RL_4 = {"rl.steps": 4, "rl.full_eval_steps": (0, 3), "data.full_eval_size": 32}
+
+
 def test_main_job_outputs_and_resume_equivalence(tmp_path):
   full = str(tmp_path / "full")
-  summary = smoke_run(full, **{"rl.steps": 4}).run()
+  summary = smoke_run(full, **RL_4).run()
   records = _records(full)
   sft = [r for r in records if r["stage"] == "sft"]
   rl = [r for r in records if r["stage"] == "rl"]
@@ -62,13 +67,15 @@ def test_main_job_outputs_and_resume_equivalence(tmp_path):
   for name in ("reward_mean", "eval_accuracy", "policy_entropy", "mismatch_kl_mu_pi_old"):
     assert os.path.getsize(os.path.join(full, f"{name}.png")) > 1000
   assert summary["rl_steps"] == 4 and os.listdir(os.path.join(full, "tensorboard"))
+  assert [r["step"] for r in rl if "eval/accuracy_full" in r] == [0, 3]
+  assert all(0 <= r["eval/accuracy_full"] <= 1 for r in rl if "eval/accuracy_full" in r)
   no_signal = sum(r["reward/zero_adv_frac"] == 1 for r in rl if r["step"] > 0)
   assert summary["rl_steps_without_signal"] == no_signal
 
   # SIGTERM (preemption) during RL step 2: the step finishes, a checkpoint is written, the
   # run stops with 128 + 15; the same command resumes and logs the same numbers.
   resumed = str(tmp_path / "resumed")
-  run = smoke_run(resumed, **{"rl.steps": 4})
+  run = smoke_run(resumed, **RL_4)
   rl_step = run._rl_step
   def preempted_in_step_2(step, sampler_params):
     if step == 2:
@@ -81,7 +88,7 @@ def test_main_job_outputs_and_resume_equivalence(tmp_path):
   assert stop.value.status == 128 + signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
   assert max(r["step"] for r in _records(resumed) if r["stage"] == "rl") == 2
-  resumed_summary = smoke_run(resumed, **{"rl.steps": 4}).run()
+  resumed_summary = smoke_run(resumed, **RL_4).run()
   assert resumed_summary["rl_steps_without_signal"] == no_signal  # recounted on resume
   again = _records(resumed)
   assert [(r["stage"], r["step"]) for r in again] == [(r["stage"], r["step"]) for r in records]
@@ -96,6 +103,8 @@ def test_main_job_outputs_and_resume_equivalence(tmp_path):
     ({"rl.routing_replay": "r3"}, "rl.routing_replay"),
     ({"objective.eps_low": 1.5}, "objective.eps_low"),
     ({"sampler.dtype": "fp4"}, "sampler.dtype"),
+    ({"rl.full_eval_steps": (-1,)}, "rl.full_eval_steps"),
+    ({"data.full_eval_size": -1}, "data.full_eval_size"),
     ({"data.max_prompt_len": 4, "sampler.prompt_bucket": 4}, "data.max_prompt_len"),
 ])
 def test_bad_config_raises_before_compiling(tmp_path, monkeypatch, overrides, field):

@@ -158,3 +158,35 @@ def test_every_reading_finds_its_arms_in_the_real_grid(name, final_questions):
   assert all(q in questions for q in final_questions), questions
   per_n = [f"N = {n}: {q}" for n in (2, 4, 8) for q in ("finding 5 holds", "R2 vs R3")]
   assert name != "offpolicy" or all(q in questions for q in per_n)
+
+
+def _round2_run(arm, seed, full, collapse_step=None, kl=1e-3):
+  records = [{"step": 0, "eval/accuracy": 0.3, "eval/accuracy_full": full[0]}]
+  records += [{"step": s, "eval/accuracy": a, "eval/accuracy_full": a, "mismatch/kl_k3": kl}
+              for s, a in zip((190, 200), full[1:])]
+  return report.Run(arm, f"{arm}/seed_{seed}", seed, records, collapse_step, 1.0)
+
+
+def test_round2_score_is_the_mean_of_the_last_two_full_evaluations():
+  assert rules.score(_round2_run("a", 0, (0.3, 0.40, 0.50))) == pytest.approx(0.45)
+  # collapsed at step 195: the full evaluations before it (steps 0 and 190)
+  assert rules.score(_round2_run("a", 0, (0.3, 0.40, 0.05), 195)) == pytest.approx(0.35)
+
+
+def test_round2_reads_collapses_by_fisher_and_accuracy_by_intervals():
+  runs = []
+  for seed in range(5):
+    runs.append(_round2_run("minirl", seed, (0.3, 0.50, 0.52 + 0.01 * seed), kl=2e-3))
+    runs.append(_round2_run("minirl_no_is", seed, (0.3, 0.30, 0.20),
+                            collapse_step=150 if seed < 4 else None))
+    runs.append(_round2_run("minirl+r3", seed, (0.3, 0.50, 0.52 + 0.01 * seed + 0.002 * (-1) ** seed),
+                            kl=1e-3))
+  readings = {r.question: r for r in rules.read_round2(rules.by_seed(runs))}
+  collapse = readings["finding 3: w/o IS collapses, MiniRL does not"]
+  assert collapse.verdict == "reproduced" and "4/5 vs 0/5" in collapse.evidence
+  ahead = readings["finding 3: MiniRL ahead of w/o IS"]
+  assert ahead.verdict == "reproduced" and "5 seeds" in ahead.evidence
+  assert readings["finding 4: R3 gives no accuracy gain"].verdict == "reproduced"
+  assert readings["finding 4: R3 lowers the k3 KL (last 10 steps, no replay - R3)"].verdict == (
+      "reproduced")
+  assert not any(q.startswith("finding 5") for q in readings)  # no off-policy arm ran

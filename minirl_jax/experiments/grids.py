@@ -5,7 +5,7 @@ with the same cold-start overrides branch from one shared SFT checkpoint (traine
 whatever the RL seed), so they differ only in what the arm changes.
 """
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Optional
 
 from minirl_jax import errors
 from minirl_jax.rl import gap as gap_lib
@@ -19,6 +19,7 @@ class Arm:
   name: str
   overrides: Overrides = dataclasses.field(default_factory=dict)
   cold_start: Overrides = dataclasses.field(default_factory=dict)  # sft.* / model.* etc.
+  seeds: Optional[int] = None  # the most RL seeds this arm runs; None: the grid's --seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,21 @@ def _coldstart() -> tuple[Arm, ...]:
   return tuple(Arm(coldstart_arm(name), MINIRL, cold) for name, cold in COLD_STARTS.items())
 
 
+def _round2() -> tuple[Arm, ...]:
+  """docs/results/round2.md: the contrasts the power analysis ranked, each arm with its
+  seeds (10 for ranks 1-2, 5 for ranks 3-4). Off-policy at N = 8 keeps the on-policy
+  global batch (8 prompts x 8) and splits it into mini-batches of 8, so N is not
+  confounded with data per step."""
+  n8 = {"rl.mini_batch_size": 8}
+  return (Arm("minirl", MINIRL, seeds=10), Arm("minirl_no_is", NO_IS, seeds=10),
+          Arm("n8/minirl", {**MINIRL, **n8}, seeds=10),
+          Arm("n8/minirl+r3", {**MINIRL, **R3, **n8}, seeds=10),
+          Arm("minirl+r3", {**MINIRL, **R3}, seeds=5),
+          Arm("minirl_no_is+r3", {**NO_IS, **R3}, seeds=5),
+          Arm("n8/minirl+r2", {**MINIRL, **R2, **n8}, seeds=5),
+          Arm("n8/minirl_no_clip", {**MINIRL, **NO_CLIP, **n8}, seeds=5))
+
+
 GRIDS = {
     "quick": Grid("quick", "configs/smoke.py",
                   (Arm("minirl", {**MINIRL, "rl.steps": 2}),
@@ -128,6 +144,9 @@ GRIDS = {
                 "the gap knob: MiniRL vs w/o train-infer IS from zero gap to int4"),
     "coldstart": Grid("coldstart", "configs/paper_small.py", _coldstart(),
                       "finding 7: MiniRL from three cold starts"),
+    "round2": Grid("round2", "configs/paper_moe.py", _round2(),
+                   "round 2: findings 3-6 in long runs of a model whose routing matters, "
+                   "seeds by the power analysis (docs/results/round2.md)"),
 }
 
 

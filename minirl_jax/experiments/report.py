@@ -39,6 +39,8 @@ SERIES = ("reward/mean", "eval/accuracy", "policy/entropy", "mismatch/kl_k3",
 # (round 1's series gave 14/27 false alarms where the runs had 16/27). 9 digits keep
 # any float32 exactly.
 DIGITS = {"is/grad_cosine_token_seq_last": 9}
+# Columns written only when a run has them, so earlier grids' series remake byte-identical.
+OPTIONAL_SERIES = ("eval/accuracy_full",)
 
 
 def rl_records(workdir: str) -> list[dict]:
@@ -197,12 +199,14 @@ def write_series(runs: list[Run], workdir: str) -> str:
   path = os.path.join(workdir, "series.csv")
   with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
-    writer.writerow(["run", "step", *SERIES])
+    keys = SERIES + tuple(k for k in OPTIONAL_SERIES
+                          if any(k in r for run in runs for r in run.records))
+    writer.writerow(["run", "step", *keys])
     for run in runs:
       for r in run.records:
         writer.writerow([run.name, r["step"],
                          *(f"{r[key]:.{DIGITS.get(key, 6)}g}" if key in r else ""
-                           for key in SERIES)])
+                           for key in keys)])
   return path
 
 

@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from minirl_jax.experiments import grids
+from minirl_jax.experiments import power
 from minirl_jax.experiments import report
 
 NOISE = 0.04  # the binomial noise of 128 held-out problems near 0.35
@@ -29,6 +30,8 @@ class ArmResult:
   start: dict[int, float]  # held-out accuracy at RL step 0
   final: dict[int, float]  # at the last evaluation
   collapsed: dict[int, bool]
+  score: dict[int, float] = dataclasses.field(default_factory=dict)  # round 2's (`score`)
+  late_kl: dict[int, float] = dataclasses.field(default_factory=dict)  # k3, last 10 steps
 
   @property
   def collapses(self) -> int:
@@ -57,7 +60,23 @@ def by_seed(runs: list[report.Run]) -> dict[str, ArmResult]:
     arm = arms.setdefault(run.arm, ArmResult({}, {}, {}))
     arm.start[run.seed], arm.final[run.seed] = run.accuracies[0], run.accuracies[-1]
     arm.collapsed[run.seed] = run.collapse_step is not None
+    arm.score[run.seed] = score(run)
+    kl = [r["mismatch/kl_k3"] for r in run.records if "mismatch/kl_k3" in r][-10:]
+    arm.late_kl[run.seed] = float(np.mean(kl)) if kl else float("nan")
   return arms
+
+
+def score(run: report.Run) -> float:
+  """Round 2's score (docs/results/round2.md): the mean of the last two full evaluations
+  (`eval/accuracy_full`), before the collapse step for a run that collapsed; without full
+  evaluations (round 1), the last evaluation."""
+  full = [(r["step"], r["eval/accuracy_full"]) for r in run.records
+          if "eval/accuracy_full" in r]
+  if not full:
+    return run.accuracies[-1]
+  if run.collapse_step is not None:
+    full = [(s, a) for s, a in full if s < run.collapse_step] or full[:1]
+  return float(np.mean([a for _, a in full[-2:]]))
 
 
 def ahead(a: ArmResult, b: ArmResult) -> int:
@@ -207,7 +226,64 @@ def read_coldstart(arms: dict[str, ArmResult]) -> list[Reading]:
                   f"the end; {evidence}")]
 
 
-READERS = {"gap": read_gap, "offpolicy": read_offpolicy, "coldstart": read_coldstart}
+def _scores(a: ArmResult, b: ArmResult, which: str = "score") -> list[float]:
+  """Per-seed paired differences a - b of `which`, over the seeds both finished."""
+  x, y = getattr(a, which), getattr(b, which)
+  return [x[s] - y[s] for s in sorted(x.keys() & y.keys())]
+
+
+def _accuracy(question: str, a: ArmResult, b: ArmResult, claim: str) -> Reading:
+  diffs = _scores(a, b)
+  verdict, evidence = power.read_difference(diffs, claim)
+  if len(diffs) >= 2:
+    evidence += (f"; smallest effect this design finds (80%): "
+                 f"{power.detectable_effect(float(np.std(diffs, ddof=1)), len(diffs)):.3f}")
+  return Reading(question, verdict, evidence)
+
+
+def _collapse(question: str, collapses: ArmResult, holds: ArmResult) -> Reading:
+  return Reading(question, *power.read_collapses(collapses.collapses, len(collapses.final),
+                                                 holds.collapses, len(holds.final)))
+
+
+def read_round2(arms: dict[str, ArmResult]) -> list[Reading]:
+  """Round 2's contrasts by the rules round2.md stated before its runs."""
+  readings = []
+  def have(*names):
+    return all(name in arms for name in names)
+  if have("minirl", "minirl_no_is"):
+    readings += [_collapse("finding 3: w/o IS collapses, MiniRL does not", arms["minirl_no_is"],
+                           arms["minirl"]),
+                 _accuracy("finding 3: MiniRL ahead of w/o IS", arms["minirl"],
+                           arms["minirl_no_is"], "ahead")]
+  if have("minirl+r3", "minirl_no_is+r3"):
+    readings.append(_collapse("finding 4: R3 w/o IS still collapses", arms["minirl_no_is+r3"],
+                              arms["minirl+r3"]))
+  if have("minirl", "minirl+r3"):
+    kl_verdict, kl_evidence = power.read_difference(
+        _scores(arms["minirl"], arms["minirl+r3"], "late_kl"), "ahead", effect=0.0)
+    readings += [_accuracy("finding 4: R3 gives no accuracy gain", arms["minirl+r3"],
+                           arms["minirl"], "no gain"),
+                 Reading("finding 4: R3 lowers the k3 KL (last 10 steps, no replay - R3)",
+                         kl_verdict, kl_evidence)]
+  if have("n8/minirl_no_clip", "n8/minirl+r3"):
+    readings.append(_collapse("finding 5, N = 8: without clipping, collapse",
+                              arms["n8/minirl_no_clip"], arms["n8/minirl+r3"]))
+  if have("n8/minirl", "n8/minirl+r3"):
+    readings += [_collapse("finding 5, N = 8: without replay, collapse", arms["n8/minirl"],
+                           arms["n8/minirl+r3"]),
+                 _accuracy("finding 5, N = 8: MiniRL + R3 ahead of no replay",
+                           arms["n8/minirl+r3"], arms["n8/minirl"], "ahead")]
+  if have("n8/minirl+r2", "n8/minirl+r3"):
+    readings += [_accuracy("finding 6, N = 8: R3 ahead of R2", arms["n8/minirl+r3"],
+                           arms["n8/minirl+r2"], "ahead"),
+                 _collapse("finding 6, N = 8: R2 eventually collapses", arms["n8/minirl+r2"],
+                           arms["n8/minirl+r3"])]
+  return readings
+
+
+READERS = {"gap": read_gap, "offpolicy": read_offpolicy, "coldstart": read_coldstart,
+           "round2": read_round2}
 
 
 def write(grid: grids.Grid, seeds: int, runs: list[report.Run],
@@ -217,13 +293,16 @@ def write(grid: grids.Grid, seeds: int, runs: list[report.Run],
     return None
   arms = by_seed(runs)
   readings = READERS[grid.name](arms)
-  needed = max(seeds, MIN_SEEDS)
-  short = sorted(name for name, arm in arms.items() if len(arm.final) < needed)
+  caps = {arm.name: arm.seeds or seeds for arm in grid.arms}  # an arm may run fewer seeds
+  needed = lambda name: max(min(caps.get(name, seeds), seeds), MIN_SEEDS)  # noqa: E731
+  short = sorted(name for name, arm in arms.items() if len(arm.final) < needed(name))
   missing = len(grid.arms) - len(arms)
   lines = []
   if short or missing:
-    lines += [f"**Partial, not verdicts**: {len(short)} arm(s) with fewer than {needed} "
-              f"finished seeds, {missing} with none.", ""]
+    wanted = {needed(arm.name) for arm in grid.arms}
+    seeds_text = f"{wanted.pop()} finished seeds" if len(wanted) == 1 else "their seeds finished"
+    lines += [f"**Partial, not verdicts**: {len(short)} arm(s) with fewer than {seeds_text}, "
+              f"{missing} with none.", ""]
   lines += ["| question | reading | evidence |", "|---|---|---|"]
   lines += [f"| {r.question} | {r.verdict} | {r.evidence} |" for r in readings]
   with open(os.path.join(workdir, "verdicts.md"), "w", encoding="utf-8") as f:

@@ -82,7 +82,7 @@ def build(s: settings_lib.Settings, tokenizer=None) -> RunData:
 
 def _build(s: settings_lib.Settings, tokenizer) -> RunData:
   cfg = s.data
-  eval_size = max(cfg.eval_size, s.sft.eval_size)
+  eval_size = max(cfg.eval_size, s.sft.eval_size, cfg.full_eval_size)
   if cfg.path:
     if not cfg.tokenizer:
       raise errors.UserError("data.tokenizer must name a tokenizer.json when data.path is set")

@@ -270,7 +270,7 @@ class Run:
     eval_key = jax.random.fold_in(self.key, 1)
     if self.progress.rl_step == 0:
       acc = self.evaluate(self.s.data.eval_size, eval_key)["avg@1"]
-      self.writer.write(0, "rl", {"eval/accuracy": acc})
+      self.writer.write(0, "rl", {"eval/accuracy": acc, **self._full_evaluation(0, eval_key)})
       self.progress.start_accuracy = acc
     else:
       self.no_signal.resume(self._kept_records(), self.progress.rl_step)
@@ -282,6 +282,7 @@ class Run:
       m, sampler_params = self._rl_step(step, sampler_params)
       if step % cfg.eval_every == 0 or step == cfg.steps:
         acc = m["eval/accuracy"] = self.evaluate(self.s.data.eval_size, eval_key)["avg@1"]
+      m.update(self._full_evaluation(step, eval_key))
       self.progress.rl_step = step
       self.writer.write(step, "rl", m)
       self._advance(bar, m, ("reward/mean", "reward/zero_adv_frac", "eval/accuracy",
@@ -300,6 +301,13 @@ class Run:
             "rl_steps_without_signal": self.no_signal.total,
             "accuracy_after_sft": self.progress.start_accuracy, "accuracy_after_rl": acc,
             "metrics": self.writer.path}
+
+  def _full_evaluation(self, step: int, key) -> dict[str, float]:
+    """`eval/accuracy_full` on `data.full_eval_size` problems at `rl.full_eval_steps`."""
+    size = self.s.data.full_eval_size
+    if not size or step not in self.s.rl.full_eval_steps:
+      return {}
+    return {"eval/accuracy_full": self.evaluate(size, key)["avg@1"]}
 
   def _kept_records(self) -> list[dict]:
     """metrics.jsonl as `run` kept it on resume (process 0's file; [] elsewhere)."""
@@ -350,7 +358,9 @@ def _check_batch_sizes(s: settings_lib.Settings, mesh, num_eval_records: int) ->
                        ("sft.micro_batch_size", s.sft.micro_batch_size or multiple),
                        ("sampler.slots", s.sampler.slots or multiple),
                        ("data.eval_size", eval_batch(s.data.eval_size)),
-                       ("sft.eval_size", eval_batch(s.sft.eval_size))):
+                       ("sft.eval_size", eval_batch(s.sft.eval_size)),
+                       ("data.full_eval_size",
+                        eval_batch(s.data.full_eval_size) if s.data.full_eval_size else multiple)):
     if value % multiple:
       raise errors.UserError(f"{field} ({value}) must be a multiple of the data-parallel size "
                        f"({multiple} = mesh data x fsdp x expert)")

@@ -36,6 +36,7 @@ class DataConfig:
   operators: str
   max_prompt_len: int
   eval_size: int
+  full_eval_size: int  # 0: no full evaluation (`eval/accuracy_full`)
   tokenizer: Optional[str]
   reward: Optional[str]
   reward_timeout_s: float
@@ -44,6 +45,8 @@ class DataConfig:
   def __post_init__(self):
     if self.max_prompt_len < 1 or self.eval_size < 1:
       _fail("data.max_prompt_len/eval_size", "must be >= 1")
+    if not isinstance(self.full_eval_size, int) or self.full_eval_size < 0:
+      _fail("data.full_eval_size", f"must be an integer >= 0, got {self.full_eval_size!r}")
     if self.task not in SYNTHETIC_TASKS:
       _fail("data.task", f"must be one of {SYNTHETIC_TASKS}, got {self.task!r}")
     if not self.reward_timeout_s > 0:
@@ -63,6 +66,7 @@ class RLConfig:
   mini_batch_size: int
   routing_replay: str
   eval_every: int
+  full_eval_steps: tuple[int, ...]  # with data.full_eval_size: `eval/accuracy_full`
   learning_rate: float
   warmup_steps: int
   allow_greedy: bool  # a sampler whose G responses cannot differ is then not an error
@@ -80,6 +84,8 @@ class RLConfig:
                   "no_signal_warn_steps"):
       if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
         _fail(f"rl.{field}", f"must be a positive integer, got {getattr(self, field)!r}")
+    if any(not isinstance(s, int) or s < 0 for s in self.full_eval_steps):
+      _fail("rl.full_eval_steps", f"must be RL steps >= 0, got {self.full_eval_steps!r}")
     if self.group_size < 2:
       _fail("rl.group_size", f"must be >= 2: advantages compare the responses of a prompt "
             f"with each other, got {self.group_size}")

@@ -41,7 +41,7 @@ class Lead:
   leads: dict[str, Optional[int]]  # signal metric -> lead in steps, None: never crossed
 
 
-def _badness(records, metric, transform) -> list[tuple[int, float]]:
+def badness(records, metric, transform) -> list[tuple[int, float]]:
   return [(r["step"], transform(r[metric])) for r in records
           if r["step"] > 0 and metric in r]
 
@@ -58,7 +58,7 @@ def baseline(series: list[tuple[int, float]]) -> Optional[tuple[float, int]]:
 def crossing_step(records: list[dict], metric: str, transform=lambda v: v) -> Optional[int]:
   """The first step after the baseline window where the signal's badness exceeds FACTOR x
   its baseline (module docstring), or None."""
-  series = _badness(records, metric, transform)
+  series = badness(records, metric, transform)
   base = baseline(series)
   if base is None:
     return None
@@ -129,7 +129,7 @@ def _plot(runs: list[report.Run], path: str) -> str:
     label = None if run.arm in labelled else run.arm
     labelled.add(run.arm)
     for ax, (metric, title, transform) in zip(axes, SIGNALS):
-      series = _badness(run.records, metric, transform)
+      series = badness(run.records, metric, transform)
       base = baseline(series)
       if base is None or base[0] <= 0:
         continue

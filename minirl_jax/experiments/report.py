@@ -220,6 +220,17 @@ def read_series(path: str) -> dict[str, list[dict]]:
   return records
 
 
+def runs_from_series(path: str, prefix: str = "") -> list[Run]:
+  """The runs of a committed series.csv (`prefix` + their names), for analyses across
+  grids; wall times are not in a series (nan)."""
+  runs = []
+  for name, records in read_series(path).items():
+    arm, _, seed = name.rpartition("/seed_")
+    runs.append(Run(prefix + arm, prefix + name, int(seed), records, collapse_step(records),
+                    float("nan")))
+  return runs
+
+
 def restore(grid: grids.Grid, results_dir: str, workdir: str) -> list[str]:
   """Finished run dirs under `workdir` rebuilt from a committed report of `grid`
   (results_dir's series.csv and table.csv), so a grid spans machines: a rerun of the grid
@@ -262,12 +273,18 @@ def panels(n: int, width: float = 4.2, height: float = 3.4):
   return plt.subplots(1, n, figsize=(width * n, height))
 
 
-def save_figure(fig, axes, path: str, title: str = "", legend_size: int = 7) -> str:
-  """Grid lines, the legend in the first panel, the title; writes the PNG and closes."""
+def save_figure(fig, axes, path: str, title: str = "", legend_size: int = 7,
+                legend_outside: bool = False) -> str:
+  """Grid lines, the legend in the first panel (or right of the last, off the data), the
+  title; writes the PNG and closes."""
   from matplotlib import pyplot as plt
   for ax in axes:
     ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=legend_size)
+  if legend_outside:
+    axes[-1].legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.02, 1),
+                    borderaxespad=0)
+  else:
+    axes[0].legend(fontsize=legend_size)
   if title:
     fig.suptitle(title)
   fig.tight_layout()

@@ -348,6 +348,11 @@ def test_series_keep_the_digits_the_early_warning_reads(tmp_path):
   assert np.float32(back["is/grad_cosine_token_seq_last"]) == np.float32(cos)
   assert 1 - back["is/grad_cosine_token_seq_last"] == pytest.approx(1 - cos, rel=1e-4)
   assert back["mismatch/kl_k3"] == 0.333333
+  acc = report.Run("a", "a/seed_0", 0, [{"step": 0, "eval/accuracy": 34 / 128},
+                                        {"step": 10, "eval/accuracy": 17 / 128}], None, 1.0)
+  back = report.read_series(report.write_series([acc], str(tmp_path)))["a/seed_0"]
+  assert [r["eval/accuracy"] for r in back] == [34 / 128, 17 / 128]  # exactly half: no collapse
+  assert report.collapse_step(back) is None
 
 
 @pytest.mark.parametrize("name", sorted(grids.GRIDS))

@@ -36,9 +36,11 @@ SERIES = ("reward/mean", "eval/accuracy", "policy/entropy", "mismatch/kl_k3",
           "rollout/length_mean", "optim/skipped")
 # 6 significant digits, except where a reading rule looks at the digits past them: the
 # early warning reads 1 - cosine, and a cosine of 0.99999912 written as 1 reads 0
-# (round 1's series gave 14/27 false alarms where the runs had 16/27). 9 digits keep
-# any float32 exactly.
-DIGITS = {"is/grad_cosine_token_seq_last": 9}
+# (round 1's series gave 14/27 false alarms where the runs had 16/27), 9 digits keep any
+# float32 exactly; accuracies are k / problems, whose exact value the collapse rule's
+# "below half the peak" compares (17/128 = 0.1328125 written as 0.132812 is below half of
+# 34/128: round 1's series moved one collapse from step 20 to 10), 12 digits keep them.
+DIGITS = {"is/grad_cosine_token_seq_last": 9, "eval/accuracy": 12, "eval/accuracy_full": 12}
 # Columns written only when a run has them, so earlier grids' series remake byte-identical.
 OPTIONAL_SERIES = ("eval/accuracy_full",)
 
@@ -273,41 +275,71 @@ def panels(n: int, width: float = 4.2, height: float = 3.4):
   return plt.subplots(1, n, figsize=(width * n, height))
 
 
+def panel_grid(rows: int, cols: int, width: float = 4.2, height: float = 3.2):
+  """(figure, axes [rows, cols]), drawn off-screen."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  return plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+
+
 def save_figure(fig, axes, path: str, title: str = "", legend_size: int = 7,
-                legend_outside: bool = False) -> str:
-  """Grid lines, the legend in the first panel (or right of the last, off the data), the
-  title; writes the PNG and closes."""
+                legend: Optional[str] = "first") -> str:
+  """Grid lines, the legend ("first": in the first panel; "outside": right of the last,
+  off the data; None: the caller placed it), the title; writes the PNG and closes."""
   from matplotlib import pyplot as plt
   for ax in axes:
     ax.grid(alpha=0.3)
-  if legend_outside:
+  if legend == "outside":
     axes[-1].legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.02, 1),
                     borderaxespad=0)
-  else:
+  elif legend == "first":
     axes[0].legend(fontsize=legend_size)
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
   return path
 
 
+def arm_colors(arms) -> dict:
+  """One colour per arm, never repeated within a figure (tab10, then tab20, then a ramp)."""
+  from matplotlib import colormaps
+  arms = list(dict.fromkeys(arms))
+  if len(arms) <= 10:
+    return {a: colormaps["tab10"](i) for i, a in enumerate(arms)}
+  if len(arms) <= 20:
+    return {a: colormaps["tab20"](i) for i, a in enumerate(arms)}
+  return {a: colormaps["turbo"](i / (len(arms) - 1)) for i, a in enumerate(arms)}
+
+
 def plot_arms(runs: list[Run], path: str, title: str = "") -> str:
-  """The four panels against RL step: per arm the mean over its seeds, min-max band."""
-  fig, axes = panels(len(PANELS))
-  for arm, arm_runs in by_arm(runs).items():
-    for ax, (key, label) in zip(axes, PANELS):
+  """The four panels against RL step: per arm the mean over its seeds with a min-max band.
+  Arms named LEVEL/VARIANT (a gap level, the off-policy N) get one row of panels per
+  level, each variant one colour throughout."""
+  from matplotlib.lines import Line2D
+  grouped = by_arm(runs)
+  levels = list(dict.fromkeys(arm.rpartition("/")[0] for arm in grouped))
+  colors = arm_colors(arm.rpartition("/")[2] for arm in grouped)
+  fig, axes = panel_grid(len(levels), len(PANELS))
+  for arm, arm_runs in grouped.items():
+    level, _, variant = arm.rpartition("/")
+    for ax, (key, label) in zip(axes[levels.index(level)], PANELS):
       series = [dict(_series(run.records, key)) for run in arm_runs]
       steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
       if not steps:
         continue
       values = np.array([[s[t] for t in steps] for s in series])
-      line, = ax.plot(steps, values.mean(axis=0), label=arm)
+      ax.plot(steps, values.mean(axis=0), color=colors[variant])
       ax.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.2,
-                      color=line.get_color())
-      ax.set(xlabel="RL step", title=label)
-  return save_figure(fig, axes, path, title)
+                      color=colors[variant])
+      ax.set(xlabel="RL step", ylabel=f"{label}, {level}" if level else label)
+  axes[0, -1].legend(handles=[Line2D([], [], color=c, label=v) for v, c in colors.items()],
+                     fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+  note = "lines: mean over seeds; bands: min-max over seeds"
+  return save_figure(fig, list(axes.ravel()), path, f"{title}; {note}" if title else note,
+                     legend=None)
 
 
 def by_level(rows: list[ArmRow]):
@@ -354,7 +386,7 @@ def write_report(grid: grids.Grid, seeds: int, runs: list[Run], workdir: str) ->
   counts = sorted({r.seeds for r in rows}) or [0]  # a grid read mid-run has fewer
   have = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
   title = f"{grid.name}: mean over {have} of {seeds} seed(s)"
-  figure = plot_arms(runs, os.path.join(workdir, "curves.png"), f"{title}, band = min-max")
+  figure = plot_arms(runs, os.path.join(workdir, "curves.png"), title)
   return {"table_csv": os.path.join(workdir, "table.csv"),
           "table_md": os.path.join(workdir, "table.md"), "figure": figure,
           "series_csv": write_series(runs, workdir),

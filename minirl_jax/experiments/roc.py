@@ -131,7 +131,7 @@ def write(runs: list[report.Run], workdir: str, title: str = "") -> dict:
   ax.set(xlabel="false-positive rate (steps not followed by a collapse)",
          ylabel=f"true-positive rate (steps <= {HORIZON} before a collapse)")
   figure = report.save_figure(fig, axes, os.path.join(workdir, "roc.png"), title,
-                              legend_size=8, legend_outside=True)
+                              legend_size=8, legend="outside")
   collapsed = sum(run.collapse_step is not None for run in runs)
   lines = [f"{len(runs)} runs, {collapsed} collapsed; a step is positive when its run "
            f"collapses within the next {HORIZON} steps.", "",

@@ -1,7 +1,9 @@
 """Dense all-experts MoE: the reference the sparse dispatch is tested and benchmarked against.
 
 Every expert runs on every token and non-selected experts get gate weight zero. The model
-never calls this; it costs E/k times the FLOPs of `moe.moe_ffn`.
+never calls this; it costs E/k times the FLOPs of `moe.moe_ffn`. It ships in the package,
+not beside the tests, because `scripts/bench_moe.py` times and checks the sparse kernels
+against it, and a user checking a kernel of their own needs the same reference.
 """
 import jax
 import jax.numpy as jnp

@@ -293,7 +293,7 @@ def write(grid: grids.Grid, seeds: int, runs: list[report.Run],
     return None
   arms = by_seed(runs)
   readings = READERS[grid.name](arms)
-  caps = {arm.name: arm.seeds or seeds for arm in grid.arms}  # an arm may run fewer seeds
+  caps = {arm.name: seeds if arm.seeds is None else arm.seeds for arm in grid.arms}
   needed = lambda name: max(min(caps.get(name, seeds), seeds), MIN_SEEDS)  # noqa: E731
   short = sorted(name for name, arm in arms.items() if len(arm.final) < needed(name))
   missing = len(grid.arms) - len(arms)

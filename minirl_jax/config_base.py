@@ -126,12 +126,12 @@ def define_config_flag(script_file: str, default: str = "tiny", name: str = "con
       lock_config=True)
 
 
-def sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
-  """`get_config()` of configs/NAME.py next to `config_file`: a config that builds on
+def sibling(config_file: str, name: str, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of configs/NAME.py next to `config_file`: a config that builds on
   another (configs are files, not a package, so they are loaded by path)."""
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
   spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(*args)
 

@@ -24,9 +24,9 @@ def xla_flags(num_devices: int) -> str:
 XLA_FLAGS = xla_flags(8)
 
 
-def run(program: pathlib.Path, *args: str, timeout: int = 600) -> dict:
+def run(program: pathlib.Path, *args: str, timeout: int = 600, num_devices: int = 8) -> dict:
   """The JSON object the program prints last; asserts it exited 0."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": XLA_FLAGS}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(num_devices)}
   code = f"import runpy, sys; sys.argv = {[str(program), *args]!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout, check=False)

@@ -29,6 +29,7 @@ def _setup(impl, num_experts=8, top_k=2, tokens=(3, 37), norm=True):
 @pytest.mark.parametrize("impl,num_experts,top_k,norm", [
     ("blocks", 8, 2, True), ("blocks", 4, 4, False), ("blocks", 16, 1, True),
     ("ragged_dot", 8, 2, True), ("ragged_dot", 16, 1, True),
+    ("megablox", 8, 2, True), ("megablox", 4, 4, False),
     ("dense_pass", 8, 2, True), ("dense_pass", 4, 4, False)])
 def test_sparse_equals_dense_values_and_grads(impl, num_experts, top_k, norm):
   cfg, p, x = _setup(impl, num_experts, top_k, norm=norm)

@@ -304,6 +304,7 @@ def test_quantized_forward_is_the_same_with_every_moe_kernel(quantized, fmt):
       quantized[fmt], tokens)
   blocks = run(CFG)
   for kernel in (dict(moe_impl="ragged_dot"),           # grouped matmul
+                 dict(moe_impl="megablox"),             # Pallas kernel, interpret mode
                  dict(moe_dense_max_group=10**6)):      # the dense pass
     np.testing.assert_allclose(run(dataclasses.replace(CFG, **kernel)), blocks,
                                rtol=1e-5, atol=1e-5)

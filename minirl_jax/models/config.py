@@ -9,7 +9,7 @@ from minirl_jax import sections
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Activations may also be float16: the sampler's float16 engine (docs/sampling.md).
 COMPUTE_DTYPES = {**DTYPES, "float16": jnp.float16}
-MOE_IMPLS = ("blocks", "ragged_dot")
+MOE_IMPLS = ("blocks", "ragged_dot", "megablox")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,9 +22,11 @@ class ModelConfig:
     norm_topk_prob: renormalise the top-k gate weights to sum to one.
     moe_impl: grouped-matmul kernel for the experts: "blocks" (block-padded groups,
       batched matmul; fast everywhere) or "ragged_dot" (`jax.lax.ragged_dot`, the TPU/GPU
-      grouped-matmul kernel; on CPU it lowers to a dense masked matmul). Pick by measuring
-      (scripts/bench_moe.py), never by platform.
-    moe_block_size: upper bound on the rows per block of the "blocks" kernel.
+      grouped-matmul kernel; on CPU it lowers to a dense masked matmul) or "megablox" (the
+      Pallas TPU kernel, `models.megablox`; interpret mode on CPU, ragged_dot on GPU).
+      Pick by measuring (scripts/bench_moe.py), never by platform.
+    moe_block_size: upper bound on the rows per block of the "blocks" kernel, and the
+      rows per tile of "megablox".
     moe_dense_max_group: a MoE call with at most this many token-expert assignments per
       expert on average (decode: a few tokens per step) runs every token through every
       expert instead of `moe_impl`, reading each expert's weights in place once; 0: never.

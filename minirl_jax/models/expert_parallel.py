@@ -18,8 +18,14 @@ run (a `lax.cond` per round inside a `lax.scan` over the worst case), so no assi
 dropped and the result does not depend on the capacity factor; only the time does. With
 a balanced router one round runs, and per-device expert compute is capacity_factor / ep
 of the whole batch's. Rounds are recomputed in the backward pass instead of kept, so memory
-is one round's buffers, whatever the worst case. `jax.lax.ragged_all_to_all` would avoid the slot padding, but
-XLA:CPU does not implement it (UNIMPLEMENTED in jax 0.10), so it could not be tested here.
+is one round's buffers, whatever the worst case.
+
+How rows travel depends on the platform the program is lowered for: on TPU and GPU by
+`jax.lax.ragged_all_to_all` (only each pair's rows move), on CPU by `jax.lax.all_to_all` of
+the padded slots (XLA:CPU does not implement the ragged collective: UNIMPLEMENTED in jax
+0.10). The tests check the padded exchange against the reference on fake CPU devices and
+lower the ragged one for `tpu` and `cuda` (tests/lowering_test.py); no session has yet had
+two accelerators to run it.
 With `tensor` > 1 the layer is left to XLA's partitioner, which splits the experts' hidden
 dim over `tensor` (no expert parallelism then).
 """
@@ -97,7 +103,8 @@ def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes):
   all_to_all = functools.partial(jax.lax.all_to_all, axis_name="expert", split_axis=0,
                                  concat_axis=0)
 
-  def one_round(y_sorted_AD, r):
+  def padded_round(y_sorted_AD, r):
+    """Fixed-size slots per owner: rows past a pair's count travel as zeros."""
     pos_PS = r * slots + jnp.arange(slots)[None, :]
     sent_PS = pos_PS < count_P[:, None]
     src_PS = jnp.minimum(start_P[:, None] + pos_PS, a - 1)
@@ -108,6 +115,27 @@ def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes):
     y_RD = local_ffn(x_recv.reshape(ep * slots, d), e_recv.reshape(ep * slots), weights)
     y_PSD = all_to_all(y_RD.reshape(ep, slots, d))
     return y_sorted_AD.at[src_PS].add(jnp.where(sent_PS[..., None], y_PSD, 0))
+
+  def ragged_round(y_sorted_AD, r):
+    """`ragged_all_to_all`: only each pair's rows travel, into the owner's slot range for
+    the sender, and the outputs straight back to their sorted positions."""
+    ragged = functools.partial(jax.lax.ragged_all_to_all, axis_name="expert")
+    size_P = jnp.clip(count_P - r * slots, 0, slots).astype(jnp.int32)
+    send_at_P = jnp.minimum(start_P + r * slots, a).astype(jnp.int32)
+    recv_P = all_to_all(size_P)            # rows each sender sends here
+    their_at_P = all_to_all(send_at_P)     # where those rows sit in the sender's order
+    here_P = jnp.full((ep,), jax.lax.axis_index("expert") * slots, jnp.int32)
+    x_recv = ragged(x_sorted_AD, jnp.zeros((ep * slots, d), x_nD.dtype), send_at_P, size_P,
+                    here_P, recv_P)
+    e_recv = ragged(e_sorted_A % num_local, jnp.full((ep * slots,), num_local - 1, jnp.int32),
+                    send_at_P, size_P, here_P, recv_P)
+    y_RD = local_ffn(x_recv, e_recv, weights)
+    slot_starts_P = (jnp.arange(ep) * slots).astype(jnp.int32)
+    return ragged(y_RD, y_sorted_AD, slot_starts_P, recv_P, their_at_P, size_P)
+
+  def one_round(y_sorted_AD, r):
+    # XLA:CPU does not implement ragged_all_to_all: the padded exchange runs there.
+    return jax.lax.platform_dependent(y_sorted_AD, r, cpu=padded_round, default=ragged_round)
 
   # Each round is rematerialised in the backward pass: what is kept per possible round is
   # the [A, D] carry, not a round's buffers. A round past `rounds` is a no-op.

@@ -152,17 +152,20 @@ def _w8a8_einsum(eqn, x, w):
   return (acc.astype(jnp.float32) * scale).astype(x.dtype)
 
 
-def ragged_dot(x_MD: jax.Array, w, group_sizes_E: jax.Array) -> jax.Array:
-  """`jax.lax.ragged_dot(x, w[E, D, F], group_sizes)` in x's dtype; W8A8 or weight-only
-  when quantised."""
+def ragged_dot(x_MD: jax.Array, w, group_sizes_E: jax.Array, dot=jax.lax.ragged_dot
+               ) -> jax.Array:
+  """`dot(x, w[E, D, F], group_sizes)` in x's dtype; W8A8 or weight-only when quantised.
+
+  `dot(lhs, rhs, group_sizes, preferred_element_type=...)` is the grouped matmul:
+  `jax.lax.ragged_dot` or `megablox.gmm`.
+  """
   if not is_quantized(w):
-    return jax.lax.ragged_dot(x_MD, w.astype(x_MD.dtype), group_sizes_E)
+    return dot(x_MD, w.astype(x_MD.dtype), group_sizes_E)
   fmt = w.format
   if fmt.activations is None:
-    return jax.lax.ragged_dot(x_MD, w.dequantize(x_MD.dtype), group_sizes_E)
+    return dot(x_MD, w.dequantize(x_MD.dtype), group_sizes_E)
   x_values, x_scale_M1 = quantize_values(x_MD, (1,), fmt.activations)
-  acc_MF = jax.lax.ragged_dot(x_values, w.values, group_sizes_E,
-                              preferred_element_type=_accumulator(fmt))
+  acc_MF = dot(x_values, w.values, group_sizes_E, preferred_element_type=_accumulator(fmt))
   group_M = jnp.searchsorted(jnp.cumsum(group_sizes_E), jnp.arange(x_MD.shape[0]),
                              side="right")
   w_scale_MF = w.scale[jnp.minimum(group_M, w.scale.shape[0] - 1), 0]

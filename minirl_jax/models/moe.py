@@ -10,6 +10,8 @@ expert and run as a grouped matmul:
 - "ragged_dot": `jax.lax.ragged_dot`, the grouped-matmul kernel on TPU/GPU. On CPU it lowers
   to a dense masked matmul (E times the ideal FLOPs): select it by measurement
   (scripts/bench_moe.py), never by platform.
+- "megablox": the Pallas grouped matmul JAX ships for TPU (`models.megablox`; interpret
+  mode on CPU, for tests; `ragged_dot` on GPU), `moe_block_size` rows per tile.
 Decode-shaped calls (few assignments per expert, `uses_dense_pass`) can run every token
 through every expert instead: each expert's weights are read once, in place, where the
 blocks kernel gathers a copy per block. The choice is by shape
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 
 from minirl_jax.models import expert_parallel
 from minirl_jax.models import linear
+from minirl_jax.models import megablox
 
 
 @flax.struct.dataclass
@@ -112,8 +115,8 @@ def _gathered_swiglu(x_nbD, block_expert, p):
       linear.take(p["w_down"], block_expert), "nbd,ndf->nbf", "nbf,nfd->nbd")
 
 
-def _ragged_ffn(x_AD, group_sizes_E, p):
-  dot = lambda x, w: linear.ragged_dot(x, w, group_sizes_E)
+def _grouped_ffn(x_AD, group_sizes_E, p, grouped_dot):
+  dot = lambda x, w: linear.ragged_dot(x, w, group_sizes_E, grouped_dot)
   h = jax.nn.silu(dot(x_AD, p["w_gate"])) * dot(x_AD, p["w_up"])
   return dot(h, p["w_down"])
 
@@ -140,7 +143,10 @@ def _local_ffn(x_ND, e_A, p, *, k=1, impl, max_block, dense_max_group=0):
   x_sorted_AD = x_ND[order_A // k]
   group_sizes_E = jnp.bincount(e_A, length=num_experts).astype(jnp.int32)
   if impl == "ragged_dot":
-    y_sorted_AD = _ragged_ffn(x_sorted_AD, group_sizes_E, p)
+    y_sorted_AD = _grouped_ffn(x_sorted_AD, group_sizes_E, p, jax.lax.ragged_dot)
+  elif impl == "megablox":
+    gmm = functools.partial(megablox.gmm, block_rows=max_block)
+    y_sorted_AD = _grouped_ffn(x_sorted_AD, group_sizes_E, p, gmm)
   else:
     y_sorted_AD = _blocks_ffn(x_sorted_AD, e_sorted_A, group_sizes_E, p, max_block)
   return jnp.zeros_like(y_sorted_AD).at[order_A].set(y_sorted_AD)

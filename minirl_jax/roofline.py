@@ -68,3 +68,28 @@ def gemm_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
   a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
   matmul = jax.jit(lambda a: a @ a)
   return 2.0 * n ** 3 / best_seconds(lambda: matmul(a), repeats)
+
+
+# Published dense bfloat16 peak FLOP/s and HBM bandwidth (bytes/s) of one chip, by the
+# start of `jax.Device.device_kind` (vendor datasheets: NVIDIA H100 SXM and PCIe / H200 SXM /
+# A100 SXM 80GB, Google Cloud TPU system architecture pages).
+PUBLISHED = {
+    "NVIDIA H200": (989e12, 4.8e12),
+    "NVIDIA H100 PCIe": (756e12, 2.0e12),
+    "NVIDIA H100": (989e12, 3.35e12),
+    "NVIDIA A100": (312e12, 2.039e12),
+    "TPU v6 lite": (918e12, 1.64e12),
+    "TPU v5p": (459e12, 2.765e12),
+    "TPU v5 lite": (197e12, 0.819e12),
+    "TPU v5": (459e12, 2.765e12),
+    "TPU v4": (275e12, 1.2e12),
+}
+
+
+def published_peaks(device_kind: str):
+  """(bf16 FLOP/s, bytes/s) of one chip of this kind, or None where none is published
+  here (a CPU: measure with `gemm_peak` and `read_bandwidth` instead)."""
+  for prefix, peaks in PUBLISHED.items():
+    if device_kind.startswith(prefix):
+      return peaks
+  return None

@@ -35,3 +35,12 @@ def test_decode_bytes_are_the_weights_but_the_embedding_and_the_whole_cache():
   kv = 2 * cfg.num_layers * 3 * 10 * cfg.num_kv_heads * cfg.head_dim * 4 + 3 * 10 + 4
   assert roofline.decode_bytes(params, cache) == weights + kv
   assert roofline.decode_bytes({"embed": jnp.zeros((1000, 8))}, cache) == kv
+
+
+def test_published_peaks_by_device_kind():
+  assert roofline.published_peaks("NVIDIA H100 80GB HBM3") == (989e12, 3.35e12)
+  assert roofline.published_peaks("NVIDIA H100 PCIe") == (756e12, 2.0e12)
+  assert roofline.published_peaks("NVIDIA H200") == (989e12, 4.8e12)
+  assert roofline.published_peaks("TPU v5p") == (459e12, 2.765e12)
+  assert roofline.published_peaks("TPU v5 lite") == (197e12, 0.819e12)
+  assert roofline.published_peaks("cpu") is None

@@ -128,3 +128,17 @@ def test_bench_sampler_rollouts_count_the_row_steps_of_both_engines():
   assert static["decode_steps"] == 4 and static["wasted_row_steps"] == 16 * 4 - work
   assert slots["wasted_row_steps"] == 2 * slots["decode_steps"] - work
   assert work / 2 <= slots["decode_steps"] <= work / 2 + 4
+
+
+def test_bench_device_smoke_measures_the_cpu_and_prints_its_figures():
+  out, r = _last_json([str(ROOT / "scripts" / "bench_device.py"), "--smoke", "--repeats=1"])
+  assert r["platform"] == "cpu" and r["peaks_source"] == "measured"
+  assert r["params_total"] == 226_176  # configs/tiny.py
+  train = r["train"]["blocks"]
+  assert (train["rows"], train["length"]) == (8, 8 + 16)
+  assert 0 < r["mfu"] <= 1 and r["mfu"] == train["mfu"]
+  decode = r["decode"]
+  # 4 prompts x 2 responses; the first token comes from the prefill, 15 decode steps.
+  assert (decode["responses"], decode["decode_steps"]) == (8, 15)
+  assert 0 < r["bandwidth_utilisation"] <= 2  # of a bandwidth measured on large arrays
+  assert r["within_budget"] and "MFU" in out

@@ -111,7 +111,10 @@ def get_base_config() -> ml_collections.ConfigDict:
                       # it was)
                       max_skipped_in_a_row=10)
   config.checkpoint = dict(every=50, keep=2)
-  config.log = dict(progress=True, plots=True)
+  config.log = dict(progress=True, plots=True,
+                    # Weights & Biases project for the same scalars, the config and the plots
+                    # (pip install -e '.[wandb]'); unset: metrics.jsonl and TensorBoard only
+                    wandb_project=config_dict.placeholder(str))
   return ml_collections.ConfigDict(config)
 
 

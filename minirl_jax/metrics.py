@@ -1,7 +1,9 @@
-"""Metric writers (JSONL + TensorBoard event files) and the end-of-run plots."""
+"""Metric writers (JSONL + TensorBoard event files, Weights & Biases when asked for) and the
+end-of-run plots."""
 import json
 import os
-from typing import Callable, Mapping
+import secrets
+from typing import Callable, Mapping, Optional
 
 from absl import logging
 import numpy as np
@@ -32,14 +34,16 @@ def to_python(metrics: Mapping) -> dict:
 
 
 class MetricWriter:
-  """Appends `{"step", "stage", **metrics}` lines to DIR/metrics.jsonl and TensorBoard.
+  """Appends `{"step", "stage", **metrics}` lines to DIR/metrics.jsonl and TensorBoard, and
+  logs the same scalars to Weights & Biases when `wandb_project` is set.
 
   Only one process of a multi-host run writes (`enabled`); the others' writes are no-ops.
   """
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True,
+               wandb_project: Optional[str] = None, config: Optional[dict] = None):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._file = self._tb = None
+    self._file = self._tb = self._wandb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -47,6 +51,8 @@ class MetricWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if wandb_project:
+      self._wandb = WandbRun(wandb_project, workdir, config or {})
 
   def write(self, step: int, stage: str, metrics: Mapping[str, float]) -> None:
     if self._file is None:
@@ -57,12 +63,61 @@ class MetricWriter:
     if self._tb is not None:
       for name, value in metrics.items():
         self._tb.add_scalar(f"{stage}/{name}", float(value), int(step))
+    if self._wandb is not None:
+      self._wandb.log(int(step), stage, record)
+
+  def plot(self, out_dir: str, stage: str = "rl") -> list[str]:
+    """`plot`s this run's metrics into `out_dir` (and to W&B); returns the file names."""
+    if self._file is None:
+      return []
+    written = plot(self.path, out_dir, stage)
+    if self._wandb is not None:
+      self._wandb.log_images(written)
+    return written
 
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
+
+
+class WandbRun:
+  """One Weights & Biases run per workdir: the run's id is kept in DIR/wandb_run_id, so a
+  resumed run continues it (steps redone after the last checkpoint are logged again). Each
+  stage's metrics are plotted against its own step (`sft/step`, `rl/step`)."""
+
+  def __init__(self, project: str, workdir: str, config: dict):
+    import wandb
+    self._wandb = wandb
+    id_file = os.path.join(workdir, "wandb_run_id")
+    if os.path.exists(id_file):
+      with open(id_file, encoding="utf-8") as f:
+        run_id = f.read().strip()
+    else:
+      run_id = secrets.token_hex(6)
+      with open(id_file, "w", encoding="utf-8") as f:
+        f.write(run_id + "\n")
+    # console="off": W&B leaves stdout and stderr (the progress bar) alone.
+    self.run = wandb.init(project=project, dir=workdir, id=run_id, resume="allow",
+                          name=os.path.basename(os.path.normpath(workdir)), config=config,
+                          settings=wandb.Settings(console="off"))
+    for stage in ("sft", "rl"):
+      self.run.define_metric(f"{stage}/step")
+      self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+
+  def log(self, step: int, stage: str, record: Mapping) -> None:
+    self.run.log({f"{stage}/step": step,
+                  **{f"{stage}/{k}": v for k, v in record.items() if k not in ("step", "stage")}})
+
+  def log_images(self, paths: list[str]) -> None:
+    self.run.log({f"plots/{os.path.splitext(os.path.basename(p))[0]}": self._wandb.Image(p)
+                  for p in paths})
+
+  def close(self) -> None:
+    self.run.finish()
 
 
 def read_jsonl(path: str, drop_cut_last_line: bool = False) -> list[dict]:

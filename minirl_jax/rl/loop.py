@@ -4,6 +4,7 @@ A thin loop over `rl.step`'s calls: SFT updates, RL steps, evaluation, checkpoin
 Every step's metrics go to DIR/metrics.jsonl and TensorBoard; orbax checkpoints make a rerun
 resume where it stopped.
 """
+import dataclasses
 import os
 import signal
 import threading
@@ -168,16 +169,18 @@ class Run:
     lead = jax.process_index() == 0  # one process writes the shared metrics and plots
     if lead:
       metrics_lib.keep_only(os.path.join(self.workdir, "metrics.jsonl"), self._logged_before)
-    self.writer = metrics_lib.MetricWriter(self.workdir, enabled=lead)
+    self.writer = metrics_lib.MetricWriter(self.workdir, enabled=lead,
+                                           wandb_project=self.s.log.wandb_project,
+                                           config=dataclasses.asdict(self.s))
     try:
       with self.signals:
         if not self.progress.sft_done:
           self._sft()
         summary = self._rl()
+      if self.s.log.plots:
+        summary["plots"] = self.writer.plot(self.workdir)
     finally:
       self.close()
-    if self.s.log.plots and lead:
-      summary["plots"] = metrics_lib.plot(self.writer.path, self.workdir)
     return summary
 
   def close(self):

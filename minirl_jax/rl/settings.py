@@ -6,6 +6,7 @@ live in one place, `minirl_jax/config_base.py`; these dataclasses have none. Eve
 names the offending field (`rl.mini_batch_size ...`).
 """
 import dataclasses
+import importlib.util
 from typing import Mapping, Optional
 
 import numpy as np
@@ -161,8 +162,16 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
+  """Where a run's metrics go: metrics.jsonl and TensorBoard always; Weights & Biases too
+  when `wandb_project` is set (the `[wandb]` extra; WANDB_MODE, WANDB_ENTITY as usual)."""
   progress: bool
   plots: bool
+  wandb_project: Optional[str] = None
+
+  def __post_init__(self):
+    if self.wandb_project and importlib.util.find_spec("wandb") is None:
+      _fail("log.wandb_project", f"is {self.wandb_project!r} but the wandb package is not "
+            "installed: pip install -e '.[wandb]'")
 
 
 @dataclasses.dataclass(frozen=True)

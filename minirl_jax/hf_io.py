@@ -17,7 +17,7 @@ import flax
 import jax
 import numpy as np
 
-from minirl_jax import checkpoint
+from minirl_jax.rl import checkpointing
 from minirl_jax import errors
 from minirl_jax.models import hf_config
 from minirl_jax.models import transformer
@@ -263,13 +263,13 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: Optional[str] = None,
                 shardings: Any = None) -> ModelConfig:
   """Converts a Hugging Face checkpoint to `out_dir/{params, model_config.json, hf_config.json}`.
 
-  `params` and `model_config.json` are a model directory (`checkpoint.save_model`: read with
-  `checkpoint.restore_params` and `checkpoint.read_model_config`); `hf_config.json` is the
+  `params` and `model_config.json` are a model directory (`checkpointing.save_model`: read with
+  `checkpointing.restore_params` and `checkpointing.read_model_config`); `hf_config.json` is the
   original config.json, kept so `orbax_to_hf` can restore token ids and other fields the
   model does not use. `dtype` and `shardings` are as in `load_hf`.
   """
   cfg, params = load_hf(hf_dir, dtype=dtype, shardings=shardings)
-  checkpoint.save_model(out_dir, cfg, params)
+  checkpointing.save_model(out_dir, cfg, params)
   shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(out_dir, HF_CONFIG))
   return cfg
 
@@ -285,10 +285,11 @@ def orbax_to_hf(orbax_dir: str, hf_dir: str, *, params_dir: Optional[str] = None
       `orbax_dir/params`.
     max_shard_bytes: size bound of one safetensors file.
   """
-  cfg = checkpoint.read_model_config(orbax_dir)
+  cfg = checkpointing.read_model_config(orbax_dir)
   base_path = os.path.join(orbax_dir, HF_CONFIG)
   base = _read_json(base_path) if os.path.exists(base_path) else None
-  params = checkpoint.restore_params(params_dir or os.path.join(orbax_dir, checkpoint.PARAMS_DIR))
+  params = checkpointing.restore_params(
+      params_dir or os.path.join(orbax_dir, checkpointing.PARAMS_DIR))
   save_hf(hf_dir, cfg, params, base_config=base, max_shard_bytes=max_shard_bytes)
   return cfg
 

@@ -26,7 +26,7 @@ from minirl_jax.models import moe
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
 from minirl_jax.rl import settings as settings_lib
-from minirl_jax.rl import train_step
+from minirl_jax.rl import train_state
 from minirl_jax.sampling import quantize as quantize_lib
 from minirl_jax.sampling import sampler as sampler_lib
 
@@ -218,8 +218,8 @@ def make(s: settings_lib.Settings, num_devices: int) -> Plan:
   mesh = _abstract_mesh(sizes)
   cfg = s.model
   axes = transformer.param_axes(cfg)
-  optimizer = train_step.make_optimizer(s.rl_optim(), axes)
-  state = jax.eval_shape(lambda: train_step.init_state(
+  optimizer = train_state.make_optimizer(s.rl_optim(), axes)
+  state = jax.eval_shape(lambda: train_state.init_state(
       transformer.init_params(cfg, jax.random.key(0)), optimizer))
   params = _tree_bytes(state.params, axes, mesh)
   moments = sum(_tree_bytes(optax_moment, axes, mesh)

@@ -5,7 +5,7 @@ bandwidth utilisation of decode, on whatever devices JAX sees.
   python scripts/bench_device.py --kernels=megablox,ragged_dot    # TPU: both MoE kernels
   python scripts/bench_device.py --smoke                          # tiny, on CPU (the suite)
 
-It runs the run's own programs (`minirl_jax.programs`: the jitted RL update and the
+It runs the run's own programs (`rl.programs`: the jitted RL update and the
 sampler's prefill, start and decode loop) on the config's mesh over every device:
 - train: one optimizer update on `rl.mini_batch_size` random sequences of the rollout
   length, best of `--repeats`; MFU = `roofline.train_flops` (6 x active params x tokens +
@@ -32,12 +32,12 @@ import numpy as np
 from minirl_jax import batch as batch_lib
 from minirl_jax import config_base
 from minirl_jax import errors
-from minirl_jax import programs
 from minirl_jax import roofline
 from minirl_jax import sharding
 from minirl_jax.models import transformer
 from minirl_jax.rl import settings as settings_lib
-from minirl_jax.rl import state as state_lib
+from minirl_jax.rl import programs
+from minirl_jax.rl import train_state
 from minirl_jax.sampling import quantize as quantize_lib
 
 _CONFIG = config_base.define_config_flag(__file__, "moe_1b")
@@ -121,7 +121,7 @@ def _timed(call, repeats: int):
 def bench_train(s, mesh, clock, peak_flops) -> dict:
   built = programs.build(s, mesh)
   update = built["rl_step"]
-  state, _ = state_lib.create(s, mesh, jax.random.key(s.seed))
+  state, _ = train_state.random_init(s, mesh, jax.random.key(s.seed))
   batch = _random_batch(update.args[1], s)
   holder = {"state": state}
 

@@ -19,7 +19,8 @@ from minirl_jax import config_base
 from minirl_jax import errors
 from minirl_jax import roofline
 from minirl_jax.rl import settings as settings_lib
-from minirl_jax.rl import train_step
+from minirl_jax.rl import step as step_lib
+from minirl_jax.rl import train_state
 from minirl_jax.models import transformer
 
 _CONFIG = config_base.define_config_flag(__file__, "bench")
@@ -44,9 +45,9 @@ def _batch(cfg, rows, length, prompt_len):
 
 
 def _step_seconds(s: settings_lib.Settings, cfg, batch) -> float:
-  optimizer = train_step.make_optimizer(s.rl_optim(), transformer.param_axes(cfg))
-  state = train_step.init_state(transformer.init_params(cfg, jax.random.key(s.seed)), optimizer)
-  step = jax.jit(lambda state, batch: train_step.rl_step(
+  optimizer = train_state.make_optimizer(s.rl_optim(), transformer.param_axes(cfg))
+  state = train_state.init_state(transformer.init_params(cfg, jax.random.key(s.seed)), optimizer)
+  step = jax.jit(lambda state, batch: step_lib.rl_step(
       state, batch, model_cfg=cfg, obj_cfg=s.objective, optimizer=optimizer))
   return roofline.best_seconds(lambda: step(state, batch)[0].params, _REPEATS.value)
 

@@ -13,12 +13,9 @@ import jax
 from minirl_jax import config_base
 from minirl_jax import errors
 from minirl_jax import metrics
-from minirl_jax import sharding
 from minirl_jax.rl import checkpointing
-from minirl_jax.rl import data as rl_data
 from minirl_jax.rl import rollout
-from minirl_jax.rl import settings
-from minirl_jax.rl import step
+from minirl_jax.rl import wiring
 
 _CONFIG = config_base.define_config_flag(__file__)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
@@ -30,20 +27,18 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 def main(argv):
   del argv
   metrics.quiet_library_logs()
-  s = settings.from_config(_CONFIG.value)
-  mesh = sharding.make_mesh(s.mesh)
-  data = rl_data.build(s)
-  state, progress = checkpointing.read_latest(_WORKDIR.value, s, mesh)
+  run = checkpointing.load_run(_CONFIG.value, _WORKDIR.value)
+  s = run.s
   size = _SIZE.value or s.data.eval_size
-  fns = step.bind(s, mesh, data.tokenizer, data.reward_fn)
+  fns = wiring.bind(s, run.mesh, run.data.tokenizer, run.data.reward_fn)
   try:
-    result = fns.evaluate(fns.quantize(state.params),
-                          data.eval_batches(s, size, rollout.EVAL_BATCH),
+    result = fns.evaluate(fns.quantize(run.state.params),
+                          run.data.eval_batches(s, size, rollout.EVAL_BATCH),
                           jax.random.key(_SEED.value), samples=_SAMPLES.value)
   finally:
     fns.close()
   print(json.dumps({"workdir": _WORKDIR.value, "problems": size,
-                    **dataclasses.asdict(progress), **result}))
+                    **dataclasses.asdict(run.progress), **result}))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,7 @@ import jax
 from minirl_jax import config_base
 from minirl_jax import errors
 from minirl_jax import metrics
-from minirl_jax import sharding
 from minirl_jax.rl import checkpointing
-from minirl_jax.rl import data as rl_data
-from minirl_jax.rl import settings
 from minirl_jax.rl import gap
 
 _CONFIG = config_base.define_config_flag(__file__)
@@ -38,13 +35,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 def main(argv):
   del argv
   metrics.quiet_library_logs()
-  s = settings.from_config(_CONFIG.value)
   for level in _LEVELS.value:
     if level != gap.ZERO:
       gap.parse_level(level)  # fail before restoring anything
-  mesh = sharding.make_mesh(s.mesh)
-  data = rl_data.build(s)
-  state, progress = checkpointing.read_latest(_WORKDIR.value, s, mesh)
+  run = checkpointing.load_run(_CONFIG.value, _WORKDIR.value)
+  s, mesh, state, data, progress = run.s, run.mesh, run.state, run.data, run.progress
   prompts = _PROMPTS.value or s.rl.prompts_per_step
   samples = _SAMPLES.value or s.rl.group_size
   batches = list(itertools.islice(

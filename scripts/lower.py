@@ -5,7 +5,7 @@ check that a config compiles there, before a device is lent.
   python scripts/lower.py --config=configs/qwen3_30b_a3b_math.py:h100 --platforms=cuda
 
 The mesh is the config's, on as many fake CPU devices as it needs (config.hardware.devices,
-else the mesh's product, else --devices); the programs are `minirl_jax.programs` (SFT and RL
+else the mesh's product, else --devices); the programs are `rl.programs` (SFT and RL
 updates, pi_old, the sampler's prefill, start and decode loop), lowered with `jax.export`
 for each platform. What lowering does not check: the device compiler itself (XLA's and
 Mosaic's passes, memory; see scripts/plan.py). Prints one line per program and platform,
@@ -46,7 +46,7 @@ def main(argv):
   # Before any JAX backend starts: the mesh's devices, as fake CPU devices.
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", _devices(config))
-  from minirl_jax import programs  # noqa: PLC0415 (after the device count is set)
+  from minirl_jax.rl import programs  # noqa: PLC0415 (after the device count is set)
   from minirl_jax import sharding  # noqa: PLC0415
   from minirl_jax.rl import settings  # noqa: PLC0415
   s = settings.from_config(config)

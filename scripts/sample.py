@@ -14,14 +14,10 @@ import numpy as np
 from minirl_jax import config_base
 from minirl_jax import errors
 from minirl_jax import metrics
-from minirl_jax import sharding
 from minirl_jax.data import pipeline
 from minirl_jax.models import transformer
 from minirl_jax.rl import checkpointing
-from minirl_jax.rl import data as rl_data
 from minirl_jax.rl import rollout
-from minirl_jax.rl import settings
-from minirl_jax.rl import state as state_lib
 from minirl_jax.sampling import quantize
 
 _CONFIG = config_base.define_config_flag(__file__)
@@ -34,14 +30,9 @@ _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 2, "Completions per prompt
 def main(argv):
   del argv
   metrics.quiet_library_logs()
-  s = settings.from_config(_CONFIG.value)
-  mesh = sharding.make_mesh(s.mesh)
-  data = rl_data.build(s)
-  progress = "initial params"
-  if _WORKDIR.value:
-    state, progress = checkpointing.read_latest(_WORKDIR.value, s, mesh)
-  else:
-    state, _ = state_lib.create(s, mesh, jax.random.fold_in(jax.random.key(s.seed), 0))
+  run = checkpointing.load_run(_CONFIG.value, _WORKDIR.value)
+  s, mesh, state, data = run.s, run.mesh, run.state, run.data
+  progress = run.progress or "initial params"
   tok, fmt = data.tokenizer, data.format_prompt or (lambda text: text)
   texts = [t for t in _PROMPTS.value for _ in range(_SAMPLES.value)]
   encoded = [tok.encode(fmt(t)) for t in texts]

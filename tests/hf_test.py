@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from minirl_jax import checkpoint
+from minirl_jax.rl import checkpointing
 from minirl_jax import hf_io
 from minirl_jax.models import hf_config
 
@@ -211,8 +211,8 @@ def test_bfloat16_load_and_export(loaded, tmp_path):
 def test_orbax_convert_round_trip(loaded, tmp_path):
   cfg, params = loaded[TINY.name]
   assert hf_io.hf_to_orbax(str(TINY), str(tmp_path / "orbax")) == cfg
-  assert checkpoint.read_model_config(str(tmp_path / "orbax")) == cfg
-  restored = checkpoint.restore_params(str(tmp_path / "orbax" / checkpoint.PARAMS_DIR))
+  assert checkpointing.read_model_config(str(tmp_path / "orbax")) == cfg
+  restored = checkpointing.restore_params(str(tmp_path / "orbax" / checkpointing.PARAMS_DIR))
   _assert_trees_equal(restored, params)
   hf_io.orbax_to_hf(str(tmp_path / "orbax"), str(tmp_path / "hf"))
   exported, original = _tensors(tmp_path / "hf"), _tensors(TINY)

@@ -14,7 +14,7 @@ import sys
 import jax
 
 from minirl_jax import config_base
-from minirl_jax import programs
+from minirl_jax.rl import programs
 from minirl_jax import sharding
 from minirl_jax.rl import settings as settings_lib
 

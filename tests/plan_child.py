@@ -7,7 +7,7 @@ import jax
 
 from minirl_jax import config_base
 from minirl_jax import plan as plan_lib
-from minirl_jax import programs
+from minirl_jax.rl import programs
 from minirl_jax import sharding
 from minirl_jax.rl import settings as settings_lib
 
@@ -53,7 +53,7 @@ def _shard_bytes(tree):
 
 
 def _measure(s, mesh):
-  """The run's own programs (`minirl_jax.programs`), compiled for the fake devices."""
+  """The run's own programs (`rl.programs`), compiled for the fake devices."""
   built = programs.build(s, mesh)
   state = built["rl_step"].args[0]
   weights, carry, _ = built["decode"].args

@@ -14,13 +14,13 @@ from minirl_jax import errors
 from minirl_jax import metrics
 from minirl_jax.rl import loop
 from minirl_jax.rl import settings
-from minirl_jax.rl import train_step
+from minirl_jax.rl import train_state
 from rl_loop_test import smoke_config
 from rl_loop_test import smoke_run
 
 
 def _state(params, optimizer):
-  return train_step.init_state(params, optimizer)
+  return train_state.init_state(params, optimizer)
 
 
 @pytest.mark.parametrize("loss,grad,lr,first", [
@@ -32,10 +32,10 @@ def test_guard_leaves_the_state_unchanged_and_names_what_was_not_finite(loss, gr
   optimizer = optax.sgd(lr, momentum=0.9)
   state = _state({"w": jnp.ones((2, 3))}, optimizer)
   grads = {"w": jnp.full((2, 3), grad, jnp.float32)}
-  new, m = jax.jit(train_step._apply, static_argnums=3)(state, jnp.float32(loss), grads,
+  new, m = jax.jit(train_state.apply_update, static_argnums=3)(state, jnp.float32(loss), grads,
                                                           optimizer)
   assert float(m["optim/skipped"]) == 1.0
-  assert [q for q in train_step.GUARDED if m[f"optim/nonfinite_{q}"] > 0][0] == first
+  assert [q for q in train_state.GUARDED if m[f"optim/nonfinite_{q}"] > 0][0] == first
   for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)  # params, momentum and step as they were
 
@@ -43,11 +43,11 @@ def test_guard_leaves_the_state_unchanged_and_names_what_was_not_finite(loss, gr
 def test_guard_applies_a_finite_update():
   optimizer = optax.sgd(0.5)
   state = _state({"w": jnp.ones((2,))}, optimizer)
-  new, m = train_step._apply(state, jnp.float32(1.0), {"w": jnp.array([1.0, -2.0])},
+  new, m = train_state.apply_update(state, jnp.float32(1.0), {"w": jnp.array([1.0, -2.0])},
                              optimizer)
   np.testing.assert_array_equal(new.params["w"], [0.5, 2.0])
   assert int(new.step) == 1 and float(m["optim/skipped"]) == 0.0
-  assert all(float(m[f"optim/nonfinite_{q}"]) == 0.0 for q in train_step.GUARDED)
+  assert all(float(m[f"optim/nonfinite_{q}"]) == 0.0 for q in train_state.GUARDED)
 
 
 def test_skip_guard_counts_steps_in_a_row_and_names_the_first_quantity():

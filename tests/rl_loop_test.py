@@ -10,7 +10,7 @@ import pytest
 from minirl_jax import errors
 from minirl_jax.rl import loop
 from minirl_jax.rl import settings
-from minirl_jax.rl import state as state_lib
+from minirl_jax.rl import train_state
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 REQUIRED_RL = ("reward/mean", "eval/accuracy", "policy/entropy", "mismatch/kl_mu_pi_old",
@@ -113,7 +113,7 @@ def test_bad_config_raises_before_compiling(tmp_path, monkeypatch, overrides, fi
     config.model.moe_layers_skip = (0, 1)  # a dense model: nothing to replay
   def compiled(*args, **kwargs):
     raise AssertionError("compiled before validating the config")
-  monkeypatch.setattr(state_lib, "create", compiled)
+  monkeypatch.setattr(train_state, "random_init", compiled)
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     loop.Run(settings.from_config(config), str(tmp_path))
 

@@ -9,7 +9,9 @@ import pytest
 
 from minirl_jax import objectives
 from minirl_jax.rl import micro
-from minirl_jax.rl import train_step
+from minirl_jax.rl import losses
+from minirl_jax.rl import step as step_lib
+from minirl_jax.rl import train_state
 from rl_train_step_test import MODEL
 from rl_train_step_test import setup  # noqa: F401  (the fixture)
 
@@ -58,8 +60,8 @@ def test_update_is_the_same_for_every_micro_batch_size(setup, objective, replay)
   # of near-zero gradient entries).
   sgd = optax.sgd(1000.0)
   step = lambda n: jax.jit(functools.partial(
-      train_step.rl_step, model_cfg=MODEL, optimizer=sgd, micro_batches=n,
-      obj_cfg=objectives.ObjectiveConfig(name=objective)))(train_step.init_state(stale, sgd),
+      step_lib.rl_step, model_cfg=MODEL, optimizer=sgd, micro_batches=n,
+      obj_cfg=objectives.ObjectiveConfig(name=objective)))(train_state.init_state(stale, sgd),
                                                              batch)
   (want_state, want_m), (got_state, got_m) = step(1), step(4)
   assert float(want_m["policy/clip_frac"]) > 0 or objective != "minirl"
@@ -73,27 +75,27 @@ def test_update_is_the_same_for_every_micro_batch_size(setup, objective, replay)
 
 def test_old_policy_cosine_and_sft_are_the_same_in_micro_batches(setup):
   params, rollout, _, batch = setup
-  old = lambda n, routing: jax.jit(functools.partial(
-      train_step.old_policy, model_cfg=MODEL, micro_batches=n))(
-          params, rollout.tokens, rollout.attn_mask, routing)
-  for routing in (rollout.routing_mu,):  # replayed routing: rows on its second axis
-    want = old(1, routing)
-    got = old(4, routing)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(got[1], want[1])
-    np.testing.assert_array_equal(got[2], want[2])
+  old = lambda n, replay: jax.jit(functools.partial(
+      step_lib.pi_old_forward, replay=replay, model_cfg=MODEL, micro_batches=n))(
+          params, rollout)
+  for replay in (step_lib.RoutingReplay.R3,):  # replayed routing: rows on its second axis
+    want = old(1, replay)
+    got = old(4, replay)
+    np.testing.assert_allclose(got.logp, want.logp, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got.routing, want.routing)
+    np.testing.assert_array_equal(got.live_routing, want.live_routing)
 
   stale = _stale(params)
   cosine = lambda n: float(jax.jit(functools.partial(
-      train_step.grad_cosine_token_seq, model_cfg=MODEL, micro_batches=n,
+      losses.grad_cosine_token_seq, model_cfg=MODEL, micro_batches=n,
       obj_cfg=objectives.ObjectiveConfig()))(stale, batch))
   assert cosine(2) == pytest.approx(cosine(1), abs=1e-6)
 
   sft_batch = {"tokens": rollout.tokens, "attn_mask": rollout.attn_mask,
                "loss_mask": rollout.completion_mask}
   sgd = optax.sgd(0.1)  # the update is the gradient (see the test above)
-  state = train_step.init_state(params, sgd)
-  sft = lambda n: jax.jit(functools.partial(train_step.sft_step, model_cfg=MODEL,
+  state = train_state.init_state(params, sgd)
+  sft = lambda n: jax.jit(functools.partial(step_lib.sft_step, model_cfg=MODEL,
                                             optimizer=sgd, micro_batches=n))(state, sft_batch)
   (want_state, want_m), (got_state, got_m) = sft(1), sft(4)
   assert _rel(got_state.params, want_state.params) < 1e-6

@@ -1,4 +1,5 @@
 """Tests for minirl_jax.rl.rollout.score: rewards of a rollout, and the failing-reward stop."""
+import functools
 import importlib.util
 import pathlib
 import types
@@ -9,7 +10,7 @@ import pytest
 from minirl_jax import errors
 from minirl_jax import sharding
 from minirl_jax.rl import settings
-from minirl_jax.rl import step
+from minirl_jax.rl import wiring
 
 _WORDS = {1: "ok", 2: "bad"}
 _PROMPTS = {"prompt": np.array(["p0", "p1"]), "answer": np.array(["a", "a"])}  # G = 4
@@ -42,12 +43,12 @@ def _bound():
   spec.loader.exec_module(module)
   s = settings.from_config(module.get_config())
   assert s.rl.group_size == 4 and s.data.reward_max_error_frac == 0.5
-  return step.bind(s, sharding.make_mesh({}), _Words(), _fails_on_bad)
+  return wiring.bind(s, sharding.make_mesh({}), _Words(), _fails_on_bad)
 
 
 def test_training_steps_stop_a_failing_reward_and_evaluation_never_does():
   fns = _bound()
-  eval_score = fns.evaluate.keywords["score_fn"]
+  eval_score = functools.partial(fns.score, count_errors=False)  # what evaluate scores with
   bad = _rollout(["bad", "ok", "bad", "bad"] + ["bad", "bad", "ok", "ok"])  # 5/8 fail
   good = _rollout(["ok"] * 8)
   try:

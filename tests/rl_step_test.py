@@ -12,7 +12,8 @@ from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
 from minirl_jax.rl import settings
 from minirl_jax.rl import step
-from minirl_jax.rl import train_step
+from minirl_jax.rl import losses
+from minirl_jax.rl import train_state
 from minirl_jax.sampling import config as sampler_config
 from minirl_jax.sampling import quantize
 from minirl_jax.sampling import sampler
@@ -137,14 +138,14 @@ def test_update_measures_grad_cosine_on_first_and_last_minibatch(setup):
   params, rollout, advantages = setup
   full, _ = _old_policy(params, rollout, advantages)
   obj = objectives.ObjectiveConfig()
-  optimizer = train_step.make_optimizer(settings.OptimConfig(learning_rate=0.05), AXES)
-  train_fn = jax.jit(functools.partial(train_step.rl_step, model_cfg=MODEL, obj_cfg=obj,
+  optimizer = train_state.make_optimizer(settings.OptimConfig(learning_rate=0.05), AXES)
+  train_fn = jax.jit(functools.partial(step.rl_step, model_cfg=MODEL, obj_cfg=obj,
                                        optimizer=optimizer))
-  cosine_fn = jax.jit(functools.partial(train_step.grad_cosine_token_seq, model_cfg=MODEL,
+  cosine_fn = jax.jit(functools.partial(losses.grad_cosine_token_seq, model_cfg=MODEL,
                                         obj_cfg=obj))
   mesh = sharding.make_mesh({})
   # Placed as the run places them, so each program compiles once for all the calls below.
-  state0 = jax.device_put(train_step.init_state(params, optimizer), sharding.replicated(mesh))
+  state0 = jax.device_put(train_state.init_state(params, optimizer), sharding.replicated(mesh))
   params = state0.params
   state, metrics = step.minibatch_updates(
       state0, full, 5, train_fn=train_fn, cosine_fn=cosine_fn, seed=0, mini_batch_size=4,
@@ -153,7 +154,7 @@ def test_update_measures_grad_cosine_on_first_and_last_minibatch(setup):
   mbs = [sharding.shard_batch(step.minibatch(full, r), mesh) for r in rows]
   first = cosine_fn(params, mbs[0])
   after_first, _ = train_fn(
-      jax.device_put(train_step.init_state(params, optimizer), sharding.replicated(mesh)), mbs[0])
+      jax.device_put(train_state.init_state(params, optimizer), sharding.replicated(mesh)), mbs[0])
   last = cosine_fn(after_first.params, mbs[1])
   assert metrics["is/grad_cosine_token_seq"] == pytest.approx(float(first), abs=1e-6)
   assert metrics["is/grad_cosine_token_seq_last"] == pytest.approx(float(last), abs=1e-6)

@@ -15,7 +15,9 @@ from minirl_jax.data import tokenizer as tokenizer_lib
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
 from minirl_jax.rl import settings
-from minirl_jax.rl import train_step
+from minirl_jax.rl import losses
+from minirl_jax.rl import step as step_lib
+from minirl_jax.rl import train_state
 from minirl_jax.sampling import config as sampler_config
 from minirl_jax.sampling import quantize
 from minirl_jax.sampling import sampler
@@ -34,8 +36,10 @@ def setup():
   lengths = jnp.array([3, 4] * 4)
   rollout = sampler.generate(quantize.quantize(params, "int8", AXES), prompts, lengths,
                              jax.random.key(1), model_cfg=MODEL, sampler_cfg=SAMPLER)
-  old = jax.jit(functools.partial(train_step.old_policy, model_cfg=MODEL))
-  old_logp, routing_old, _ = old(params, rollout.tokens, rollout.attn_mask, None)
+  old = jax.jit(functools.partial(step_lib.pi_old_forward, replay=step_lib.RoutingReplay.NONE,
+                                  model_cfg=MODEL))
+  forward = old(params, rollout)
+  old_logp, routing_old = forward.logp, forward.routing
   advantages = jnp.array([1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.0, 0.0])
   batch = batch_lib.TrainBatch(
       tokens=rollout.tokens, attn_mask=rollout.attn_mask, loss_mask=rollout.completion_mask,
@@ -44,13 +48,13 @@ def setup():
   return params, rollout, routing_old, batch
 
 
-OPTIMIZER = train_step.make_optimizer(OPTIM, AXES)
+OPTIMIZER = train_state.make_optimizer(OPTIM, AXES)
 
 
 @functools.cache
 def jitted_rl_step(objective):
   """One compiled step per objective, shared by the replay modes (R2 and R3 share a trace)."""
-  return jax.jit(functools.partial(train_step.rl_step, model_cfg=MODEL, optimizer=OPTIMIZER,
+  return jax.jit(functools.partial(step_lib.rl_step, model_cfg=MODEL, optimizer=OPTIMIZER,
                                    obj_cfg=objectives.ObjectiveConfig(name=objective)))
 
 
@@ -62,7 +66,7 @@ def test_rl_step_every_objective_and_replay_mode(setup, objective, replay):
   params, rollout, routing_old, batch = setup
   routing = {"none": None, "r2": routing_old, "r3": rollout.routing_mu}[replay]
   step = jitted_rl_step(objective)
-  state = train_step.init_state(params, OPTIMIZER)
+  state = train_state.init_state(params, OPTIMIZER)
   new_state, metrics = step(state, batch.replace(routing=routing))
   chex.assert_tree_all_finite(metrics)
   assert int(new_state.step) == 1 and float(metrics["optim/update_norm"]) > 0
@@ -75,7 +79,7 @@ def test_replayed_routing_is_what_the_update_runs(setup):
   """Under R3 the loss is computed with the sampler's experts, not the trainer's own."""
   params, rollout, routing_old, batch = setup
   obj_cfg = objectives.ObjectiveConfig()
-  loss = jax.jit(lambda routing: train_step.policy_loss(
+  loss = jax.jit(lambda routing: losses.policy_loss(
       params, batch.replace(routing=routing), MODEL, obj_cfg, objectives.OBJECTIVES["minirl"])[0])
   flipped = jnp.where(rollout.routing_mu >= 0, (rollout.routing_mu + 1) % MODEL.num_experts,
                       rollout.routing_mu).astype(rollout.routing_mu.dtype)
@@ -85,11 +89,13 @@ def test_replayed_routing_is_what_the_update_runs(setup):
 
 def test_old_policy_replays_and_reports_live_topk(setup):
   params, rollout, routing_old, _ = setup
-  old_policy = jax.jit(functools.partial(train_step.old_policy, model_cfg=MODEL))
-  _, routing, live = old_policy(params, rollout.tokens, rollout.attn_mask, None)
+  old_policy = lambda replay: jax.jit(functools.partial(
+      step_lib.pi_old_forward, replay=replay, model_cfg=MODEL))(params, rollout)
+  forward = old_policy(step_lib.RoutingReplay.NONE)
+  routing, live = forward.routing, forward.live_routing
   same = np.sort(np.asarray(routing), -1) == np.sort(np.asarray(live), -1)
   assert same.all()  # no replay: the experts that ran are the router's own top-k
-  _, routing_r3, _ = old_policy(params, rollout.tokens, rollout.attn_mask, rollout.routing_mu)
+  routing_r3 = old_policy(step_lib.RoutingReplay.R3).routing
   ran = np.asarray(rollout.routing_mu)[..., 0] >= 0
   np.testing.assert_array_equal(np.asarray(routing_r3)[ran], np.asarray(rollout.routing_mu)[ran])
 
@@ -100,9 +106,9 @@ def test_sft_loss_decreases():
   data = iter(pipeline.sft_dataset(tasks.TrainSource(task, seed=0, size=512), tok,
                                    global_batch_size=32, max_prompt_len=8, max_len=18, seed=0,
                                    check_lengths=False))
-  optimizer = train_step.make_optimizer(settings.OptimConfig(learning_rate=3e-3), AXES)
-  state = train_step.init_state(transformer.init_params(MODEL, jax.random.key(0)), optimizer)
-  step = jax.jit(functools.partial(train_step.sft_step, model_cfg=MODEL, optimizer=optimizer))
+  optimizer = train_state.make_optimizer(settings.OptimConfig(learning_rate=3e-3), AXES)
+  state = train_state.init_state(transformer.init_params(MODEL, jax.random.key(0)), optimizer)
+  step = jax.jit(functools.partial(step_lib.sft_step, model_cfg=MODEL, optimizer=optimizer))
   losses = []
   for _ in range(40):
     state, m = step(state, next(data))
@@ -113,7 +119,7 @@ def test_sft_loss_decreases():
 def test_nonfinite_gradient_skips_the_update(setup):
   params, _, _, batch = setup
   step = jitted_rl_step("minirl")
-  state = train_step.init_state(params, OPTIMIZER)
+  state = train_state.init_state(params, OPTIMIZER)
   bad = batch.replace(advantages=batch.advantages.at[0].set(jnp.nan))
   new_state, metrics = step(state, bad)
   assert float(metrics["optim/skipped"]) == 1.0
@@ -122,7 +128,7 @@ def test_nonfinite_gradient_skips_the_update(setup):
 
 def test_entropy_metric_is_of_the_distribution_each_response_token_was_drawn_from(setup):
   params, _, _, batch = setup
-  _, metrics = jax.jit(train_step.policy_loss, static_argnums=(2, 3, 4))(
+  _, metrics = jax.jit(losses.policy_loss, static_argnums=(2, 3, 4))(
       params, batch, MODEL, objectives.ObjectiveConfig(), objectives.OBJECTIVES["minirl"])
   logits, _ = jax.jit(transformer.forward, static_argnames="cfg")(
       params, batch.tokens, cfg=MODEL, attn_mask_BT=batch.attn_mask)
@@ -141,9 +147,9 @@ def test_entropy_metric_is_of_the_distribution_each_response_token_was_drawn_fro
 
 def test_weight_decay_reaches_matrices_and_never_norm_gains():
   params = transformer.init_params(MODEL, jax.random.key(0))
-  optimizer = train_step.make_optimizer(
+  optimizer = train_state.make_optimizer(
       settings.OptimConfig(learning_rate=0.1, weight_decay=0.5), AXES)
-  state = train_step.init_state(params, optimizer)
+  state = train_state.init_state(params, optimizer)
   zero = jax.tree.map(jnp.zeros_like, params)
   updates, _ = optimizer.update(zero, state.opt_state, params)
   # With zero gradients the whole update is -lr * wd * w on decayed weights, 0 elsewhere.

@@ -16,7 +16,6 @@ import optax
 import pytest
 
 from minirl_jax import batch as batch_lib
-from minirl_jax import checkpoint
 from minirl_jax import objectives
 from minirl_jax import sharding
 from minirl_jax.models import transformer
@@ -24,8 +23,9 @@ from minirl_jax.models.config import ModelConfig
 from minirl_jax.rl import loop
 from minirl_jax.rl import rollout as rollout_lib
 from minirl_jax.rl import settings as settings_lib
-from minirl_jax.rl import state as state_lib
-from minirl_jax.rl import train_step
+from minirl_jax.rl import checkpointing
+from minirl_jax.rl import step as step_lib
+from minirl_jax.rl import train_state
 from minirl_jax.sampling import sampler
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -118,22 +118,22 @@ def _check_rl_step_and_checkpoint(model, params, host, workdir, out):
   """One rl_step on mesh A; checkpoint; restore onto mesh B; a second step there."""
   # eps = 1: the first Adam steps are ~lr * grad, so the gradients' scale (their global
   # normalisation) shows in the params instead of cancelling out as lr * sign(grad).
-  optimizer = train_step.make_optimizer(settings_lib.OptimConfig(learning_rate=0.1, eps=1.0),
+  optimizer = train_state.make_optimizer(settings_lib.OptimConfig(learning_rate=0.1, eps=1.0),
                                         transformer.param_axes(model))
-  step = functools.partial(train_step.rl_step, model_cfg=model,
+  step = functools.partial(step_lib.rl_step, model_cfg=model,
                            obj_cfg=objectives.ObjectiveConfig(name="minirl"),
                            optimizer=optimizer)
   # A second batch: other advantages, every row routing live (same pytree: no recompile).
   host2 = host.replace(advantages=-host.advantages[::-1],
                        routing=np.full_like(host.routing, -1))
-  state0 = train_step.init_state(params, optimizer)
+  state0 = train_state.init_state(params, optimizer)
   ref1, ref_m1 = jax.jit(step)(state0, host)
   ref2, ref_m2 = jax.jit(step)(ref1, host2)
 
   abstract = jax.eval_shape(lambda: state0)
   with _section(out, "rl_step"):
     mesh = sharding.make_mesh(MESH_A)
-    sh_a = state_lib.state_shardings(model, mesh, abstract)
+    sh_a = train_state.state_shardings(model, mesh, abstract)
     step_a = sharding.on_mesh(mesh, jax.jit(step, out_shardings=(sh_a,
                                                                  sharding.replicated(mesh))))
     new_a, m_a = step_a(jax.device_put(state0, sh_a), sharding.shard_batch(host, mesh))
@@ -144,10 +144,10 @@ def _check_rl_step_and_checkpoint(model, params, host, workdir, out):
         out_w_gate_spec=_spec(new_a.params["moe"]["w_gate"]))
   with _section(out, "checkpoint"):
     directory = os.path.join(workdir, "state")
-    checkpoint.save_params(directory, new_a)
+    checkpointing.save_params(directory, new_a)
     mesh = sharding.make_mesh(MESH_B)
-    sh_b = state_lib.state_shardings(model, mesh, abstract)
-    restored = checkpoint.restore_params(directory, checkpoint.abstract_like(abstract, sh_b))
+    sh_b = train_state.state_shardings(model, mesh, abstract)
+    restored = checkpointing.restore_params(directory, checkpointing.abstract_like(abstract, sh_b))
     step_b = sharding.on_mesh(mesh, jax.jit(step, out_shardings=(sh_b,
                                                                  sharding.replicated(mesh))))
     new_b, m_b = step_b(restored, sharding.shard_batch(host2, mesh))

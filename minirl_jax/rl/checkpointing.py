@@ -1,18 +1,99 @@
-"""Training checkpoints: train state, progress, and both grain iterators, in one orbax step."""
+"""Everything a run reads from or writes to disk as orbax checkpoints:
+- params directories and model directories (params + model_config.json: what
+  scripts/convert_hf.py writes and `init_from` reads);
+- a run's initial state: random, or `init_from`'s params with a fresh optimizer;
+- training checkpoints: train state, progress and both grain iterators in one orbax step
+  (`Manager`), and `load_run`: a workdir's latest state with the run's data, for the
+  scripts that read a run (eval, sample, gap).
+"""
 import dataclasses
+import json
 import os
 import shutil
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from absl import logging
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-from minirl_jax import checkpoint
 from minirl_jax import errors
-from minirl_jax.rl import state as state_lib
+from minirl_jax import sharding
+from minirl_jax.models import config as config_lib
+from minirl_jax.models import transformer
+from minirl_jax.rl import data as rl_data
+from minirl_jax.rl import settings as settings_lib
+from minirl_jax.rl import train_state
+
+# A model directory (what scripts/convert_hf.py writes; `init_from` reads it).
+PARAMS_DIR, MODEL_CONFIG = "params", "model_config.json"
+
+
+def save_params(directory: str, params) -> None:
+  """Writes a params pytree as an orbax checkpoint at `directory` (must not exist)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(directory), params)
+
+
+def restore_params(directory: str, abstract_params: Optional[Any] = None):
+  """Reads params written by `save_params`.
+
+  Args:
+    directory: the checkpoint directory.
+    abstract_params: optional pytree of `jax.ShapeDtypeStruct` (with `.sharding` to restore
+      straight onto a mesh, possibly of another shape than the one that saved it).
+  """
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.abspath(directory), abstract_params)
+
+
+def abstract_like(tree, shardings=None):
+  """ShapeDtypeStructs of a (possibly abstract) pytree, optionally with target shardings."""
+  if shardings is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def save_model(directory: str, cfg: config_lib.ModelConfig, params) -> None:
+  """Writes `directory/params` (see `save_params`) and `directory/model_config.json`."""
+  os.makedirs(directory, exist_ok=True)
+  save_params(os.path.join(directory, PARAMS_DIR), params)
+  with open(os.path.join(directory, MODEL_CONFIG), "w", encoding="utf-8") as f:
+    json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def read_model_config(directory: str) -> config_lib.ModelConfig:
+  """The ModelConfig `save_model` wrote to `directory`."""
+  with open(os.path.join(directory, MODEL_CONFIG), encoding="utf-8") as f:
+    return config_lib.from_dict(json.load(f))
+
+
+# The fields that make two ModelConfigs the same network (dtypes, remat etc. may differ).
+ARCHITECTURE = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "num_experts", "top_k", "expert_ffn_dim", "dense_ffn_dim",
+                "moe_layers_skip", "norm_topk_prob", "rope_theta", "tie_embeddings")
+
+
+def check_same_model(saved, wanted, where):
+  for field in ARCHITECTURE:
+    if getattr(saved, field) != getattr(wanted, field):
+      raise errors.UserError(f"model.{field} ({getattr(wanted, field)!r}) differs from the "
+                       f"checkpoint's ({getattr(saved, field)!r}) in init_from={where}")
+
+def initial_state(s: settings_lib.Settings, mesh, key):
+  """The run's first TrainState on the mesh, for RL's optimizer: `s.init_from`'s params
+  when set, else a random init; and its shardings."""
+  if not s.init_from:
+    return train_state.random_init(s, mesh, key)
+  optimizer = train_state.make_optimizer(s.rl_optim(), transformer.param_axes(s.model))
+  target = train_state.abstract_state(s, mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, target)
+  check_same_model(read_model_config(s.init_from), s.model, s.init_from)
+  params = restore_params(os.path.join(s.init_from, PARAMS_DIR), target.params)
+  return train_state.fresh_optimizer(params, optimizer, shardings), shardings
+
 
 ITEMS = ("state", "progress", "sft_data", "rl_data")
 
@@ -94,7 +175,7 @@ class Manager:
     return target
 
   def _restore(self, step, state, sft_iter, rl_iter):
-    target = checkpoint.abstract_like(state, jax.tree.map(lambda x: x.sharding, state))
+    target = abstract_like(state, jax.tree.map(lambda x: x.sharding, state))
     items = dict(state=ocp.args.StandardRestore(target),
                  progress=ocp.args.JsonRestore())
     if sft_iter is not None:
@@ -125,9 +206,36 @@ def read_latest(workdir: str, s, mesh):
     raise errors.MissingPath(f"no checkpoint under {os.path.abspath(directory)}")
   mngr = Manager(directory, s.checkpoint, create=False)
   try:
-    restored = mngr.restore_latest(state_lib.abstract_state(s, mesh))
+    restored = mngr.restore_latest(train_state.abstract_state(s, mesh))
   finally:
     mngr.close()
   if restored is None:
     raise errors.MissingPath(f"no checkpoint under {mngr.directory}")
   return restored
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+  """A training run read back: its settings, mesh, data, and latest state."""
+  s: settings_lib.Settings
+  mesh: Any
+  data: rl_data.RunData
+  state: train_state.TrainState
+  progress: Optional[Progress]  # None: the initial state (no workdir)
+
+
+def load_run(config, workdir: Optional[str]) -> LoadedRun:
+  """The settings of `config` (the one the run was trained with), its mesh and data, and
+  the newest checkpoint of `workdir`; with no workdir, the run's initial state.
+
+  Raises errors.MissingPath (and creates nothing) when the workdir holds no checkpoint.
+  """
+  s = settings_lib.from_config(config)
+  mesh = sharding.make_mesh(s.mesh)
+  data = rl_data.build(s)
+  if workdir:
+    state, progress = read_latest(workdir, s, mesh)
+  else:
+    state, _ = initial_state(s, mesh, jax.random.fold_in(jax.random.key(s.seed), 0))
+    progress = None
+  return LoadedRun(s=s, mesh=mesh, data=data, state=state, progress=progress)

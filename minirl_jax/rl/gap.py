@@ -18,7 +18,6 @@ from minirl_jax import sharding
 from minirl_jax.models import transformer
 from minirl_jax.rl import rollout as rollout_lib
 from minirl_jax.rl import step as step_lib
-from minirl_jax.rl import train_step
 from minirl_jax.sampling import quantize
 
 ZERO = "zero"
@@ -95,8 +94,8 @@ def _rollouts(sampler_params, batches, key, *, sampler_cfg, old_policy, s, mesh,
     r = rollout_lib.sample(sampler_params, prompts, jax.random.fold_in(key, i),
                            group_size=samples, model_cfg=s.model, sampler_cfg=sampler_cfg,
                            mesh=mesh)
-    replay = r.routing_mu if s.rl.routing_replay == "r3" else None
-    old_logp, _, live = old_policy(r.tokens, r.attn_mask, replay)
+    forward = old_policy(r)
+    old_logp, live = forward.logp, forward.live_routing
     valid_B1 = np.repeat(np.asarray(prompts["valid"], bool), samples)[:, None]
     parts.append({
         "old_logp": np.asarray(old_logp), "mu_logp": np.asarray(r.mu_logp),
@@ -127,7 +126,8 @@ def measure(params, batches, key, *, levels, s, mesh, samples: int) -> dict[str,
   """
   axes = transformer.param_axes(s.model)
   old_policy = functools.partial(sharding.on_mesh(mesh, jax.jit(functools.partial(
-      train_step.old_policy, model_cfg=s.model))), params)
+      step_lib.pi_old_forward, replay=step_lib.RoutingReplay(s.rl.routing_replay),
+      model_cfg=s.model))), params)
   levels = [level for level in dict.fromkeys(levels) if level != ZERO]
   specs = list(dict.fromkeys(["float32", *levels]))
   results, arrays = {}, {}

@@ -24,9 +24,8 @@ from minirl_jax.rl import checkpointing
 from minirl_jax.rl import data as rl_data
 from minirl_jax.rl import rollout as rollout_lib
 from minirl_jax.rl import settings as settings_lib
-from minirl_jax.rl import state as state_lib
-from minirl_jax.rl import step as step_lib
-from minirl_jax.rl import train_step
+from minirl_jax.rl import train_state
+from minirl_jax.rl import wiring
 
 
 class Clock:
@@ -46,7 +45,7 @@ class Clock:
 
 
 class SkipGuard:
-  """Counts steps in a row whose update was skipped as not finite (`train_step.GUARDED`);
+  """Counts steps in a row whose update was skipped as not finite (`train_state.GUARDED`);
   at `limit` the run stops, naming the step and the first quantity that was not finite."""
 
   def __init__(self, limit: int):
@@ -57,7 +56,7 @@ class SkipGuard:
       self.in_a_row = 0
       return
     self.in_a_row += 1
-    first = next((q for q in train_step.GUARDED if m.get(f"optim/nonfinite_{q}", 0.0) > 0),
+    first = next((q for q in train_state.GUARDED if m.get(f"optim/nonfinite_{q}", 0.0) > 0),
                  "update")
     logging.warning("%s step %d: %s not finite, update skipped (%d in a row)", stage, step,
                     first, self.in_a_row)
@@ -150,9 +149,9 @@ class Run:
     self.mesh = sharding.make_mesh(s.mesh)
     _check_batch_sizes(s, self.mesh, len(self.data.eval_records))
     self.key = jax.random.key(s.seed)
-    self.state, self.state_sharding = state_lib.create(s, self.mesh,
+    self.state, self.state_sharding = checkpointing.initial_state(s, self.mesh,
                                                        jax.random.fold_in(self.key, 0))
-    self.fns = step_lib.bind(s, self.mesh, self.data.tokenizer, self.data.reward_fn,
+    self.fns = wiring.bind(s, self.mesh, self.data.tokenizer, self.data.reward_fn,
                              self.state_sharding)
     self.sft_iter = self.data.sft_iterator(s)
     self.rl_iter = self.data.rl_iterator(s)
@@ -241,7 +240,7 @@ class Run:
     self.progress.sft_done = True
     bar.close()
     # RL starts with a fresh optimizer from the cold-start weights.
-    self.state = state_lib.fresh_optimizer(self.state.params, self.fns.rl_optimizer,
+    self.state = train_state.fresh_optimizer(self.state.params, self.fns.rl_optimizer,
                                            self.state_sharding)
     self._save()
 

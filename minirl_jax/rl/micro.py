@@ -35,6 +35,12 @@ def join(stacked, batch_axis: int = 0):
   return x.reshape(*x.shape[:batch_axis], -1, *x.shape[batch_axis + 2:])
 
 
+def join_rows(stacked):
+  """Inverse of `split` for a record of n micro-batches' outputs: each field's rows back on
+  its declared batch axis (`batch.field`)."""
+  return batch_lib.map_rows(lambda x, axis: x if axis is None else join(x, axis), stacked)
+
+
 def map_batch(fn: Callable, batch, n: int):
   """`fn(micro_batch)` on each of n micro-batches, one after the other; outputs stacked on
   a leading axis (`join` restores rows). n = 1 calls `fn` once, unstacked."""

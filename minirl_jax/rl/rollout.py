@@ -1,6 +1,6 @@
 """The inference side of an RL step: sample responses, score them, measure accuracy.
 
-Plain functions over explicit arguments; `rl.step.bind` closes them over a run's settings
+Plain functions over explicit arguments; `rl.wiring.bind` closes them over a run's settings
 once. Batches are global `jax.Array`s sharded over the mesh's batch axes; each process
 decodes and scores only the rows it holds.
 """

@@ -1,19 +1,20 @@
-"""One synchronous RL step as five calls, and the training-engine half of them.
+"""One synchronous RL step as data flow, each call a pure function of explicit arguments:
 
-    rollout = fns.sample(sampler_params, prompts, key)      # inference engine: mu, routing_mu
-    rewards, m = fns.score(rollout, prompts)                # R(x, y)
-    advantages, m = fns.advantages(rewards)                 # group-relative A
-    batch, m = fns.old_policy(state.params, rollout, advantages)  # pi_old -> TrainBatch
-    state, m = fns.update(state, batch, step)               # N mini-batch updates
+    rollout = sample(sampler_params, prompts, key)      # inference engine (rl/rollout.py)
+    rewards, m = score(rollout, prompts)                # R(x, y) (rl/rollout.py)
+    advantages, m = advantages(rewards)                 # group-relative A
+    batch, m = old_policy(params, rollout, advantages)  # pi_old -> TrainBatch
+    state, m = minibatch_updates(state, batch, step)    # N x rl_step on mini-batches
 
-then `fns.quantize(state.params)` is the next step's rollout policy. `bind` closes every
-call over a run's settings, mesh and data once; each underlying function takes only the
-configs it needs and is usable on its own.
+then `quantize.for_sampler(state.params)` is the next step's rollout policy; `sft_step` is
+the cold start's update. `rl.wiring.bind` closes them over a run's settings, mesh and data.
+Which experts are replayed is decided in one place, `RoutingReplay`; routing keeps one
+layout, [L, B, T, k], from the sampler to the update.
 """
-import dataclasses
-import functools
-from typing import Any, Callable, Optional
+import enum
+from typing import Callable, Optional
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,14 +22,12 @@ import numpy as np
 from minirl_jax import batch as batch_lib
 from minirl_jax import objectives
 from minirl_jax import sharding
-from minirl_jax.data import scoring
-from minirl_jax.objectives import advantages as advantages_lib
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
-from minirl_jax.rl import rollout as rollout_lib
-from minirl_jax.rl import settings as settings_lib
-from minirl_jax.rl import train_step
-from minirl_jax.sampling import quantize as quantize_lib
+from minirl_jax.objectives import advantages as advantages_lib
+from minirl_jax.rl import losses
+from minirl_jax.rl import micro
+from minirl_jax.rl import train_state
 from minirl_jax.sampling import sampler
 
 # Metrics measured once on the whole global batch (`old_policy`); the objectives report
@@ -38,6 +37,44 @@ FULL_BATCH_PREFIXES = ("mismatch/",)
 TOKEN_MEANS = ("policy/entropy", "policy/ratio_mean", "policy/clip_frac",
                "policy/clip_frac_high", "policy/clip_frac_low", "is/weight_mean",
                "is/frac_truncated", "staleness/abs_log_pi_pi_old")
+
+
+class RoutingReplay(str, enum.Enum):
+  """Which experts the trainer's forwards run (`rl.routing_replay`): decided here only."""
+  NONE = "none"  # every forward routes live
+  R2 = "r2"      # the updates replay the experts pi_old's forward chose
+  R3 = "r3"      # pi_old's forward and the updates replay the sampler's (routing_mu)
+
+  def in_old_policy(self, rollout: sampler.Rollout) -> Optional[jax.Array]:
+    return rollout.routing_mu if self is RoutingReplay.R3 else None
+
+  def in_updates(self, rollout: sampler.Rollout, forward: "PolicyForward"
+                 ) -> Optional[jax.Array]:
+    return {RoutingReplay.NONE: None, RoutingReplay.R2: forward.routing,
+            RoutingReplay.R3: rollout.routing_mu}[self]
+
+
+@flax.struct.dataclass
+class PolicyForward:
+  """The training engine's forward over a rollout (pi_old, no gradient)."""
+  logp: jax.Array = batch_lib.field("batch", "time")
+  # routing dtype: the experts that ran, and the trainer router's own top-k (equal when
+  # nothing is replayed)
+  routing: jax.Array = batch_lib.field("layers", "batch", "time", "top_k")
+  live_routing: jax.Array = batch_lib.field("layers", "batch", "time", "top_k")
+
+
+def pi_old_forward(params, rollout: sampler.Rollout, replay: RoutingReplay, *,
+                   model_cfg: ModelConfig, micro_batches: int = 1) -> PolicyForward:
+  """pi_old over the rollout's rows in `micro_batches` slices (sliced by each record's
+  declared axes, routing on its row axis)."""
+  def forward(rows: sampler.Rollout) -> PolicyForward:
+    logp, _, aux = transformer.token_logp_entropy(
+        params, rows.tokens, cfg=model_cfg, attn_mask_BT=rows.attn_mask,
+        routing=replay.in_old_policy(rows))
+    return PolicyForward(logp=logp, routing=aux.routing, live_routing=aux.live_routing)
+  out = micro.map_batch(forward, rollout, micro_batches)
+  return out if micro_batches == 1 else micro.join_rows(out)
 
 
 def advantages(rewards: jax.Array, *, group_size: int, obj_cfg: objectives.ObjectiveConfig):
@@ -72,10 +109,10 @@ def old_policy(params, rollout: sampler.Rollout, advantages: jax.Array, *,
     (TrainBatch, metrics measured on the whole batch: train-infer mismatch, lengths and
     `moe/routing_disagreement` between the sampler's and the trainer router's own top-k).
   """
-  replay_old = rollout.routing_mu if routing_replay == "r3" else None
-  old_logp, routing_old, live_routing = train_step.old_policy(
-      params, rollout.tokens, rollout.attn_mask, replay_old, model_cfg=model_cfg,
-      micro_batches=micro_batches)
+  replay = RoutingReplay(routing_replay)
+  forward = pi_old_forward(params, rollout, replay, model_cfg=model_cfg,
+                           micro_batches=micro_batches)
+  old_logp = forward.logp
   # The behaviour policy: what the tokens were drawn from (objective.behaviour_logp);
   # "pi_old" is the zero-gap control, mu_old := pi_old exactly.
   mu_logp = {"processed": rollout.sample_logp, "raw": rollout.mu_logp,
@@ -87,13 +124,13 @@ def old_policy(params, rollout: sampler.Rollout, advantages: jax.Array, *,
       advantages=advantages, old_logp=old_logp, mu_logp=mu_logp,
       num_sequences=jnp.float32(rollout.tokens.shape[0]),
       num_tokens=jnp.maximum(jnp.sum(lengths_B), 1.0),
-      routing={"none": None, "r2": routing_old, "r3": rollout.routing_mu}[routing_replay],
+      routing=replay.in_updates(rollout, forward),
       group_length_mean=group_mean_B)
   metrics = dict(objectives.diagnostics.mismatch_metrics(batch))
   metrics["rollout/tokens"] = jnp.sum(lengths_B)
   metrics["rollout/length_mean"] = jnp.mean(lengths_B)
   metrics["moe/routing_disagreement"] = routing_disagreement(
-      rollout.routing_mu, live_routing, rollout.attn_mask)
+      rollout.routing_mu, forward.live_routing, rollout.attn_mask)
   return batch, metrics
 
 
@@ -137,7 +174,7 @@ def minibatch_updates(state, batch: batch_lib.TrainBatch, step: int, *, train_fn
     state: the TrainState (donated to `train_fn`).
     batch: the global TrainBatch from `old_policy`.
     step: the RL step (seeds the split).
-    train_fn: `(state, mini_batch) -> (state, metrics)`, the jitted `train_step.rl_step`.
+    train_fn: `(state, mini_batch) -> (state, metrics)`, the jitted `rl_step`.
     cosine_fn: `(params, mini_batch) -> cosine` of the J_token and J_seq gradients, measured
       on the first mini-batch (pi_theta = pi_old) and the last (staleness largest) before
       their updates; None skips it.
@@ -186,82 +223,22 @@ def reduce_minibatch_metrics(per_update) -> dict[str, float]:
   return out
 
 
-@dataclasses.dataclass(frozen=True)
-class StepFunctions:
-  """One run's RL step calls (module docstring), bound once by `bind`."""
-  sample: Callable      # (sampler_params, prompts, key, group_size=G) -> Rollout
-  score: Callable       # (rollout, prompts, group_size=G) -> (rewards, metrics)
-  advantages: Callable  # (rewards) -> (advantages, metrics)
-  old_policy: Callable  # (params, rollout, advantages) -> (TrainBatch, metrics)
-  update: Callable      # (state, batch, step) -> (state, metrics)
-  quantize: Callable    # (params) -> sampler params
-  sft_update: Callable  # (state, batch) -> (state, metrics)
-  rl_optimizer: Any     # optax transformation `update` applies
-  evaluate: Callable    # (sampler_params, batches, key, samples=1) -> {avg@k, pass@k}
-  scorer: scoring.RewardScorer
-
-  def close(self):
-    """Stops the reward workers."""
-    self.scorer.close()
+def sft_step(state: train_state.TrainState, batch: dict, *, model_cfg, optimizer,
+             micro_batches: int = 1):
+  """One cold-start update: token cross-entropy on the solutions, in `micro_batches`."""
+  batch = {**batch, "num_tokens": jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)}
+  loss = lambda params, mb, aux_weight: losses.sft_loss(params, mb, model_cfg, aux_weight)
+  (loss, metrics), grads = micro.value_and_grad(loss, state.params, batch, micro_batches)
+  state, opt_metrics = train_state.apply_update(state, loss, grads, optimizer)
+  return state, {**metrics, **opt_metrics}
 
 
-def bind(s: settings_lib.Settings, mesh, tokenizer, reward_fn, state_sharding=None):
-  """Closes the step's functions over a run's settings, mesh and data.
-
-  Args:
-    s: the run's settings.
-    mesh: its mesh.
-    tokenizer: decodes completions for the reward.
-    reward_fn: R(prompt, completion, answer), run in worker processes under a timeout.
-    state_sharding: the TrainState's shardings (the updates keep the state there); None
-      for evaluation-only use.
-  """
-  scorer = scoring.RewardScorer(reward_fn, timeout_s=s.data.reward_timeout_s)
-  sample = functools.partial(rollout_lib.sample, group_size=s.rl.group_size,
-                             model_cfg=s.model, sampler_cfg=s.sampler, mesh=mesh)
-  eval_score = functools.partial(rollout_lib.score, group_size=s.rl.group_size, scorer=scorer,
-                                 tokenizer=tokenizer, eos_ids=s.sampler.eos_ids, mesh=mesh)
-  # Only training steps count towards stopping a run whose reward function keeps failing.
-  score = functools.partial(eval_score,
-                            streak=scoring.ErrorStreak(s.data.reward_max_error_frac))
-  step_kw = dict(donate_argnums=0)
-  if state_sharding is not None:
-    step_kw["out_shardings"] = (state_sharding, sharding.replicated(mesh))
-  axes = transformer.param_axes(s.model)
-  rl_optimizer = train_step.make_optimizer(s.rl_optim(), axes)
-  micro_batches = s.rl.micro_per_update
-  on_mesh = functools.partial(sharding.on_mesh, mesh)
-  rl_step = on_mesh(jax.jit(functools.partial(train_step.rl_step, model_cfg=s.model,
-                                              obj_cfg=s.objective, optimizer=rl_optimizer,
-                                              micro_batches=micro_batches), **step_kw))
-  cosine = None
-  if s.objective.grad_cosine_every:
-    cosine = on_mesh(jax.jit(functools.partial(
-        train_step.grad_cosine_token_seq, model_cfg=s.model, obj_cfg=s.objective,
-        micro_batches=micro_batches)))
-  every = s.objective.grad_cosine_every
-
-  def update(state, batch, step):
-    due = every and step % every == 0
-    return minibatch_updates(state, batch, step, train_fn=rl_step,
-                             cosine_fn=cosine if due else None, seed=s.seed,
-                             mini_batch_size=s.rl.mini_batch_size, mesh=mesh)
-
-  return StepFunctions(
-      sample=sample, score=score,
-      advantages=functools.partial(advantages, group_size=s.rl.group_size,
-                                   obj_cfg=s.objective),
-      old_policy=on_mesh(jax.jit(functools.partial(
-          old_policy, model_cfg=s.model, obj_cfg=s.objective,
-          routing_replay=s.rl.routing_replay, group_size=s.rl.group_size,
-          micro_batches=s.rl.micro_per_global_batch))),
-      update=update,
-      quantize=lambda params: quantize_lib.for_sampler(params, s.sampler, axes),
-      sft_update=on_mesh(jax.jit(functools.partial(
-          train_step.sft_step, model_cfg=s.model,
-          optimizer=train_step.make_optimizer(s.sft_optim(), axes),
-          micro_batches=s.sft.micro_per_update), **step_kw)),
-      rl_optimizer=rl_optimizer,
-      evaluate=functools.partial(rollout_lib.evaluate, sample_fn=sample, score_fn=eval_score,
-                                 mesh=mesh),
-      scorer=scorer)
+def rl_step(state: train_state.TrainState, batch: batch_lib.TrainBatch, *, model_cfg, obj_cfg,
+            optimizer, micro_batches: int = 1):
+  """One optimizer update on one mini-batch of the objective `obj_cfg.name`, its gradient
+  accumulated over `micro_batches` slices (`rl.micro`)."""
+  loss = lambda params, mb, aux_weight: losses.policy_loss(
+      params, mb, model_cfg, obj_cfg, objectives.OBJECTIVES[obj_cfg.name], aux_weight)
+  (loss, metrics), grads = micro.value_and_grad(loss, state.params, batch, micro_batches)
+  state, opt_metrics = train_state.apply_update(state, loss, grads, optimizer)
+  return state, {**metrics, **opt_metrics}

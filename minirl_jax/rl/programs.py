@@ -8,7 +8,7 @@
   prefill    the sampler's prompt pass
   start      the decode loop's first carry
   decode     the sampler's decode loop (`lax.while_loop`)
-`lower(program, platforms)` lowers one with `jax.export` for a platform this machine need not
+`lower(program, mesh, platforms)` lowers one with `jax.export` for a platform this machine need not
 have (`scripts/lower.py`, tests/lowering_test.py); tests/plan_child.py compiles them to
 check the memory plan. Rows are sharded over the mesh's batch axes as the run shards them.
 """
@@ -25,9 +25,8 @@ from minirl_jax import sharding
 from minirl_jax.models import linear
 from minirl_jax.models import transformer
 from minirl_jax.rl import settings as settings_lib
-from minirl_jax.rl import state as state_lib
-from minirl_jax.rl import step as step_lib
-from minirl_jax.rl import train_step
+from minirl_jax.rl import train_state
+from minirl_jax.rl import wiring
 from minirl_jax.sampling import quantize as quantize_lib
 from minirl_jax.sampling import sampler as sampler_lib
 
@@ -120,32 +119,21 @@ def _sft_batch(s: settings_lib.Settings, mesh):
 
 
 def build(s: settings_lib.Settings, mesh) -> dict[str, Program]:
-  """The run's programs (module docstring) on `mesh`, from `s` alone."""
-  cfg, rl = s.model, s.rl
-  axes = transformer.param_axes(cfg)
-  state = state_lib.abstract_state(s, mesh)
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
-  step_kw = dict(donate_argnums=0, out_shardings=(state_sh, sharding.replicated(mesh)))
-  length = sequence_length(s)
+  """The run's programs (module docstring) on `mesh`, from `s` alone: jitted as the run
+  jits them (`wiring.jitted`)."""
+  rl = s.rl
+  state = train_state.abstract_state(s, mesh)
+  jits = wiring.jitted(s, jax.tree.map(lambda x: x.sharding, state))
   programs = {}
   if s.sft.max_steps:
-    programs["sft_step"] = Program(jax.jit(functools.partial(
-        train_step.sft_step, model_cfg=cfg,
-        optimizer=train_step.make_optimizer(s.sft_optim(), axes),
-        micro_batches=s.sft.micro_per_update), **step_kw), (state, _sft_batch(s, mesh)))
-  programs["rl_step"] = Program(jax.jit(functools.partial(
-      train_step.rl_step, model_cfg=cfg, obj_cfg=s.objective,
-      optimizer=train_step.make_optimizer(s.rl_optim(), axes),
-      micro_batches=rl.micro_per_update), **step_kw),
-      (state, _train_batch(s, rl.mini_batch_size, length, mesh)))
+    programs["sft_step"] = Program(jits.sft_step, (state, _sft_batch(s, mesh)))
+  programs["rl_step"] = Program(
+      jits.rl_step, (state, _train_batch(s, rl.mini_batch_size, sequence_length(s), mesh)))
   programs.update(_sampler_programs(s, state.params, mesh))
   rollout = programs["start"].args[1]
-  programs["pi_old"] = Program(jax.jit(functools.partial(
-      step_lib.old_policy, model_cfg=cfg, obj_cfg=s.objective,
-      routing_replay=rl.routing_replay, group_size=rl.group_size,
-      micro_batches=rl.micro_per_global_batch)),
-      (state.params, rollout, _struct(jax.ShapeDtypeStruct((rl.global_batch,), jnp.float32),
-                                      sharding.batch_sharding(mesh, 1))))
+  advantages = _struct(jax.ShapeDtypeStruct((rl.global_batch,), jnp.float32),
+                       sharding.batch_sharding(mesh, 1))
+  programs["pi_old"] = Program(jits.old_policy, (state.params, rollout, advantages))
   return programs
 
 

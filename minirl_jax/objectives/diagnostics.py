@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from minirl_jax import batch as batch_lib
+from minirl_jax.reduction import Reduce
 from minirl_jax.objectives import tokens
 
 masked_mean = tokens.masked_mean
@@ -74,6 +75,20 @@ def mismatch_metrics(batch: batch_lib.TrainBatch) -> dict[str, jax.Array]:
       "mismatch/kl_k3": masked_mean(jnp.expm1(log_rho_BT) - log_rho_BT, mask_BT, count),
       "mismatch/abs_log_pi_old_mu": masked_mean(jnp.abs(log_rho_BT), mask_BT, count),
   }
+
+
+# How the metrics below reduce over micro- and mini-batches (`minirl_jax.reduction`).
+METRICS = {
+    **{name: Reduce.TOKEN_MEAN for name in (
+        "policy/ratio_mean", "policy/clip_frac_high", "policy/clip_frac_low",
+        "policy/clip_frac", "is/weight_mean", "is/frac_truncated",
+        "staleness/abs_log_pi_pi_old")},
+    **{name: Reduce.MAX for name in (
+        "policy/ratio_max", "is/weight_max", "is/first_order_error_max")},
+    "is/first_order_error": Reduce.BATCH_MEAN,
+    **{name: Reduce.FULL_BATCH for name in (
+        "mismatch/kl_mu_pi_old", "mismatch/kl_k3", "mismatch/abs_log_pi_old_mu")},
+}
 
 
 def token_metrics(logp_BT: jax.Array, batch: batch_lib.TrainBatch, *, ratio_BT, is_weight_BT,

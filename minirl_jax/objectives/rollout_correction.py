@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from minirl_jax import batch as batch_lib
+from minirl_jax.reduction import Reduce
 from minirl_jax.objectives import config as config_lib
 from minirl_jax.objectives import tokens
 
@@ -51,6 +52,16 @@ def sequence_correction(old_BT: jax.Array, mu_BT: jax.Array, batch: batch_lib.Tr
     log_lo, log_hi = cfg.log_is_bounds
     keep_B = (stat_B >= log_lo) & (stat_B <= log_hi)
   return SequenceCorrection(log_w_B, geo_log_w_B, weight_B, truncated_B, keep_B)
+
+
+# How `metrics` reduce over micro- and mini-batches (`minirl_jax.reduction`).
+METRICS = {
+    **{name: Reduce.BATCH_MEAN for name in (
+        "is/seq_log_weight_mean", "is/seq_weight_mean", "is/seq_frac_truncated",
+        "is/seq_frac_masked", "is/geo_log_weight_mean")},
+    **{name: Reduce.MAX for name in (
+        "is/seq_log_weight_abs_max", "is/seq_weight_max", "is/geo_log_weight_abs_max")},
+}
 
 
 def metrics(corr: SequenceCorrection, batch: batch_lib.TrainBatch) -> dict[str, jax.Array]:

@@ -3,12 +3,17 @@ import jax
 import jax.numpy as jnp
 
 from minirl_jax import batch as batch_lib
+from minirl_jax.reduction import Reduce
 from minirl_jax.objectives import config as config_lib
 from minirl_jax.objectives import tokens
 
 # A whole sequence's log-ratio is a sum over tokens, so it may legitimately exceed the
 # per-token limit; 80 keeps exp finite in float32 (overflow at ~88.7).
 _SEQ_LOG_WEIGHT_LIMIT = 80.0
+
+
+# How `loss`'s metrics reduce (`minirl_jax.reduction`).
+METRICS = {"is/seq_weight_mean": Reduce.BATCH_MEAN, "is/seq_log_weight_abs_max": Reduce.MAX}
 
 
 def loss(logp_BT: jax.Array, batch: batch_lib.TrainBatch, cfg: config_lib.ObjectiveConfig):

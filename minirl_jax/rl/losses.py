@@ -9,7 +9,15 @@ from minirl_jax import batch as batch_lib
 from minirl_jax import objectives
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
+from minirl_jax.reduction import Reduce
 from minirl_jax.rl import micro
+
+
+# How the losses' own metrics reduce (`minirl_jax.reduction`); the objective's are
+# `objectives.METRICS`.
+METRICS = {"sft/loss": Reduce.BATCH_MEAN, "policy/loss": Reduce.BATCH_MEAN,
+           "policy/entropy": Reduce.TOKEN_MEAN, "moe/load_balance_loss": Reduce.FORWARD_MEAN,
+           "moe/load_max": Reduce.MAX}
 
 
 def sft_loss(params, batch: dict, model_cfg: ModelConfig, aux_weight: float = 1.0):
@@ -54,6 +62,6 @@ def grad_cosine_token_seq(params, batch: batch_lib.TrainBatch, *, model_cfg, obj
   def grad_of(loss_fn):
     objective = lambda p, mb, _: (loss_fn(policy_logp(p, mb, model_cfg)[0], mb, obj_cfg)[0],
                                   {})
-    return micro.value_and_grad(objective, params, batch, micro_batches)[1]
+    return micro.value_and_grad(objective, params, batch, micro_batches, rules={})[1]
   return objectives.grad_cosine(grad_of(objectives.OBJECTIVES[obj_cfg.name]),
                                 grad_of(objectives.sequence_loss))

@@ -6,12 +6,13 @@ divides by them, so the micro-batches' losses and gradients add up to the whole 
 micro-batch size gives the same update (tests/rl_micro_test.py). Micro-batch j takes rows
 j, j + n, j + 2n, ...: rows sharded over the data axis stay spread over every device.
 """
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from minirl_jax import batch as batch_lib
+from minirl_jax import reduction
 
 
 def split(batch, n: int):
@@ -49,26 +50,13 @@ def map_batch(fn: Callable, batch, n: int):
   return jax.lax.map(fn, split(batch, n))
 
 
-def combine_metrics(stacked: dict) -> dict:
-  """One value per metric from n micro-batches' metrics: `*_max` the maximum, `moe/*`
-  (means over each forward's own tokens) the mean, everything else (normalised by the
-  batch's global counts) the sum."""
-  out = {}
-  for key, values in stacked.items():
-    if key.endswith("_max"):
-      out[key] = jnp.max(values)
-    elif key.startswith("moe/"):
-      out[key] = jnp.mean(values)
-    else:
-      out[key] = jnp.sum(values)
-  return out
-
-
-def value_and_grad(loss_fn: Callable, params, batch, n: int):
+def value_and_grad(loss_fn: Callable, params, batch, n: int,
+                   rules: Mapping[str, reduction.Reduce]):
   """((loss, metrics), grads) of `loss_fn(params, micro_batch, weight) -> (loss, metrics)`
   summed over n micro-batches, gradients accumulated in a `lax.scan` (one micro-batch's
-  activations alive at a time). `weight` = 1 / n scales terms that are per-forward means
-  (the MoE aux loss) so they average instead of add."""
+  activations alive at a time), each metric reduced by its declared rule in `rules`.
+  `weight` = 1 / n scales terms that are per-forward means (the MoE aux loss) so they
+  average instead of add."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if n == 1:
     return grad_fn(params, batch, 1.0)
@@ -79,4 +67,4 @@ def value_and_grad(loss_fn: Callable, params, batch, n: int):
 
   zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
   (loss, grads), metrics = jax.lax.scan(body, zeros, split(batch, n))
-  return (loss, combine_metrics(metrics)), grads
+  return (loss, reduction.over_micro_batches(metrics, rules)), grads

@@ -21,6 +21,7 @@ import numpy as np
 
 from minirl_jax import batch as batch_lib
 from minirl_jax import objectives
+from minirl_jax import reduction
 from minirl_jax import sharding
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
@@ -30,13 +31,9 @@ from minirl_jax.rl import micro
 from minirl_jax.rl import train_state
 from minirl_jax.sampling import sampler
 
-# Metrics measured once on the whole global batch (`old_policy`); the objectives report
-# them per mini-batch too, and those partial values are dropped so they never overwrite.
-FULL_BATCH_PREFIXES = ("mismatch/",)
-# Per-mini-batch means over loss tokens: the step's value weights each by its token count.
-TOKEN_MEANS = ("policy/entropy", "policy/ratio_mean", "policy/clip_frac",
-               "policy/clip_frac_high", "policy/clip_frac_low", "is/weight_mean",
-               "is/frac_truncated", "staleness/abs_log_pi_pi_old")
+# Every metric an update reports, with how it reduces over micro- and mini-batches, as
+# its producers declare it (`minirl_jax.reduction`).
+STEP_METRICS = reduction.merge(objectives.METRICS, losses.METRICS, train_state.METRICS)
 
 
 class RoutingReplay(str, enum.Enum):
@@ -202,25 +199,9 @@ def minibatch_updates(state, batch: batch_lib.TrainBatch, step: int, *, train_fn
 
 
 def reduce_minibatch_metrics(per_update) -> dict[str, float]:
-  """One step value per metric from `[(metrics, num_tokens)]` of the N updates.
-
-  `*_max` take the maximum, `TOKEN_MEANS` the token-weighted mean, everything else the
-  plain mean (per-sequence means over equal-size mini-batches, losses, norms, `optim/skipped`
-  as the fraction of skipped updates). `FULL_BATCH_PREFIXES` metrics are dropped.
-  """
-  weights = np.array([float(n) for _, n in per_update])
-  out = {}
-  for key in per_update[0][0]:
-    if key.startswith(FULL_BATCH_PREFIXES):
-      continue
-    values = np.array([float(m[key]) for m, _ in per_update])
-    if key.endswith("_max"):
-      out[key] = float(values.max())
-    elif key in TOKEN_MEANS:
-      out[key] = float(np.sum(values * weights) / np.sum(weights))
-    else:
-      out[key] = float(values.mean())
-  return out
+  """One step value per metric from `[(metrics, num_tokens)]` of the N updates, each by its
+  declared rule (`STEP_METRICS`)."""
+  return reduction.over_mini_batches(per_update, STEP_METRICS)
 
 
 def sft_step(state: train_state.TrainState, batch: dict, *, model_cfg, optimizer,
@@ -228,7 +209,8 @@ def sft_step(state: train_state.TrainState, batch: dict, *, model_cfg, optimizer
   """One cold-start update: token cross-entropy on the solutions, in `micro_batches`."""
   batch = {**batch, "num_tokens": jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)}
   loss = lambda params, mb, aux_weight: losses.sft_loss(params, mb, model_cfg, aux_weight)
-  (loss, metrics), grads = micro.value_and_grad(loss, state.params, batch, micro_batches)
+  (loss, metrics), grads = micro.value_and_grad(loss, state.params, batch, micro_batches,
+                                                STEP_METRICS)
   state, opt_metrics = train_state.apply_update(state, loss, grads, optimizer)
   return state, {**metrics, **opt_metrics}
 
@@ -239,6 +221,7 @@ def rl_step(state: train_state.TrainState, batch: batch_lib.TrainBatch, *, model
   accumulated over `micro_batches` slices (`rl.micro`)."""
   loss = lambda params, mb, aux_weight: losses.policy_loss(
       params, mb, model_cfg, obj_cfg, objectives.OBJECTIVES[obj_cfg.name], aux_weight)
-  (loss, metrics), grads = micro.value_and_grad(loss, state.params, batch, micro_batches)
+  (loss, metrics), grads = micro.value_and_grad(loss, state.params, batch, micro_batches,
+                                                STEP_METRICS)
   state, opt_metrics = train_state.apply_update(state, loss, grads, optimizer)
   return state, {**metrics, **opt_metrics}

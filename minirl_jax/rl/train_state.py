@@ -11,6 +11,7 @@ import optax
 from minirl_jax import sharding
 from minirl_jax.models import transformer
 from minirl_jax.models import weights
+from minirl_jax.reduction import Reduce
 from minirl_jax.rl import settings as settings_lib
 from minirl_jax.rl.settings import OptimConfig
 
@@ -46,6 +47,12 @@ def init_state(params, optimizer) -> TrainState:
 
 # What must be finite for an update to be applied, in the order a stop message names them.
 GUARDED = ("loss", "gradients", "update", "parameters")
+
+
+# How `apply_update`'s metrics reduce over a step's updates (`minirl_jax.reduction`).
+METRICS = {name: Reduce.UPDATE for name in (
+    "optim/grad_norm", "optim/update_norm", "optim/skipped",
+    *(f"optim/nonfinite_{quantity}" for quantity in GUARDED))}
 
 
 def _all_finite(tree) -> jax.Array:

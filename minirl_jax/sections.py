@@ -1,10 +1,17 @@
-"""Config sections (mappings, e.g. a ConfigDict section) into frozen, validating dataclasses.
+"""Config sections <-> frozen, validating dataclasses.
 
-The one place that turns a section into a dataclass and the one way a field reports that it
-is invalid: every error names the field as the user writes it (`rl.mini_batch_size ...`).
+A section's keys and defaults are its dataclass's fields (`to_config`), and `build` turns a
+section back into the dataclass: the one place either happens, and the one way a field
+reports that it is invalid: every error names the field as the user writes it
+(`rl.mini_batch_size ...`).
 """
 import dataclasses
+import types
+import typing
 from typing import Any, Mapping
+
+import ml_collections
+from ml_collections import config_dict
 
 from minirl_jax import errors
 
@@ -24,3 +31,35 @@ def build(cls, values: Mapping[str, Any], name: str, **extra):
     fail(name, f"has unknown fields {unknown}; known: {sorted(known)}")
   values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
   return cls(**values, **extra)
+
+
+def to_config(cls, exclude: tuple[str, ...] = (), **overrides) -> ml_collections.ConfigDict:
+  """A config section of dataclass `cls`: every field but `exclude`, at its default or in
+  `overrides` (the embedded default run's own values, stated where it differs). A field
+  that defaults to None is a typed placeholder, so `--config.section.field=...` parses."""
+  unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+  if unknown:
+    raise TypeError(f"{cls.__name__} has no fields {unknown}")
+  section = {}
+  for f in dataclasses.fields(cls):
+    if f.name in exclude:
+      continue
+    if f.name in overrides:
+      value = overrides[f.name]
+    elif f.default is not dataclasses.MISSING:
+      value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+      value = f.default_factory()
+    else:
+      raise TypeError(f"{cls.__name__}.{f.name} has no default")
+    section[f.name] = config_dict.placeholder(_optional_of(f.type)) if value is None else value
+  return ml_collections.ConfigDict(section)
+
+
+def _optional_of(annotation):
+  """T of `Optional[T]` (or `T | None`); a parametrised T by its origin (tuple[int, ...]
+  -> tuple)."""
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  if typing.get_origin(annotation) not in (typing.Union, types.UnionType) or len(args) != 1:
+    raise TypeError(f"a field defaulting to None must be Optional[T], not {annotation}")
+  return typing.get_origin(args[0]) or args[0]

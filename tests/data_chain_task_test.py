@@ -170,9 +170,7 @@ def test_paper_small_config_validates_and_builds_the_chain_task():
   config = _paper_small()
   s = settings.from_config(config)
   assert s.data.task == "chain"
-  task = chain_task.ChainTask(min_steps=s.data.min_steps, max_steps=s.data.max_steps,
-                              max_value=s.data.max_value, modulus=s.data.modulus,
-                              operators=s.data.operators)
+  task = s.data.make_task()
   assert task == PAPER_TASK
   data = rl_data.build(s)
   assert data.reward_fn.__func__ is chain_task.ChainTask.reward

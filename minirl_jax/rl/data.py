@@ -4,7 +4,6 @@ import importlib
 from typing import Any, Callable, Optional
 
 from minirl_jax import errors
-from minirl_jax.data import chain_task
 from minirl_jax.data import hf_tokenizer
 from minirl_jax.data import pipeline
 from minirl_jax.data import rewards as rewards_lib
@@ -90,15 +89,9 @@ def _build(s: settings_lib.Settings, tokenizer) -> RunData:
                    eval_records=sources.load_records(cfg.eval_path)[:eval_size],
                    reward_fn=rewards_lib.math_reward,
                    format_prompt=hf_tokenizer.math_chat_prompt, max_solution_tokens=None)
-  if cfg.task == "chain":
-    task = chain_task.ChainTask(min_steps=cfg.min_steps, max_steps=cfg.max_steps,
-                                max_value=cfg.max_value, modulus=cfg.modulus,
-                                operators=cfg.operators)
-    reward_fn = task.reward  # every step checked, not just the final number
-  else:
-    task = tasks.ArithmeticTask(num_operands=cfg.num_operands, max_value=cfg.max_value,
-                                operators=cfg.operators)
-    reward_fn = rewards_lib.exact_match
+  task = cfg.make_task()
+  # The chain task checks every step, not just the final number.
+  reward_fn = task.reward if cfg.task == "chain" else rewards_lib.exact_match
   if task.max_prompt_chars > cfg.max_prompt_len:
     raise errors.UserError(f"data.max_prompt_len ({cfg.max_prompt_len}) is shorter than the "
                      f"task's longest prompt ({task.max_prompt_chars} tokens)")

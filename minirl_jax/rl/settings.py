@@ -1,47 +1,80 @@
 """Turns an experiment ConfigDict into validated, frozen dataclasses before anything compiles.
 
 `from_config` is the only function that reads a ConfigDict: everything after it (the data
-builder, `loop.Run`, the RL step functions, the scripts) takes these dataclasses. Defaults
-live in one place, `minirl_jax/config_base.py`; these dataclasses have none. Every error
-names the offending field (`rl.mini_batch_size ...`).
+builder, `loop.Run`, the RL step functions, the scripts) takes these dataclasses. Each
+section's keys and defaults are its dataclass's fields (`config_base` builds the base
+config from them). Every error names the offending field (`rl.mini_batch_size ...`).
 """
+import collections.abc
 import dataclasses
 import importlib.util
-from typing import Mapping, Optional
+from typing import Any, Optional
 
 import numpy as np
 
+from minirl_jax import errors
 from minirl_jax import objectives
 from minirl_jax import sections
-from minirl_jax.models.config import ModelConfig
+from minirl_jax.data import chain_task
+from minirl_jax.data import tasks
 from minirl_jax.data import tokenizer as tokenizer_lib
+from minirl_jax.models.config import ModelConfig
 from minirl_jax.sampling.config import SamplerConfig
 
 ROUTING_REPLAY = ("none", "r2", "r3")
-SYNTHETIC_TASKS = ("arithmetic", "chain")
 
 
 _fail = sections.fail
 
 
+# The synthetic tasks (docs/data.md); each declares its own knobs and their defaults.
+SYNTHETIC_TASKS = {"arithmetic": tasks.ArithmeticTask, "chain": chain_task.ChainTask}
+
+
+def _task_knobs() -> dict[str, Any]:
+  """Every synthetic task's knobs with their defaults (`data.<knob>` in a config); a knob
+  two tasks share must default alike. The held-out split is not a knob."""
+  knobs: dict[str, Any] = {}
+  for cls in SYNTHETIC_TASKS.values():
+    for f in dataclasses.fields(cls):
+      if f.name != "heldout_fraction" and knobs.setdefault(f.name, f.default) != f.default:
+        raise TypeError(f"task knob {f.name} defaults differently across tasks")
+  return knobs
+
+
+TASK_KNOBS = _task_knobs()
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  path: Optional[str]
-  eval_path: Optional[str]
-  task: str  # the synthetic task: "arithmetic" (tasks.ArithmeticTask) or "chain" (chain_task)
-  num_operands: int  # arithmetic
-  min_steps: int  # chain
-  max_steps: int  # chain
-  modulus: int  # chain
-  max_value: int
-  operators: str
-  max_prompt_len: int
-  eval_size: int
-  full_eval_size: int  # 0: no full evaluation (`eval/accuracy_full`)
-  tokenizer: Optional[str]
-  reward: Optional[str]
-  reward_timeout_s: float
-  reward_max_error_frac: float
+  """Where prompts, answers and rewards come from: a real data path, or a synthetic task
+  (`task` and its knobs, `task_options`: `data.num_operands`, `data.max_steps`, ...)."""
+  path: Optional[str] = None  # JSONL/Parquet {prompt, answer[, solution]}; unset: synthetic
+  eval_path: Optional[str] = None  # held-out set for a real data path
+  task: str = "arithmetic"  # a SYNTHETIC_TASKS name
+  task_options: tuple[tuple[str, Any], ...] = tuple(TASK_KNOBS.items())
+  max_prompt_len: int = 8
+  eval_size: int = 256
+  # held-out problems of the full evaluation at rl.full_eval_steps (0: none); the
+  # eval_size problems of the frequent one are its first ones
+  full_eval_size: int = 0
+  tokenizer: Optional[str] = None  # tokenizer.json for real data; unset: characters
+  # "package.module:function" computing R(prompt, completion, answer) in [0, 1];
+  # unset: exact match (synthetic task) or math_reward (data.path).
+  reward: Optional[str] = None
+  reward_timeout_s: float = 5.0  # a reward call past this scores 0 (reward/timeouts)
+  # the run stops when more than this fraction of a step's reward calls fail (raise,
+  # time out, or return anything but a number in [0, 1]) for 3 steps in a row
+  reward_max_error_frac: float = 0.5
+
+  def make_task(self):
+    """The synthetic task `task` with its knobs."""
+    cls = SYNTHETIC_TASKS[self.task]
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+      return cls(**{k: v for k, v in self.task_options if k in names})
+    except errors.UserError as e:
+      raise errors.UserError(f"data.{e}") from None
 
   def __post_init__(self):
     if self.max_prompt_len < 1 or self.eval_size < 1:
@@ -49,7 +82,8 @@ class DataConfig:
     if not isinstance(self.full_eval_size, int) or self.full_eval_size < 0:
       _fail("data.full_eval_size", f"must be an integer >= 0, got {self.full_eval_size!r}")
     if self.task not in SYNTHETIC_TASKS:
-      _fail("data.task", f"must be one of {SYNTHETIC_TASKS}, got {self.task!r}")
+      _fail("data.task", f"must be one of {tuple(SYNTHETIC_TASKS)}, got {self.task!r}")
+    self.make_task()  # validates the task's knobs
     if not self.reward_timeout_s > 0:
       _fail("data.reward_timeout_s", f"must be > 0, got {self.reward_timeout_s}")
     if not 0 <= self.reward_max_error_frac <= 1:
@@ -61,22 +95,25 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
   """The synchronous loop. N = prompts_per_step * group_size / mini_batch_size updates."""
-  steps: int
-  prompts_per_step: int
-  group_size: int
-  mini_batch_size: int
-  routing_replay: str
-  eval_every: int
-  full_eval_steps: tuple[int, ...]  # with data.full_eval_size: `eval/accuracy_full`
-  learning_rate: float
-  warmup_steps: int
-  allow_greedy: bool  # a sampler whose G responses cannot differ is then not an error
+  steps: int = 150
+  prompts_per_step: int = 64
+  group_size: int = 8
+  mini_batch_size: int = 512  # sequences per optimizer update: N = 64 * 8 / 512 = 1
+  routing_replay: str = "none"  # "none" | "r2" | "r3"
+  eval_every: int = 25
+  # RL steps (0: before the first) of the full evaluation (`eval/accuracy_full`, on
+  # data.full_eval_size problems)
+  full_eval_steps: tuple[int, ...] = ()
+  learning_rate: float = 2e-4
+  warmup_steps: int = 0
+  allow_greedy: bool = False  # True: allow samplers whose G responses cannot differ
   # Rows per forward/backward inside an update, pi_old and the gradient cosine (0: the
-  # mini-batch, and the global batch for pi_old): activation memory follows it.
-  micro_batch_size: int
-  # warn after this many RL steps in a row without learning signal (every group's rewards
-  # equal, so every advantage is 0)
-  no_signal_warn_steps: int
+  # mini-batch, and the global batch for pi_old): activation memory follows it; values do
+  # not.
+  micro_batch_size: int = 0
+  # a warning names every this many RL steps in a row whose groups all had equal rewards
+  # (zero advantages: nothing to learn; `reward/zero_adv_frac` = 1)
+  no_signal_warn_steps: int = 5
 
   def __post_init__(self):
     if not isinstance(self.steps, int) or self.steps < 0:
@@ -128,14 +165,14 @@ def _check_micro(stage: str, micro_batch_size, of: str, rows: int) -> None:
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
   """Cold start: stop at `target_accuracy` on `eval_size` held-out problems, or max_steps."""
-  max_steps: int
-  batch_size: int
-  learning_rate: float
-  warmup_steps: int
-  eval_every: int
-  eval_size: int
-  target_accuracy: float
-  micro_batch_size: int  # rows per forward/backward inside an update; 0: the batch
+  max_steps: int = 2000
+  batch_size: int = 64
+  learning_rate: float = 3e-3
+  warmup_steps: int = 50
+  eval_every: int = 50
+  eval_size: int = 128  # a cheap held-out check that stops SFT early
+  target_accuracy: float = 0.3
+  micro_batch_size: int = 0  # rows per forward/backward inside an update; 0: the batch
 
   def __post_init__(self):
     _check_micro("sft", self.micro_batch_size, "batch_size", self.batch_size)
@@ -152,8 +189,8 @@ class SFTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  every: int
-  keep: int
+  every: int = 50
+  keep: int = 2
 
   def __post_init__(self):
     if self.every < 1 or self.keep < 1:
@@ -164,8 +201,10 @@ class CheckpointConfig:
 class LogConfig:
   """Where a run's metrics go: metrics.jsonl and TensorBoard always; Weights & Biases too
   when `wandb_project` is set (the `[wandb]` extra; WANDB_MODE, WANDB_ENTITY as usual)."""
-  progress: bool
-  plots: bool
+  progress: bool = True
+  plots: bool = True
+  # Weights & Biases project for the same scalars, the config and the plots
+  # (pip install -e '.[wandb]'); unset: metrics.jsonl and TensorBoard only
   wandb_project: Optional[str] = None
 
   def __post_init__(self):
@@ -175,16 +214,24 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  """AdamW with global-norm clipping, linear warmup then constant, non-finite guard."""
-  learning_rate: float
-  warmup_steps: int = 0
+class OptimSection:
+  """The `optim` section: what the cold start's and RL's optimizers share."""
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
   weight_decay: float = 0.0
   grad_clip: float = 1.0
+  # a run stops after this many steps in a row whose loss, gradients, update or new
+  # parameters were not all finite (each left the state as it was)
   max_skipped_in_a_row: int = 10
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig(OptimSection):
+  """One stage's optimizer: AdamW with global-norm clipping, linear warmup then constant,
+  non-finite guard; `learning_rate` and `warmup_steps` are the stage's (rl.*, sft.*)."""
+  learning_rate: float
+  warmup_steps: int = 0
   stage: str = "optim"  # the section whose learning_rate/warmup_steps these are (errors)
 
   def __post_init__(self):
@@ -213,8 +260,32 @@ class OptimConfig:
 
 
 _PER_STAGE = ("learning_rate", "warmup_steps")
-# the `optim` section
-_SHARED_OPTIM = ("b1", "b2", "eps", "weight_decay", "grad_clip", "max_skipped_in_a_row")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(collections.abc.Mapping):
+  """Mesh axis sizes (`sharding.MESH_AXES`), readable as a mapping; -1 takes the remaining
+  devices. Batches shard over data x fsdp x expert."""
+  data: int = -1
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    for axis, size in self.items():
+      if not isinstance(size, int) or not (size == -1 or size >= 1):
+        _fail(f"mesh.{axis}", f"must be -1 (the remaining devices) or >= 1, got {size!r}")
+
+  def __getitem__(self, axis: str) -> int:
+    if axis not in self.__dataclass_fields__:
+      raise KeyError(axis)
+    return getattr(self, axis)
+
+  def __iter__(self):
+    return iter(self.__dataclass_fields__)
+
+  def __len__(self) -> int:
+    return len(self.__dataclass_fields__)
 
 
 def where_field(stage: str, field: str) -> str:
@@ -228,23 +299,24 @@ class Settings:
   seed: int
   init_from: Optional[str]  # an orbax params directory (scripts/convert_hf.py) or None
   model: ModelConfig
-  mesh: Mapping[str, int]
+  mesh: MeshConfig
   data: DataConfig
   sampler: SamplerConfig
   objective: objectives.ObjectiveConfig
   rl: RLConfig
   sft: SFTConfig
-  optim: Mapping[str, float]
+  optim: OptimSection
   checkpoint: CheckpointConfig
   log: LogConfig
 
   def rl_optim(self) -> OptimConfig:
-    return OptimConfig(learning_rate=self.rl.learning_rate,
-                       warmup_steps=self.rl.warmup_steps, stage="rl", **self.optim)
+    return OptimConfig(learning_rate=self.rl.learning_rate, warmup_steps=self.rl.warmup_steps,
+                       stage="rl", **dataclasses.asdict(self.optim))
 
   def sft_optim(self) -> OptimConfig:
     return OptimConfig(learning_rate=self.sft.learning_rate,
-                       warmup_steps=self.sft.warmup_steps, stage="sft", **self.optim)
+                       warmup_steps=self.sft.warmup_steps, stage="sft",
+                       **dataclasses.asdict(self.optim))
 
 
 def from_config(config, tokenizer: Optional[tokenizer_lib.Tokenizer] = None) -> Settings:
@@ -255,7 +327,10 @@ def from_config(config, tokenizer: Optional[tokenizer_lib.Tokenizer] = None) -> 
     tokenizer: the run's tokenizer; default: the one `config.data` names (its EOS and pad
       ids configure the sampler).
   """
-  data = sections.build(DataConfig, config.data, "data")
+  data_section = dict(config.data)
+  knobs = {k: data_section.pop(k) for k in TASK_KNOBS if k in data_section}
+  data = sections.build(DataConfig, data_section, "data",
+                        task_options=tuple({**TASK_KNOBS, **knobs}.items()))
   if tokenizer is None:
     tokenizer = tokenizer_lib.load(data.tokenizer)
   model = sections.build(ModelConfig, config.model, "model")
@@ -263,20 +338,25 @@ def from_config(config, tokenizer: Optional[tokenizer_lib.Tokenizer] = None) -> 
                            eos_ids=tuple(tokenizer.eos_ids), pad_id=tokenizer.pad_id)
   settings = Settings(
       seed=int(config.seed), init_from=config.init_from or None, model=model,
-      mesh=dict(config.mesh), data=data, sampler=sampler,
+      mesh=sections.build(MeshConfig, config.mesh, "mesh"), data=data, sampler=sampler,
       objective=sections.build(objectives.ObjectiveConfig, config.objective, "objective"),
       rl=sections.build(RLConfig, config.rl, "rl"),
-      sft=sections.build(SFTConfig, config.sft, "sft"), optim=dict(config.optim),
+      sft=sections.build(SFTConfig, config.sft, "sft"), optim=_optim_section(config.optim),
       checkpoint=sections.build(CheckpointConfig, config.checkpoint, "checkpoint"),
       log=sections.build(LogConfig, config.log, "log"))
-  unknown = sorted(set(settings.optim) - set(_SHARED_OPTIM))
-  if unknown:
-    _fail("optim", f"has unknown fields {unknown}; known: {list(_SHARED_OPTIM)} "
-          "(learning_rate and warmup_steps are set per stage: rl.*, sft.*)")
   for optim in (settings.rl_optim(), settings.sft_optim()):  # validates the optim section
     optim.check_representable(model.weight_dtype)
   _check_together(settings, tokenizer)
   return settings
+
+
+def _optim_section(values) -> OptimSection:
+  shared = [f.name for f in dataclasses.fields(OptimSection)]
+  unknown = sorted(set(values) - set(shared))
+  if unknown:
+    _fail("optim", f"has unknown fields {unknown}; known: {shared} "
+          "(learning_rate and warmup_steps are set per stage: rl.*, sft.*)")
+  return sections.build(OptimSection, values, "optim")
 
 
 def _check_together(s: Settings, tokenizer) -> None:

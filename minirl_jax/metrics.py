@@ -1,9 +1,20 @@
-"""Metric writers (JSONL + TensorBoard event files, Weights & Biases when asked for) and the
-end-of-run plots."""
+"""Step metrics: how each becomes one number, where they are written, and the plots.
+
+Reduction. An update's metrics come from n micro-batches (inside one jitted update) and a
+step's from N mini-batch updates. Each metric's `Reduce` says how both combine; every
+producer declares its metrics in a `{name: Reduce}` dict beside the code that computes them
+(`objectives.METRICS`, `rl.losses.METRICS`, `rl.train_state.METRICS`), and reducing a
+metric that no declaration names raises `UndeclaredMetric`: no metric gets a default rule
+by accident.
+
+Writers: JSONL + TensorBoard event files, Weights & Biases when asked for; and the
+end-of-run plots.
+"""
+import enum
 import json
 import os
 import secrets
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -12,6 +23,77 @@ from minirl_jax import errors
 
 PLOTS = (("reward/mean", "training reward"), ("eval/accuracy", "held-out accuracy"),
          ("policy/entropy", "token entropy"), ("mismatch/kl_mu_pi_old", "train-infer KL"))
+
+
+class Reduce(enum.Enum):
+  """A metric's reduction over micro-batches and over mini-batches (`HOW`)."""
+  # A mean over loss tokens divided by the (mini-)batch's GLOBAL token count: the
+  # micro-batches' parts add up; mini-batches weigh by their token counts.
+  TOKEN_MEAN = "token_mean"
+  # Divided by another GLOBAL count of the mini-batch (sequences, or a loss's own
+  # normaliser): parts add up; equal-size mini-batches average.
+  BATCH_MEAN = "batch_mean"
+  MAX = "max"
+  # A mean within each forward (router statistics): forwards and updates average.
+  FORWARD_MEAN = "forward_mean"
+  # Once per optimizer update (norms, skipped updates): updates average.
+  UPDATE = "update"
+  # Measured once on the whole batch (pi_old's train-infer mismatch); an objective's
+  # per-mini-batch copy adds up over micro-batches and is dropped from the step.
+  FULL_BATCH = "full_batch"
+
+
+# (over micro-batches, over mini-batches)
+HOW = {Reduce.TOKEN_MEAN: ("sum", "token_weighted"), Reduce.BATCH_MEAN: ("sum", "mean"),
+       Reduce.MAX: ("max", "max"), Reduce.FORWARD_MEAN: ("mean", "mean"),
+       Reduce.UPDATE: ("mean", "mean"), Reduce.FULL_BATCH: ("sum", "drop")}
+
+
+class UndeclaredMetric(KeyError):
+  """A metric reached a reduction that no producer declared."""
+
+
+def merge_rules(*declarations: Mapping[str, Reduce]) -> dict[str, Reduce]:
+  """One rule table from several producers' declarations (a name declared twice must
+  agree)."""
+  rules: dict[str, Reduce] = {}
+  for declared in declarations:
+    for name, rule in declared.items():
+      if rules.setdefault(name, rule) is not rule:
+        raise ValueError(f"metric {name!r} declared as {rules[name]} and as {rule}")
+  return rules
+
+
+def rule_of(name: str, rules: Mapping[str, Reduce]) -> Reduce:
+  try:
+    return rules[name]
+  except KeyError:
+    raise UndeclaredMetric(
+        f"metric {name!r} declares no reduction: add it to the METRICS of the module that "
+        "produces it (minirl_jax/metrics.py)") from None
+
+
+def over_micro_batches(stacked: Mapping, rules: Mapping[str, Reduce]) -> dict:
+  """One value per metric from n micro-batches' metrics stacked on axis 0 (inside jit)."""
+  return {k: getattr(v, HOW[rule_of(k, rules)][0])(axis=0) for k, v in stacked.items()}
+
+
+def over_mini_batches(per_update: Sequence, rules: Mapping[str, Reduce]) -> dict[str, float]:
+  """One step value per metric from `[(metrics, num_tokens)]` of the N updates (host)."""
+  weights = np.array([float(n) for _, n in per_update])
+  out = {}
+  for key in per_update[0][0]:
+    how = HOW[rule_of(key, rules)][1]
+    if how == "drop":
+      continue
+    values = np.array([float(m[key]) for m, _ in per_update])
+    if how == "max":
+      out[key] = float(values.max())
+    elif how == "token_weighted":
+      out[key] = float(np.sum(values * weights) / np.sum(weights))
+    else:
+      out[key] = float(values.mean())
+  return out
 
 
 def quiet_library_logs() -> None:

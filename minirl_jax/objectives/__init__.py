@@ -1,5 +1,5 @@
 """RL objectives (MiniRL, GRPO, CISPO and ablations), advantages and diagnostics."""
-from minirl_jax import reduction
+from minirl_jax.metrics import merge_rules
 from minirl_jax.objectives import cispo
 from minirl_jax.objectives import diagnostics
 from minirl_jax.objectives import grpo
@@ -19,5 +19,5 @@ OBJECTIVES = {"minirl": minirl.loss, "grpo": grpo.loss, "cispo": cispo.loss}
 # J_seq (Eq. 1), same signature: the reference for `is/grad_cosine_token_seq`.
 sequence_loss = sequence.loss
 
-# How every objective's metrics reduce (`minirl_jax.reduction`).
-METRICS = reduction.merge(diagnostics.METRICS, rollout_correction.METRICS, sequence.METRICS)
+# How every objective's metrics reduce (`minirl_jax.metrics`).
+METRICS = merge_rules(diagnostics.METRICS, rollout_correction.METRICS, sequence.METRICS)

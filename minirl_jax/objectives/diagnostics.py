@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from minirl_jax import batch as batch_lib
-from minirl_jax.reduction import Reduce
+from minirl_jax.metrics import Reduce
 from minirl_jax.objectives import tokens
 
 masked_mean = tokens.masked_mean
@@ -77,7 +77,7 @@ def mismatch_metrics(batch: batch_lib.TrainBatch) -> dict[str, jax.Array]:
   }
 
 
-# How the metrics below reduce over micro- and mini-batches (`minirl_jax.reduction`).
+# How the metrics below reduce over micro- and mini-batches (`minirl_jax.metrics`).
 METRICS = {
     **{name: Reduce.TOKEN_MEAN for name in (
         "policy/ratio_mean", "policy/clip_frac_high", "policy/clip_frac_low",

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from minirl_jax import batch as batch_lib
-from minirl_jax.reduction import Reduce
+from minirl_jax.metrics import Reduce
 from minirl_jax.objectives import config as config_lib
 from minirl_jax.objectives import tokens
 
@@ -54,7 +54,7 @@ def sequence_correction(old_BT: jax.Array, mu_BT: jax.Array, batch: batch_lib.Tr
   return SequenceCorrection(log_w_B, geo_log_w_B, weight_B, truncated_B, keep_B)
 
 
-# How `metrics` reduce over micro- and mini-batches (`minirl_jax.reduction`).
+# How `metrics` reduce over micro- and mini-batches (`minirl_jax.metrics`).
 METRICS = {
     **{name: Reduce.BATCH_MEAN for name in (
         "is/seq_log_weight_mean", "is/seq_weight_mean", "is/seq_frac_truncated",

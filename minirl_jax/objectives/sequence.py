@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 
 from minirl_jax import batch as batch_lib
-from minirl_jax.reduction import Reduce
+from minirl_jax.metrics import Reduce
 from minirl_jax.objectives import config as config_lib
 from minirl_jax.objectives import tokens
 
@@ -12,7 +12,7 @@ from minirl_jax.objectives import tokens
 _SEQ_LOG_WEIGHT_LIMIT = 80.0
 
 
-# How `loss`'s metrics reduce (`minirl_jax.reduction`).
+# How `loss`'s metrics reduce (`minirl_jax.metrics`).
 METRICS = {"is/seq_weight_mean": Reduce.BATCH_MEAN, "is/seq_log_weight_abs_max": Reduce.MAX}
 
 

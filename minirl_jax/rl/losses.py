@@ -9,11 +9,11 @@ from minirl_jax import batch as batch_lib
 from minirl_jax import objectives
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
-from minirl_jax.reduction import Reduce
+from minirl_jax.metrics import Reduce
 from minirl_jax.rl import micro
 
 
-# How the losses' own metrics reduce (`minirl_jax.reduction`); the objective's are
+# How the losses' own metrics reduce (`minirl_jax.metrics`); the objective's are
 # `objectives.METRICS`.
 METRICS = {"sft/loss": Reduce.BATCH_MEAN, "policy/loss": Reduce.BATCH_MEAN,
            "policy/entropy": Reduce.TOKEN_MEAN, "moe/load_balance_loss": Reduce.FORWARD_MEAN,

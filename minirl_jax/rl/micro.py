@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from minirl_jax import batch as batch_lib
-from minirl_jax import reduction
+from minirl_jax import metrics as metrics_lib
 
 
 def split(batch, n: int):
@@ -51,7 +51,7 @@ def map_batch(fn: Callable, batch, n: int):
 
 
 def value_and_grad(loss_fn: Callable, params, batch, n: int,
-                   rules: Mapping[str, reduction.Reduce]):
+                   rules: Mapping[str, metrics_lib.Reduce]):
   """((loss, metrics), grads) of `loss_fn(params, micro_batch, weight) -> (loss, metrics)`
   summed over n micro-batches, gradients accumulated in a `lax.scan` (one micro-batch's
   activations alive at a time), each metric reduced by its declared rule in `rules`.
@@ -67,4 +67,4 @@ def value_and_grad(loss_fn: Callable, params, batch, n: int,
 
   zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
   (loss, grads), metrics = jax.lax.scan(body, zeros, split(batch, n))
-  return (loss, reduction.over_micro_batches(metrics, rules)), grads
+  return (loss, metrics_lib.over_micro_batches(metrics, rules)), grads

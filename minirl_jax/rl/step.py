@@ -21,7 +21,7 @@ import numpy as np
 
 from minirl_jax import batch as batch_lib
 from minirl_jax import objectives
-from minirl_jax import reduction
+from minirl_jax import metrics as metrics_lib
 from minirl_jax import sharding
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
@@ -32,8 +32,8 @@ from minirl_jax.rl import train_state
 from minirl_jax.sampling import sampler
 
 # Every metric an update reports, with how it reduces over micro- and mini-batches, as
-# its producers declare it (`minirl_jax.reduction`).
-STEP_METRICS = reduction.merge(objectives.METRICS, losses.METRICS, train_state.METRICS)
+# its producers declare it (`minirl_jax.metrics`).
+STEP_METRICS = metrics_lib.merge_rules(objectives.METRICS, losses.METRICS, train_state.METRICS)
 
 
 class RoutingReplay(str, enum.Enum):
@@ -201,7 +201,7 @@ def minibatch_updates(state, batch: batch_lib.TrainBatch, step: int, *, train_fn
 def reduce_minibatch_metrics(per_update) -> dict[str, float]:
   """One step value per metric from `[(metrics, num_tokens)]` of the N updates, each by its
   declared rule (`STEP_METRICS`)."""
-  return reduction.over_mini_batches(per_update, STEP_METRICS)
+  return metrics_lib.over_mini_batches(per_update, STEP_METRICS)
 
 
 def sft_step(state: train_state.TrainState, batch: dict, *, model_cfg, optimizer,

@@ -11,7 +11,7 @@ import optax
 from minirl_jax import sharding
 from minirl_jax.models import transformer
 from minirl_jax.models import weights
-from minirl_jax.reduction import Reduce
+from minirl_jax.metrics import Reduce
 from minirl_jax.rl import settings as settings_lib
 from minirl_jax.rl.settings import OptimConfig
 
@@ -49,7 +49,7 @@ def init_state(params, optimizer) -> TrainState:
 GUARDED = ("loss", "gradients", "update", "parameters")
 
 
-# How `apply_update`'s metrics reduce over a step's updates (`minirl_jax.reduction`).
+# How `apply_update`'s metrics reduce over a step's updates (`minirl_jax.metrics`).
 METRICS = {name: Reduce.UPDATE for name in (
     "optim/grad_norm", "optim/update_norm", "optim/skipped",
     *(f"optim/nonfinite_{quantity}" for quantity in GUARDED))}

@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import pytest
 
 from minirl_jax import objectives
-from minirl_jax import reduction
+from minirl_jax import metrics
 from minirl_jax.objectives import config
 from minirl_jax.rl import step
 from minirl_jax.rl import train_state
-from minirl_jax.reduction import Reduce
+from minirl_jax.metrics import Reduce
 
 import objectives_testlib as lib
 
@@ -35,25 +35,25 @@ def test_update_and_loss_metrics_are_declared():
 
 def test_an_undeclared_metric_stops_both_reductions():
   rules = {"policy/clip_frac": Reduce.TOKEN_MEAN}
-  with pytest.raises(reduction.UndeclaredMetric, match="'policy/new_thing' declares no"):
-    reduction.over_micro_batches({"policy/new_thing": jnp.ones(2)}, rules)
-  with pytest.raises(reduction.UndeclaredMetric, match="'policy/new_thing' declares no"):
-    reduction.over_mini_batches([({"policy/new_thing": 1.0}, 3.0)], rules)
+  with pytest.raises(metrics.UndeclaredMetric, match="'policy/new_thing' declares no"):
+    metrics.over_micro_batches({"policy/new_thing": jnp.ones(2)}, rules)
+  with pytest.raises(metrics.UndeclaredMetric, match="'policy/new_thing' declares no"):
+    metrics.over_mini_batches([({"policy/new_thing": 1.0}, 3.0)], rules)
 
 
 def test_each_rule_over_micro_and_mini_batches():
   rules = {"t": Reduce.TOKEN_MEAN, "b": Reduce.BATCH_MEAN, "m": Reduce.MAX,
            "f": Reduce.FORWARD_MEAN, "u": Reduce.UPDATE, "x": Reduce.FULL_BATCH}
   stacked = {k: jnp.array([1.0, 3.0]) for k in rules if k != "u"}
-  micro = reduction.over_micro_batches(stacked, rules)
+  micro = metrics.over_micro_batches(stacked, rules)
   assert {k: float(v) for k, v in micro.items()} == {"t": 4.0, "b": 4.0, "m": 3.0, "f": 2.0,
                                                        "x": 4.0}
   per_update = [({k: 1.0 for k in rules}, 30.0), ({k: 3.0 for k in rules}, 10.0)]
-  mini = reduction.over_mini_batches(per_update, rules)
+  mini = metrics.over_mini_batches(per_update, rules)
   assert mini == pytest.approx({"t": (30 + 30) / 40, "b": 2.0, "m": 3.0, "f": 2.0, "u": 2.0})
 
 
 def test_conflicting_declarations_are_refused():
   with pytest.raises(ValueError, match="'a' declared as"):
-    reduction.merge({"a": Reduce.MAX}, {"a": Reduce.BATCH_MEAN})
-  assert reduction.merge({"a": Reduce.MAX}, {"a": Reduce.MAX}) == {"a": Reduce.MAX}
+    metrics.merge_rules({"a": Reduce.MAX}, {"a": Reduce.BATCH_MEAN})
+  assert metrics.merge_rules({"a": Reduce.MAX}, {"a": Reduce.MAX}) == {"a": Reduce.MAX}

@@ -64,12 +64,10 @@ def contrasts(results: str, last: int = 1):
   return out, scores
 
 
-def _final(records) -> float:
-  return _score(records, 1)
-
-
 def _paired(arms, a: str, b: str) -> list[float]:
-  return [_final(arms[a][s]) - _final(arms[b][s]) for s in sorted(arms[a].keys() & arms[b].keys())]
+  """Per-seed differences of the final evaluation."""
+  return [_score(arms[a][s], 1) - _score(arms[b][s], 1)
+          for s in sorted(arms[a].keys() & arms[b].keys())]
 
 
 def _collapses(arms, names) -> tuple[int, int]:

@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minirl_jax.models import transformer
-from minirl_jax.models.config import ModelConfig
 from minirl_jax.sampling import sampler
 from minirl_jax.sampling.config import SamplerConfig
 
-CFG = ModelConfig()  # tiny: vocab 32, 2 MoE layers of 4 experts, top-2
+import sampling_test
+
+CFG = sampling_test.CFG  # tiny: vocab 32, 2 MoE layers of 4 experts, top-2
 SAMPLE = SamplerConfig(max_new_tokens=10, eos_ids=(1, 2, 3), pad_id=0, prompt_bucket=8)
 LENGTHS = np.array([6, 3, 5, 1])
 N, G, P0 = len(LENGTHS), 3, 6  # 4 prompts x 3 samples = 12 sequences
@@ -23,13 +23,12 @@ EXACT = ("tokens", "attn_mask", "completion_mask", "routing_mu", "num_generated"
 
 @pytest.fixture(scope="module")
 def params():
-  return transformer.init_params(CFG, jax.random.key(0, impl="rbg"))
+  return sampling_test.tiny_params()
 
 
 @pytest.fixture(scope="module")
 def prompts():
-  tokens = jax.random.randint(jax.random.key(1), (N, P0), 4, CFG.vocab_size)
-  return jnp.where(np.arange(P0)[None] >= P0 - LENGTHS[:, None], tokens, 0)
+  return sampling_test.left_padded_prompts(LENGTHS, P0)
 
 
 def _run(params, prompts, lengths=LENGTHS, group_size=G, slots=0, order=None):

@@ -21,16 +21,25 @@ LENGTHS = np.array([6, 3, 5, 1, 6, 2, 4, 6])
 B, P0, P = len(LENGTHS), 6, 8  # P0 prompt width, P bucketed
 
 
-@pytest.fixture(scope="module")
-def params():
+def tiny_params():
   # An "rbg" key compiles the initialisers ~3x faster than threefry on CPU.
   return transformer.init_params(CFG, jax.random.key(0, impl="rbg"))
 
 
+def left_padded_prompts(lengths, width):
+  """Random prompts of `lengths` tokens (ids >= 4: no EOS), left-padded with 0 to `width`."""
+  tokens = jax.random.randint(jax.random.key(1), (len(lengths), width), 4, CFG.vocab_size)
+  return jnp.where(np.arange(width)[None] >= width - np.asarray(lengths)[:, None], tokens, 0)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return tiny_params()
+
+
 @pytest.fixture(scope="module")
 def prompts():
-  tokens = jax.random.randint(jax.random.key(1), (B, P0), 4, CFG.vocab_size)
-  return jnp.where(np.arange(P0)[None] >= P0 - LENGTHS[:, None], tokens, 0)
+  return left_padded_prompts(LENGTHS, P0)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
 """On 8 fake CPU devices (run by expert_parallel_test.py): the expert-parallel MoE layer vs
-one device, for meshes with expert = 2, 4, 8. Prints one JSON line."""
+one device, for meshes with expert = 2, 4, 8; and the exchange that accelerators run
+(`ragged_all_to_all`, which XLA:CPU lacks) through an emulation of the collective's
+documented semantics. Prints one JSON line."""
+import functools
 import json
 
 import jax
@@ -46,6 +49,50 @@ def _distinct_replay(key, shape, num_experts):
                          axis=-1).astype(jnp.int8)
 
 
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+  """`jax.lax.ragged_all_to_all` as its docstring defines it, from all_gather: sender p's
+  rows [input_offsets[p][j], + send_sizes[p][j]) land in peer j's output at
+  output_offsets[p][j]. A receiver whose recv_sizes disagree with what is sent gets
+  poisoned rows (NaN, or -1 ids), so a wrong size fails the comparison."""
+  gathered = jax.lax.all_gather((operand, input_offsets, send_sizes, output_offsets),
+                                axis_name)
+  ops, starts, sizes, ats = gathered
+  me = jax.lax.axis_index(axis_name)
+  rows = jnp.arange(output.shape[0])
+  poison = jnp.nan if jnp.issubdtype(output.dtype, jnp.floating) else -1
+  for p in range(ops.shape[0]):
+    start, size, at = starts[p, me], sizes[p, me], ats[p, me]
+    inside = (rows >= at) & (rows < at + size)
+    src = jnp.clip(start + rows - at, 0, operand.shape[0] - 1)
+    value = jnp.where(recv_sizes[p] == size, ops[p][src], poison)
+    output = jnp.where(inside.reshape(-1, *([1] * (output.ndim - 1))), value, output)
+  return output
+
+
+def _ragged_exchange_cases(p, cfg):
+  """The ragged exchange (emulated collective) against the padded one XLA:CPU runs, values
+  and gradients, at several expert-axis sizes and round counts."""
+  local_ffn = functools.partial(moe._local_ffn, impl="blocks", max_block=cfg.moe_block_size)
+  x = jax.random.normal(jax.random.key(3), (48, cfg.d_model))
+  ids = _distinct_replay(jax.random.key(4), (48, cfg.top_k), cfg.num_experts).astype(jnp.int32)
+  cases = []
+  for ep, factor in ((2, 1.25), (4, 1.25), (8, 1.25), (8, 0.1)):
+    mesh = sharding.make_mesh({"data": 8 // ep, "expert": ep})
+    def loss(p, x, collective):
+      y = expert_parallel.experts_ffn(x, ids, p, mesh, local_ffn=local_ffn,
+                                      capacity_factor=factor, ragged_collective=collective)
+      return jnp.sum(jnp.sin(y)), y
+    run = lambda c: sharding.on_mesh(mesh, jax.jit(jax.value_and_grad(
+        functools.partial(loss, collective=c), argnums=(0, 1), has_aux=True)))(p, x)
+    (_, y_r), g_r = run(emulated_ragged_all_to_all)
+    (_, y_p), g_p = run(None)  # on CPU: the padded exchange
+    cases.append({"expert": ep, "capacity_factor": factor, "y_err": _rel_err(y_r, y_p),
+                  "grad_err": _rel_err(g_r, g_p),
+                  "finite": bool(np.isfinite(np.asarray(y_r)).all())})
+  return cases
+
+
 def main():
   jax.config.update("jax_default_matmul_precision", "highest")
   out = {"cases": []}
@@ -76,6 +123,7 @@ def main():
         case[name] = {"y_err": _rel_err(y_g, y_w), "grad_err": _rel_err(grads_g, grads_w),
                       "ids_equal": bool(np.array_equal(ids_g, ids_w))}
       out["cases"].append(case)
+  out["ragged"] = _ragged_exchange_cases(p, base)
   # 6 experts do not split 4 ways: the layer runs whole on each device.
   with jax.set_mesh(sharding.make_mesh({"data": 2, "expert": 4})):
     out["inactive_when_not_dividing"] = expert_parallel.active_mesh(6) is None

@@ -23,15 +23,17 @@ is one round's buffers, whatever the worst case.
 How rows travel depends on the platform the program is lowered for: on TPU and GPU by
 `jax.lax.ragged_all_to_all` (only each pair's rows move), on CPU by `jax.lax.all_to_all` of
 the padded slots (XLA:CPU does not implement the ragged collective: UNIMPLEMENTED in jax
-0.10). The tests check the padded exchange against the reference on fake CPU devices and
-lower the ragged one for `tpu` and `cuda` (tests/lowering_test.py); no session has yet had
-two accelerators to run it.
+0.10). The tests check the padded exchange against the reference on fake CPU devices, the
+ragged one against the padded one through an emulation of the collective's documented
+semantics (`ragged_collective`; tests/expert_parallel_child.py), and lower it for `tpu` and
+`cuda` (tests/lowering_test.py); no session has yet had two accelerators to run the real
+collective.
 With `tensor` > 1 the layer is left to XLA's partitioner, which splits the experts' hidden
 dim over `tensor` (no expert parallelism then).
 """
 import functools
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +58,8 @@ def active_mesh(num_experts: int):
   return mesh
 
 
-def experts_ffn(x_ND, ids_Nk, p, mesh, *, local_ffn: Callable, capacity_factor: float):
+def experts_ffn(x_ND, ids_Nk, p, mesh, *, local_ffn: Callable, capacity_factor: float,
+                ragged_collective: Optional[Callable] = None):
   """Per-assignment expert outputs [N, k, D], the experts split over `mesh`'s expert axis.
 
   Args:
@@ -68,11 +71,14 @@ def experts_ffn(x_ND, ids_Nk, p, mesh, *, local_ffn: Callable, capacity_factor: 
       assignment a reading row a // k.
     capacity_factor: slot rows per (sender, owner) pair and round, as a multiple of a
       perfectly balanced share.
+    ragged_collective: moves rows with this `jax.lax.ragged_all_to_all` stand-in on every
+      platform (the tests' emulation checks the ragged exchange on CPU); None: by platform.
   """
   rows = sharding.logical_spec(x_ND.shape[:1], ("batch",), mesh)[0]
   weights = {name: p[name] for name in EXPERT_WEIGHTS}
   body = functools.partial(_exchange, local_ffn=local_ffn, capacity_factor=capacity_factor,
-                           ep=mesh.shape["expert"], axes=tuple(mesh.axis_names))
+                           ep=mesh.shape["expert"], axes=tuple(mesh.axis_names),
+                           ragged_collective=ragged_collective)
   return jax.shard_map(body, mesh=mesh, in_specs=(P(rows), P(rows), P("expert")),
                        out_specs=P(rows), check_vma=False)(x_ND, ids_Nk, weights)
 
@@ -82,7 +88,8 @@ def rounds_bound(num_tokens: int, top_k: int, local_experts: int, slots: int) ->
   return math.ceil(num_tokens * min(top_k, local_experts) / slots)
 
 
-def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes):
+def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes,
+              ragged_collective=None):
   """One device's side of the layer (inside shard_map): n local tokens, E / ep experts."""
   n, k = ids_nk.shape
   d = x_nD.shape[-1]
@@ -116,10 +123,10 @@ def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes):
     y_PSD = all_to_all(y_RD.reshape(ep, slots, d))
     return y_sorted_AD.at[src_PS].add(jnp.where(sent_PS[..., None], y_PSD, 0))
 
-  def ragged_round(y_sorted_AD, r):
+  def ragged_round(y_sorted_AD, r, collective=jax.lax.ragged_all_to_all):
     """`ragged_all_to_all`: only each pair's rows travel, into the owner's slot range for
     the sender, and the outputs straight back to their sorted positions."""
-    ragged = functools.partial(jax.lax.ragged_all_to_all, axis_name="expert")
+    ragged = functools.partial(collective, axis_name="expert")
     size_P = jnp.clip(count_P - r * slots, 0, slots).astype(jnp.int32)
     send_at_P = jnp.minimum(start_P + r * slots, a).astype(jnp.int32)
     recv_P = all_to_all(size_P)            # rows each sender sends here
@@ -134,6 +141,8 @@ def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes):
     return ragged(y_RD, y_sorted_AD, slot_starts_P, recv_P, their_at_P, size_P)
 
   def one_round(y_sorted_AD, r):
+    if ragged_collective is not None:
+      return ragged_round(y_sorted_AD, r, ragged_collective)
     # XLA:CPU does not implement ragged_all_to_all: the padded exchange runs there.
     return jax.lax.platform_dependent(y_sorted_AD, r, cpu=padded_round, default=ragged_round)
 

@@ -151,20 +151,21 @@ def test_user_reward_function_is_plugged_in_by_name():
 
 
 def test_steps_without_learning_signal_are_named(caplog):
-  """Every `warn_after` steps in a row with all groups' rewards equal, one warning; a step
-  with signal restarts the count; the total counts every such step."""
+  """After `warn_after` steps in a row with all groups' rewards equal, one warning, and one
+  at each doubling of the streak; a step with signal restarts the count; the total counts
+  every such step."""
   watch = loop.NoSignalWatch(warn_after=2)
-  fracs = [1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0]
+  fracs = [1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
   with caplog.at_level("WARNING"):
     for step, frac in enumerate(fracs, start=1):
       watch.observe(step, {"reward/zero_adv_frac": frac})
   warnings = [r.getMessage() for r in caplog.records if "no learning signal" in r.getMessage()]
   assert [w.split(" had")[0] for w in warnings] == [
-      "RL steps 1-2", "RL steps 4-5", "RL steps 4-7"]
-  assert watch.total == 6 and watch.in_a_row == 4
+      "RL steps 1-2", "RL steps 4-5", "RL steps 4-7", "RL steps 4-11"]  # not 4-9
+  assert watch.total == 10 and watch.in_a_row == 8
   caplog.clear()
   with caplog.at_level("WARNING"):
-    watch.summarize(rl_steps=7)  # one step had signal: no summary warning
+    watch.summarize(rl_steps=11)  # one step had signal: no summary warning
     assert not caplog.records
     loop.NoSignalWatch(warn_after=5).summarize(rl_steps=0)
     assert not caplog.records

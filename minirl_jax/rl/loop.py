@@ -70,7 +70,9 @@ class SkipGuard:
 class NoSignalWatch:
   """Counts RL steps without learning signal: every group's rewards were equal
   (`reward/zero_adv_frac` = 1), so every advantage was 0 and the update learned nothing.
-  Each `warn_after` such steps in a row, one warning names them."""
+  One warning names them when `warn_after` such steps in a row have passed, and again at
+  each doubling of the streak (2x, 4x, ...): a collapsed run says so without a line every
+  few steps."""
 
   def __init__(self, warn_after: int):
     self.warn_after, self.in_a_row, self.total = warn_after, 0, 0
@@ -81,7 +83,8 @@ class NoSignalWatch:
       return
     self.in_a_row += 1
     self.total += 1
-    if warn and self.in_a_row % self.warn_after == 0:
+    periods, rest = divmod(self.in_a_row, self.warn_after)
+    if warn and not rest and periods & (periods - 1) == 0:
       logging.warning(
           "RL steps %d-%d had no learning signal: in each, every group's rewards were "
           "equal, so every advantage was 0 (rl.no_signal_warn_steps=%d). Check the reward "

@@ -111,9 +111,8 @@ class RLConfig:
   # mini-batch, and the global batch for pi_old): activation memory follows it; values do
   # not.
   micro_batch_size: int = 0
-  # a warning names this many RL steps in a row whose groups all had equal rewards (and
-  # again at each doubling of the streak)
-  # (zero advantages: nothing to learn; `reward/zero_adv_frac` = 1)
+  # a warning names this many RL steps in a row whose groups all had equal rewards (zero
+  # advantages: nothing to learn; `reward/zero_adv_frac` = 1), and again at each doubling
   no_signal_warn_steps: int = 5
 
   def __post_init__(self):

@@ -4,13 +4,14 @@
   sft_step   one cold-start update (in `sft` micro-batches), when the run has SFT steps
   rl_step    one policy update on a mini-batch (in `rl` micro-batches), replay routing
              included when `rl.routing_replay` is set
-  pi_old     the training engine's forward over the rollout (`rl.step.old_policy`)
+  pi_old     the training engine's forward over the rollout (`step.old_policy`)
   prefill    the sampler's prompt pass
   start      the decode loop's first carry
   decode     the sampler's decode loop (`lax.while_loop`)
-`lower(program, mesh, platforms)` lowers one with `jax.export` for a platform this machine need not
-have (`scripts/lower.py`, tests/lowering_test.py); tests/plan_child.py compiles them to
-check the memory plan. Rows are sharded over the mesh's batch axes as the run shards them.
+`lower(program, mesh, platforms)` lowers one with `jax.export` for a platform this machine
+need not have (`scripts/lower.py`, tests/lowering_test.py); tests/plan_child.py compiles
+them to check the memory plan. The trainer's programs are jitted as the run jits them
+(`wiring.jitted`); rows are sharded over the mesh's batch axes as the run shards them.
 """
 import dataclasses
 import functools

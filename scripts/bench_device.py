@@ -126,7 +126,7 @@ def bench_train(s, mesh, clock, peak_flops) -> dict:
   holder = {"state": state}
 
   def step():
-    holder["state"], metrics = update.fn(holder["state"], batch)
+    holder["state"], metrics = update(holder["state"], batch)
     return metrics
   compile_s, _, _ = _timed(step, 0)
   _, step_s, _ = _timed(step, clock.repeats(_REPEATS.value, compile_s, reserve_s=60))
@@ -154,13 +154,13 @@ def bench_decode(s, mesh, params, clock, peak_bandwidth) -> dict:
   key = jax.random.key(s.seed)
 
   def fresh():
-    prefix, rollout = prefill.fn(weights, tokens, mask, key)
-    return prefix, start.fn(prefix, rollout)
+    prefix, rollout = prefill(weights, tokens, mask, key)
+    return prefix, start(prefix, rollout)
 
   def timed_decode():
     prefix, carry = jax.block_until_ready(fresh())  # decode donates its carry
     begin = time.perf_counter()
-    out = jax.block_until_ready(decode.fn(weights, carry, prefix))
+    out = jax.block_until_ready(decode(weights, carry, prefix))
     return time.perf_counter() - begin, out
 
   cache = jax.eval_shape(lambda: fresh()[1].cache)

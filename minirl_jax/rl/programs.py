@@ -38,9 +38,15 @@ _UNGUARANTEED = ("ragged_all_to_all",)
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  """A jitted function and abstract arguments to lower it with."""
+  """A jitted function, abstract arguments to lower it with, and its static keyword
+  arguments (the run's configs)."""
   fn: Callable
   args: tuple
+  kwargs: dict = dataclasses.field(default_factory=dict)
+
+  def __call__(self, *args):
+    """Runs the program on concrete arguments shaped like `args`."""
+    return self.fn(*args, **self.kwargs)
 
 
 def _struct(x, sh):
@@ -139,7 +145,8 @@ def build(s: settings_lib.Settings, mesh) -> dict[str, Program]:
 
 
 def _sampler_programs(s: settings_lib.Settings, params, mesh) -> dict[str, Program]:
-  """prefill, start and decode as `rl.rollout.sample` calls them on this mesh."""
+  """prefill, start and decode as `rl.rollout.sample` calls them on this mesh: the
+  sampler's own jitted programs with their static configs."""
   rl = s.rl
   shards = sharding.batch_size_multiple(mesh)
   prompts, group_size = rl.prompts_per_step, rl.group_size
@@ -152,22 +159,20 @@ def _sampler_programs(s: settings_lib.Settings, params, mesh) -> dict[str, Progr
                                  prompts, mesh)
   mask = _leading_rows_sharded(jax.ShapeDtypeStruct((prompts, width), bool), prompts, mesh)
   key = _struct(jax.eval_shape(lambda: jax.random.key(0)), sharding.replicated(mesh))
-  prefill = jax.jit(functools.partial(sampler_lib.prefill, **kw))
-  prefix, rollout = jax.eval_shape(prefill, weights, tokens, mask, key)
+  prefill = Program(sampler_lib.prefill_jit, (weights, tokens, mask, key), kw)
+  prefix, rollout = jax.eval_shape(prefill, *prefill.args)
   slots = sampler_lib.num_slots(s.sampler, rl.global_batch, shards)
-  start = jax.jit(functools.partial(sampler_lib.start, slots=slots, shards=shards, **kw),
-                  donate_argnames="rollout")
-  carry = jax.eval_shape(start, prefix, rollout)
+  start_kw = dict(slots=slots, shards=shards, **kw)
+  carry = jax.eval_shape(functools.partial(sampler_lib.start_jit, **start_kw), prefix, rollout)
   prefix = _leading_rows_sharded(prefix, prompts, mesh)
   rollout = _rows_sharded(rollout, mesh)
   carry = carry.replace(
       **{f: _leading_rows_sharded(getattr(carry, f), shards, mesh)
          for f in ("step", "seq", "pos", "queue", "waiting", "num_live")},
       cache=_leading_rows_sharded(carry.cache, slots, mesh), rollout=rollout)
-  decode = jax.jit(functools.partial(sampler_lib.decode, **kw), donate_argnums=1)
-  return {"prefill": Program(prefill, (weights, tokens, mask, key)),
-          "start": Program(start, (prefix, rollout)),
-          "decode": Program(decode, (weights, carry, prefix))}
+  return {"prefill": prefill,
+          "start": Program(sampler_lib.start_jit, (prefix, rollout), start_kw),
+          "decode": Program(sampler_lib.decode_jit, (weights, carry, prefix), kw)}
 
 
 def lower(program: Program, mesh, platforms: tuple[str, ...]) -> export.Exported:
@@ -175,13 +180,13 @@ def lower(program: Program, mesh, platforms: tuple[str, ...]) -> export.Exported
   checks = [export.DisabledSafetyCheck.custom_call(name) for name in _UNGUARANTEED]
   with jax.set_mesh(mesh):
     return export.export(program.fn, platforms=platforms, disabled_checks=checks)(
-        *program.args)
+        *program.args, **program.kwargs)
 
 
 def compiled(program: Program, mesh) -> Any:
   """`program` compiled for this machine's devices (the memory plan's tests)."""
   with jax.set_mesh(mesh):
-    return program.fn.lower(*program.args).compile()
+    return program.fn.lower(*program.args, **program.kwargs).compile()
 
 
 def lower_all(s: settings_lib.Settings, mesh, platforms: tuple[str, ...]) -> dict:

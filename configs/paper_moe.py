@@ -19,7 +19,8 @@ step 0).
 
 Round 2 evaluates 128 held-out problems every 5 RL steps (the collapse criterion and the early
 warning read them) and all 1024 at `rl.full_eval_steps` (the verdicts read the mean of steps
-190 and 200), for 200 RL steps.
+190 and 200), for 200 RL steps or until the collapse criterion fires (`rl.stop_on_collapse`,
+as round2.md's part 1 states; on from the grid's eighth run).
 """
 from minirl_jax import config_base
 
@@ -29,6 +30,7 @@ def get_config():
   config.model.update(num_layers=6, num_experts=64, top_k=8, expert_ffn_dim=32,
                       compute_dtype="bfloat16")
   config.data.update(eval_size=128, full_eval_size=1024)
-  config.rl.update(steps=200, eval_every=5, full_eval_steps=(0, 100, 150, 180, 190, 200))
+  config.rl.update(steps=200, eval_every=5, full_eval_steps=(0, 100, 150, 180, 190, 200),
+                   stop_on_collapse=True)
   config.sft.update(target_accuracy=0.2)
   return config

@@ -17,6 +17,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from minirl_jax import collapse
 from minirl_jax import errors
 from minirl_jax.experiments import power
 from minirl_jax.experiments import report
@@ -56,11 +57,11 @@ def contrasts(results: str, last: int = 1):
       diffs = []
       for seed in sorted(arms[a].keys() & arms[b].keys()):
         ra, rb = arms[a][seed], arms[b][seed]
-        if report.collapse_step(ra) is None and report.collapse_step(rb) is None:
+        if collapse.collapse_step(ra) is None and collapse.collapse_step(rb) is None:
           diffs.append(_score(ra, last) - _score(rb, last))
       out.append((grid, a, b, diffs))
     scores += [_score(r, last) for runs in arms.values() for r in runs.values()
-               if report.collapse_step(r) is None]
+               if collapse.collapse_step(r) is None]
   return out, scores
 
 
@@ -72,7 +73,7 @@ def _paired(arms, a: str, b: str) -> list[float]:
 
 def _collapses(arms, names) -> tuple[int, int]:
   runs = [r for name in names for r in arms[name].values()]
-  return sum(report.collapse_step(r) is not None for r in runs), len(runs)
+  return sum(collapse.collapse_step(r) is not None for r in runs), len(runs)
 
 
 def reread_round1(results: str) -> list[tuple[str, str, str, str]]:

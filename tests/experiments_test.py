@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from minirl_jax import config_base
+from minirl_jax import collapse
 from minirl_jax import errors
 from minirl_jax.experiments import early_warning
 from minirl_jax.experiments import grids
@@ -34,22 +35,6 @@ def _rl(step, acc=None, entropy=0.3, kl=1e-3, reward=0.5, skipped=0.0, staleness
        "reward/mean": reward, "optim/skipped": skipped,
        "staleness/abs_log_pi_pi_old": staleness}
   return r | ({"eval/accuracy": acc} if acc is not None else {})
-
-
-@pytest.mark.parametrize("records,want", [
-    # accuracy below half its running peak (peak 0.4 >= 0.1) at step 20
-    ([{"step": 0, "eval/accuracy": 0.3}, _rl(10, acc=0.4), _rl(20, acc=0.19)], 20),
-    # a small peak (< 0.1) never triggers the accuracy rule
-    ([{"step": 0, "eval/accuracy": 0.05}, _rl(10, acc=0.08), _rl(20, acc=0.0)], None),
-    # entropy under the floor
-    ([{"step": 0, "eval/accuracy": 0.3}, _rl(1), _rl(2, entropy=0.01)], 2),
-    # a non-finite metric, or a skipped update
-    ([{"step": 0, "eval/accuracy": 0.3}, _rl(1, kl=float("nan"))], 1),
-    ([{"step": 0, "eval/accuracy": 0.3}, _rl(1), _rl(2, skipped=1.0)], 2),
-    ([{"step": 0, "eval/accuracy": 0.3}, _rl(10, acc=0.35), _rl(20, acc=0.3)], None),
-])
-def test_collapse_criterion(records, want):
-  assert report.collapse_step(records) == want
 
 
 def test_table_aggregates_seeds(tmp_path):
@@ -352,7 +337,7 @@ def test_series_keep_the_digits_the_early_warning_reads(tmp_path):
                                         {"step": 10, "eval/accuracy": 17 / 128}], None, 1.0)
   back = report.read_series(report.write_series([acc], str(tmp_path)))["a/seed_0"]
   assert [r["eval/accuracy"] for r in back] == [34 / 128, 17 / 128]  # exactly half: no collapse
-  assert report.collapse_step(back) is None
+  assert collapse.collapse_step(back) is None
 
 
 @pytest.mark.parametrize("name", sorted(grids.GRIDS))

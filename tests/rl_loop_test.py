@@ -7,6 +7,7 @@ import signal
 
 import pytest
 
+from minirl_jax import collapse
 from minirl_jax import errors
 from minirl_jax.rl import loop
 from minirl_jax.rl import settings
@@ -71,6 +72,7 @@ def test_main_job_outputs_and_resume_equivalence(tmp_path):
   assert all(0 <= r["eval/accuracy_full"] <= 1 for r in rl if "eval/accuracy_full" in r)
   no_signal = sum(r["reward/zero_adv_frac"] == 1 for r in rl if r["step"] > 0)
   assert summary["rl_steps_without_signal"] == no_signal
+  assert summary["collapsed_at_rl_step"] == collapse.collapse_step(rl)
 
   # SIGTERM (preemption) during RL step 2: the step finishes, a checkpoint is written, the
   # run stops with 128 + 15; the same command resumes and logs the same numbers.
@@ -95,6 +97,30 @@ def test_main_job_outputs_and_resume_equivalence(tmp_path):
   for a, b in zip(records, again):
     if a["stage"] == "rl" and a["step"] >= 3 or a["stage"] == "sft":
       assert _deterministic(a) == pytest.approx(_deterministic(b), rel=1e-6, abs=1e-7), a["step"]
+
+
+def test_run_stops_at_its_collapse_and_stays_stopped(tmp_path, caplog):
+  """rl.stop_on_collapse: the step the criterion fires at (entropy forced under the floor at
+  RL step 2) is the last one, checkpointed; the same command again runs no further step."""
+  workdir = str(tmp_path / "run")
+  run = smoke_run(workdir, **{"rl.steps": 4, "rl.stop_on_collapse": True})
+  rl_step = run._rl_step
+  def entropy_gone_at_step_2(step, sampler_params):
+    m, sampler_params = rl_step(step, sampler_params)
+    return (m | {"policy/entropy": 0.0} if step == 2 else m), sampler_params
+  run._rl_step = entropy_gone_at_step_2
+  with caplog.at_level("WARNING"):
+    summary = run.run()
+  assert [w for w in (r.getMessage() for r in caplog.records) if "collapsed" in w] == [
+      "RL step 2: the run collapsed by the stated criterion (held-out accuracy below 0.5 x "
+      "its running peak (once >= 0.1), entropy below 0.02 nats per token, a metric not "
+      "finite or an update skipped); it stops here (rl.stop_on_collapse)"]
+  assert summary["rl_steps"] == 2 and summary["collapsed_at_rl_step"] == 2
+  rl_steps = lambda: [r["step"] for r in _records(workdir) if r["stage"] == "rl"]
+  assert rl_steps() == [0, 1, 2]
+  again = smoke_run(workdir, **{"rl.steps": 4, "rl.stop_on_collapse": True}).run()
+  assert again["rl_steps"] == 2 and again["collapsed_at_rl_step"] == 2
+  assert rl_steps() == [0, 1, 2]
 
 
 @pytest.mark.parametrize("overrides,field", [

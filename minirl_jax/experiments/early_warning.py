@@ -1,5 +1,5 @@
 """Early warning: which signal crossed its threshold, and how many RL steps before a run
-collapsed (`report.collapse_step`).
+collapsed (`collapse.collapse_step`).
 
 Thresholds, fixed before any grid was run: a signal's baseline is its median over RL steps
 1..BASELINE_STEPS; it crosses at the first later step where it has deteriorated by a factor

@@ -1,30 +1,21 @@
 """A grid's table (CSV, Markdown), per-step series (CSV) and figures, from its runs'
-metrics.jsonl.
-
-Collapse criterion, fixed before any grid was run: a run collapses at the first RL step
-where (a) held-out accuracy falls below COLLAPSE_ACCURACY_FRACTION of its running peak,
-once that peak is at least COLLAPSE_MIN_PEAK; or (b) policy entropy falls below
-COLLAPSE_ENTROPY_FLOOR nats per token; or (c) a metric is not finite or an update was
-skipped for a non-finite gradient.
+metrics.jsonl; a run's collapse step by the criterion of `minirl_jax.collapse`.
 """
 import csv
 import dataclasses
 import json
-import math
 import os
 import re
 from typing import Optional
 
 import numpy as np
 
+from minirl_jax import collapse
 from minirl_jax import errors
 from minirl_jax import metrics as metrics_lib
 from minirl_jax.experiments import grids
 from minirl_jax.experiments import runner
 
-COLLAPSE_ACCURACY_FRACTION = 0.5
-COLLAPSE_MIN_PEAK = 0.1
-COLLAPSE_ENTROPY_FLOOR = 0.02
 # The paper's Figures 1-4: one panel per tracked metric against the RL step.
 PANELS = (("reward/mean", "training reward"), ("eval/accuracy", "held-out accuracy"),
           ("policy/entropy", "token entropy"), ("mismatch/kl_k3", "train-infer KL (k3)"))
@@ -48,25 +39,6 @@ OPTIONAL_SERIES = ("eval/accuracy_full",)
 def rl_records(workdir: str) -> list[dict]:
   return [r for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
           if r["stage"] == "rl"]
-
-
-def collapse_step(records: list[dict]) -> Optional[int]:
-  """The first RL step at which the run collapses (module docstring), or None."""
-  peak = 0.0
-  for r in records:
-    if r["step"] == 0:
-      peak = r.get("eval/accuracy", 0.0)
-      continue
-    if any(not math.isfinite(v) for v in r.values() if isinstance(v, float)):
-      return r["step"]
-    if r.get("optim/skipped", 0.0) > 0 or r.get("policy/entropy", 1.0) < COLLAPSE_ENTROPY_FLOOR:
-      return r["step"]
-    if "eval/accuracy" in r:
-      acc = r["eval/accuracy"]
-      if peak >= COLLAPSE_MIN_PEAK and acc < COLLAPSE_ACCURACY_FRACTION * peak:
-        return r["step"]
-      peak = max(peak, acc)
-  return None
 
 
 def runner_summary(run_dir: str) -> dict:
@@ -101,7 +73,7 @@ def load(run_dirs: dict[str, list[str]]) -> list[Run]:
     for run_dir in dirs:
       records, base = rl_records(run_dir), os.path.basename(run_dir)
       seed = int(base[len("seed_"):]) if re.fullmatch(r"seed_\d+", base) else None
-      runs.append(Run(arm, f"{arm}/{base}", seed, records, collapse_step(records),
+      runs.append(Run(arm, f"{arm}/{base}", seed, records, collapse.collapse_step(records),
                       runner_summary(run_dir).get("wall_s", float("nan"))))
   return runs
 
@@ -228,7 +200,7 @@ def runs_from_series(path: str, prefix: str = "") -> list[Run]:
   runs = []
   for name, records in read_series(path).items():
     arm, _, seed = name.rpartition("/seed_")
-    runs.append(Run(prefix + arm, prefix + name, int(seed), records, collapse_step(records),
+    runs.append(Run(prefix + arm, prefix + name, int(seed), records, collapse.collapse_step(records),
                     float("nan")))
   return runs
 

@@ -3,7 +3,7 @@ docs/results/README.md stated before its runs (its commit history dates them), s
 is computed from the runs, not judged from a figure.
 
 Shared by every rule:
-- a run collapses by `report.collapse_step`;
+- a run collapses by `collapse.collapse_step`;
 - arm A is *ahead* of arm B when A collapses in at most 1 of its seeds while B collapses in
   at least 2, or else when their mean final held-out accuracies (over the seeds both have)
   differ by more than NOISE and every paired seed (same cold start, same RL seed) points

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
+from minirl_jax import collapse
 from minirl_jax import errors
 from minirl_jax import metrics as metrics_lib
 from minirl_jax import sharding
@@ -163,6 +164,7 @@ class Run:
     self.writer: Optional[metrics_lib.MetricWriter] = None
     self.guard = SkipGuard(s.rl_optim().max_skipped_in_a_row)
     self.no_signal = NoSignalWatch(s.rl.no_signal_warn_steps)
+    self.collapse = collapse.CollapseWatch()
     self.signals = StopSignals()
 
   def run(self) -> dict:
@@ -275,14 +277,18 @@ class Run:
     eval_key = jax.random.fold_in(self.key, 1)
     if self.progress.rl_step == 0:
       acc = self.evaluate(self.s.data.eval_size, eval_key)["avg@1"]
-      self.writer.write(0, "rl", {"eval/accuracy": acc, **self._full_evaluation(0, eval_key)})
+      first = {"eval/accuracy": acc, **self._full_evaluation(0, eval_key)}
+      self.writer.write(0, "rl", first)
+      self.collapse.observe(0, first)
       self.progress.start_accuracy = acc
     else:
-      self.no_signal.resume(self._kept_records(), self.progress.rl_step)
+      records = self._kept_records()
+      self.no_signal.resume(records, self.progress.rl_step)
+      self._resume_collapse_watch(records)
     sampler_params = self.fns.quantize(self.state.params)
     bar = self._bar(cfg.steps, self.progress.rl_step, "rl")
     acc = self.progress.start_accuracy if cfg.steps == 0 else None
-    while self.progress.rl_step < cfg.steps:
+    while self.progress.rl_step < cfg.steps and not self._stopped_by_collapse():
       step = self.progress.rl_step + 1
       m, sampler_params = self._rl_step(step, sampler_params)
       if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -294,7 +300,9 @@ class Run:
                              "policy/entropy", "mismatch/kl_k3"))
       self.guard.observe("rl", step, m)
       self.no_signal.observe(step, m)
-      if step % self.s.checkpoint.every == 0 or step == cfg.steps:
+      self._observe_collapse(step, m)
+      if (step % self.s.checkpoint.every == 0 or step == cfg.steps
+          or self._stopped_by_collapse()):
         self._save()
       if step < cfg.steps and self.signals.requested():
         self._stop_for_signal("rl")
@@ -304,8 +312,32 @@ class Run:
     self.no_signal.summarize(self.progress.rl_step)
     return {"sft_steps": self.progress.sft_step, "rl_steps": self.progress.rl_step,
             "rl_steps_without_signal": self.no_signal.total,
+            "collapsed_at_rl_step": self.collapse.step,
             "accuracy_after_sft": self.progress.start_accuracy, "accuracy_after_rl": acc,
             "metrics": self.writer.path}
+
+  def _observe_collapse(self, step: int, m: dict) -> None:
+    if self.collapse.observe(step, {k: float(v) for k, v in m.items()}) == step:
+      logging.warning("RL step %d: the run collapsed by the stated criterion (%s)%s", step,
+                      self.collapse.reason(), "; it stops here (rl.stop_on_collapse)"
+                      if self.s.rl.stop_on_collapse else "")
+
+  def _stopped_by_collapse(self) -> bool:
+    return self.s.rl.stop_on_collapse and self.collapse.step is not None
+
+  def _resume_collapse_watch(self, records) -> None:
+    """Replays the kept records of RL steps 0..rl_step, so a resumed run reads the
+    criterion as an uninterrupted one would (and a run stopped at its collapse stays
+    stopped)."""
+    for r in records:
+      if r["stage"] == "rl" and r["step"] <= self.progress.rl_step:
+        self.collapse.observe(r["step"], r)
+    state = np.array([self.collapse.peak, -1 if self.collapse.step is None
+                      else self.collapse.step], np.float64)
+    if jax.process_count() > 1:  # process 0 alone holds metrics.jsonl
+      state = multihost_utils.broadcast_one_to_all(state)
+    self.collapse.peak = float(state[0])
+    self.collapse.step = None if state[1] < 0 else int(state[1])
 
   def _full_evaluation(self, step: int, key) -> dict[str, float]:
     """`eval/accuracy_full` on `data.full_eval_size` problems at `rl.full_eval_steps`."""

@@ -114,6 +114,10 @@ class RLConfig:
   # a warning names this many RL steps in a row whose groups all had equal rewards (zero
   # advantages: nothing to learn; `reward/zero_adv_frac` = 1), and again at each doubling
   no_signal_warn_steps: int = 5
+  # True: the run ends at the RL step where the collapse criterion (`minirl_jax.collapse`)
+  # fires, checkpointed there; rerunning the command does not resume past it. False: a
+  # warning names that step and the run goes on.
+  stop_on_collapse: bool = False
 
   def __post_init__(self):
     if not isinstance(self.steps, int) or self.steps < 0:

@@ -19,6 +19,7 @@ from absl import flags
 
 from minirl_jax import errors
 from minirl_jax.experiments import early_warning
+from minirl_jax.experiments import figures
 from minirl_jax.experiments import grids
 from minirl_jax.experiments import report
 from minirl_jax.experiments import rules
@@ -54,9 +55,12 @@ def main(argv):
     runner.run_grid(grid, seeds=_SEEDS.value, workdir=workdir, max_jobs=_JOBS.value,
                     root=ROOT, progress=_PROGRESS.value)
   runs = report.load(report.finished_runs(grid, _SEEDS.value, workdir))
-  result = report.write_report(grid, _SEEDS.value, runs, workdir)
+  result = report.write_tables(runs, workdir)
   result.update(early_warning.write(runs, workdir))
   readings = rules.write(grid, _SEEDS.value, runs, workdir)
+  result.update(figures.write(runs, result["rows"], readings, workdir,
+                              report.title(grid, _SEEDS.value, result["rows"])))
+  result["rows"] = [dataclasses.asdict(r) for r in result["rows"]]
   print(open(result["table_md"], encoding="utf-8").read())
   if readings is not None:
     print(open(os.path.join(workdir, "verdicts.md"), encoding="utf-8").read())

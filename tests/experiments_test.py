@@ -15,6 +15,7 @@ from minirl_jax import config_base
 from minirl_jax import collapse
 from minirl_jax import errors
 from minirl_jax.experiments import early_warning
+from minirl_jax.experiments import figures
 from minirl_jax.experiments import grids
 from minirl_jax.experiments import report
 from minirl_jax.experiments import runner
@@ -116,12 +117,12 @@ def test_levels_group_level_variant_arms_in_grid_order(tmp_path):
                                        1e-3, 0.0, 9.0)
   rows = [row("zero/minirl", 0.4), row("zero/no_is", 0.3), row("int4/minirl", 0.2),
           row("int4/no_is", 0.1), row("int4/seq", 0.25)]
-  levels, variants = report.by_level(rows)
+  levels, variants = figures.by_level(rows)
   assert levels == ["zero", "int4"] and list(variants) == ["minirl", "no_is", "seq"]
   assert [(x, r.final_accuracy) for x, r in variants["no_is"]] == [(0, 0.3), (1, 0.1)]
   assert [x for x, _ in variants["seq"]] == [1]
-  assert report.by_level(rows + [row("plain_arm", 0.5)]) is None  # not a levelled grid
-  assert report.plot_levels(rows, str(tmp_path / "levels.png")) == str(tmp_path / "levels.png")
+  assert figures.by_level(rows + [row("plain_arm", 0.5)]) is None  # not a levelled grid
+  assert figures.plot_levels(rows, str(tmp_path / "levels.png")) == str(tmp_path / "levels.png")
   assert (tmp_path / "levels.png").stat().st_size > 0
 
 

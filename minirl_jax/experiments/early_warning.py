@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from minirl_jax.experiments import figures
 from minirl_jax.experiments import report
 
 BASELINE_STEPS = 5
@@ -122,7 +123,7 @@ def write(runs: list[report.Run], workdir: str) -> dict:
 def _plot(runs: list[report.Run], path: str) -> str:
   """Each signal's badness over its baseline against RL step, one line per run; the
   threshold FACTOR dashed; a collapsed run's collapse step marked with an x."""
-  fig, axes = report.panels(len(SIGNALS))
+  fig, axes = figures.panels(len(SIGNALS))
   colors, labelled = {}, set()
   for run in runs:
     color = colors.setdefault(run.arm, f"C{len(colors) % 10}")
@@ -142,4 +143,4 @@ def _plot(runs: list[report.Run], path: str) -> str:
       ax.set(xlabel="RL step", title=f"{title} / baseline", yscale="log")
   for ax in axes:
     ax.axhline(FACTOR, ls="--", color="k", lw=0.8)
-  return report.save_figure(fig, axes, path, legend_size=6)
+  return figures.save_figure(fig, axes, path, legend_size=6)

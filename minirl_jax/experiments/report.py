@@ -16,9 +16,6 @@ from minirl_jax import metrics as metrics_lib
 from minirl_jax.experiments import grids
 from minirl_jax.experiments import runner
 
-# The paper's Figures 1-4: one panel per tracked metric against the RL step.
-PANELS = (("reward/mean", "training reward"), ("eval/accuracy", "held-out accuracy"),
-          ("policy/entropy", "token entropy"), ("mismatch/kl_k3", "train-infer KL (k3)"))
 # The per-step metrics DIR/series.csv keeps for every run: what the results pages quote per
 # seed (trajectories, KL, entropy, masking, the early-warning signals) beyond the tables.
 SERIES = ("reward/mean", "eval/accuracy", "policy/entropy", "mismatch/kl_k3",
@@ -104,13 +101,14 @@ class ArmRow:
   wall_s: float
 
 
-def _series(records, key):
+def trajectory(records, key) -> list[tuple[int, float]]:
+  """(step, value) of `key` over the records that have it."""
   return [(r["step"], r[key]) for r in records if key in r]
 
 
 def _mean_of_max(records, key) -> float:
   """Each run's largest value of `key` over its RL steps, averaged over runs."""
-  return float(np.mean([max((v for _, v in _series(r, key)), default=float("nan"))
+  return float(np.mean([max((v for _, v in trajectory(r, key)), default=float("nan"))
                         for r in records]))
 
 
@@ -126,7 +124,7 @@ def arm_row(arm: str, runs: list[Run]) -> ArmRow:
       peak_accuracy_std=float(np.std(peaks)), final_accuracy=float(np.mean(finals)),
       final_accuracy_std=float(np.std(finals)), collapsed=len(collapsed),
       collapse_step_median=float(np.median(collapsed)) if collapsed else None,
-      final_entropy=float(np.mean([_series(r, "policy/entropy")[-1][1] for r in records])),
+      final_entropy=float(np.mean([trajectory(r, "policy/entropy")[-1][1] for r in records])),
       max_kl=_mean_of_max(records, "mismatch/kl_k3"),
       max_staleness=_mean_of_max(records, "staleness/abs_log_pi_pi_old"),
       wall_s=float(np.mean([run.wall_s for run in runs])))
@@ -239,128 +237,16 @@ def restore(grid: grids.Grid, results_dir: str, workdir: str) -> list[str]:
   return made
 
 
-def panels(n: int, width: float = 4.2, height: float = 3.4):
-  """(figure, axes): n panels in a row, drawn off-screen."""
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-  return plt.subplots(1, n, figsize=(width * n, height))
-
-
-def panel_grid(rows: int, cols: int, width: float = 4.2, height: float = 3.2):
-  """(figure, axes [rows, cols]), drawn off-screen."""
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-  return plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
-
-
-def save_figure(fig, axes, path: str, title: str = "", legend_size: int = 7,
-                legend: Optional[str] = "first") -> str:
-  """Grid lines, the legend ("first": in the first panel; "outside": right of the last,
-  off the data; None: the caller placed it), the title; writes the PNG and closes."""
-  from matplotlib import pyplot as plt
-  for ax in axes:
-    ax.grid(alpha=0.3)
-  if legend == "outside":
-    axes[-1].legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.02, 1),
-                    borderaxespad=0)
-  elif legend == "first":
-    axes[0].legend(fontsize=legend_size)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100, bbox_inches="tight")
-  plt.close(fig)
-  return path
-
-
-def arm_colors(arms) -> dict:
-  """One colour per arm, never repeated within a figure (tab10, then tab20, then a ramp)."""
-  from matplotlib import colormaps
-  arms = list(dict.fromkeys(arms))
-  if len(arms) <= 10:
-    return {a: colormaps["tab10"](i) for i, a in enumerate(arms)}
-  if len(arms) <= 20:
-    return {a: colormaps["tab20"](i) for i, a in enumerate(arms)}
-  return {a: colormaps["turbo"](i / (len(arms) - 1)) for i, a in enumerate(arms)}
-
-
-def plot_arms(runs: list[Run], path: str, title: str = "") -> str:
-  """The four panels against RL step: per arm the mean over its seeds with a min-max band.
-  Arms named LEVEL/VARIANT (a gap level, the off-policy N) get one row of panels per
-  level, each variant one colour throughout."""
-  from matplotlib.lines import Line2D
-  grouped = by_arm(runs)
-  levels = list(dict.fromkeys(arm.rpartition("/")[0] for arm in grouped))
-  colors = arm_colors(arm.rpartition("/")[2] for arm in grouped)
-  fig, axes = panel_grid(len(levels), len(PANELS))
-  for arm, arm_runs in grouped.items():
-    level, _, variant = arm.rpartition("/")
-    for ax, (key, label) in zip(axes[levels.index(level)], PANELS):
-      series = [dict(_series(run.records, key)) for run in arm_runs]
-      steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
-      if not steps:
-        continue
-      values = np.array([[s[t] for t in steps] for s in series])
-      ax.plot(steps, values.mean(axis=0), color=colors[variant])
-      ax.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.2,
-                      color=colors[variant])
-      ax.set(xlabel="RL step", ylabel=f"{label}, {level}" if level else label)
-  axes[0, -1].legend(handles=[Line2D([], [], color=c, label=v) for v, c in colors.items()],
-                     fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
-  note = "lines: mean over seeds; bands: min-max over seeds"
-  return save_figure(fig, list(axes.ravel()), path, f"{title}; {note}" if title else note,
-                     legend=None)
-
-
-def by_level(rows: list[ArmRow]):
-  """Arms named LEVEL/VARIANT (the gap grid's sampler formats, the off-policy grid's N):
-  (the levels in grid order, {variant: [(level index, row)]}); None for other grids."""
-  if not rows or not all("/" in r.arm for r in rows):
-    return None
-  levels, variants = {}, {}
-  for r in rows:
-    level, variant = r.arm.split("/", 1)
-    x = levels.setdefault(level, len(levels))
-    variants.setdefault(variant, []).append((x, r))
-  return list(levels), variants
-
-
-def plot_levels(rows: list[ArmRow], path: str, title: str = "") -> Optional[str]:
-  """Final held-out accuracy (error bar = std over seeds) and max train-infer KL against
-  the level, one line per variant; None unless the arms are named LEVEL/VARIANT."""
-  grouped = by_level(rows)
-  if grouped is None:
-    return None
-  levels, variants = grouped
-  fig, (acc_ax, kl_ax) = panels(2, width=5.0, height=3.6)
-  for variant, points in variants.items():
-    xs = [x for x, _ in points]
-    acc_ax.errorbar(xs, [r.final_accuracy for _, r in points], marker="o", capsize=3,
-                    yerr=[r.final_accuracy_std for _, r in points], label=variant)
-    kl_ax.plot(xs, [r.max_kl for _, r in points], marker="o", label=variant)
-  acc_ax.set(title="final held-out accuracy (mean ± std)")
-  kl_ax.set(title="max train-infer KL (k3), mean over seeds")
-  if all(r.max_kl > 0 for r in rows):
-    kl_ax.set_yscale("log")  # labels within a decade, unlike symlog
-  else:  # the zero-gap control's KL is exactly 0
-    kl_ax.set_yscale("symlog", linthresh=1e-14)
-  for ax in (acc_ax, kl_ax):
-    ax.set_xticks(range(len(levels)), levels)
-  return save_figure(fig, (acc_ax, kl_ax), path, title)
-
-
-def write_report(grid: grids.Grid, seeds: int, runs: list[Run], workdir: str) -> dict:
-  """Table, series and figures of a grid's finished runs; returns where they are and the
-  rows."""
+def write_tables(runs: list[Run], workdir: str) -> dict:
+  """Table and series of a grid's finished runs; returns where they are and the rows."""
   rows = write_table(runs, workdir)
-  counts = sorted({r.seeds for r in rows}) or [0]  # a grid read mid-run has fewer
-  have = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-  title = f"{grid.name}: mean over {have} of {seeds} seed(s)"
-  figure = plot_arms(runs, os.path.join(workdir, "curves.png"), title)
   return {"table_csv": os.path.join(workdir, "table.csv"),
-          "table_md": os.path.join(workdir, "table.md"), "figure": figure,
-          "series_csv": write_series(runs, workdir),
-          "levels_figure": plot_levels(rows, os.path.join(workdir, "levels.png"), title),
-          "rows": [dataclasses.asdict(r) for r in rows]}
+          "table_md": os.path.join(workdir, "table.md"),
+          "series_csv": write_series(runs, workdir), "rows": rows}
+
+
+def title(grid: grids.Grid, seeds: int, rows: list[ArmRow]) -> str:
+  """What a figure of a grid read mid-run shows: how many of the seeds are in."""
+  counts = sorted({r.seeds for r in rows}) or [0]
+  have = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+  return f"{grid.name}: mean over {have} of {seeds} seed(s)"

@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from minirl_jax.experiments import early_warning
+from minirl_jax.experiments import figures
 from minirl_jax.experiments import report
 
 HORIZON = 10
@@ -114,7 +115,7 @@ def write(runs: list[report.Run], workdir: str, title: str = "") -> dict:
   """DIR/roc.md (per signal: examples, AUC, the round-1 threshold's rates and leads) and
   DIR/roc.png (the curves); returns the per-signal figures."""
   rows = {}
-  fig, ax = report.panels(1, width=8.0, height=4.6)
+  fig, ax = figures.panels(1, width=8.0, height=4.6)
   axes = [ax]
   for i, (metric, label, transform) in enumerate(SIGNALS):
     ex = examples(runs, metric, transform)
@@ -130,7 +131,7 @@ def write(runs: list[report.Run], workdir: str, title: str = "") -> dict:
   ax.plot([0, 1], [0, 1], ls=":", color="k", lw=0.8, label="chance")
   ax.set(xlabel="false-positive rate (steps not followed by a collapse)",
          ylabel=f"true-positive rate (steps <= {HORIZON} before a collapse)")
-  figure = report.save_figure(fig, axes, os.path.join(workdir, "roc.png"), title,
+  figure = figures.save_figure(fig, axes, os.path.join(workdir, "roc.png"), title,
                               legend_size=8, legend="outside")
   collapsed = sum(run.collapse_step is not None for run in runs)
   lines = [f"{len(runs)} runs, {collapsed} collapsed; a step is positive when its run "

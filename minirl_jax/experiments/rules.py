@@ -32,6 +32,8 @@ class ArmResult:
   collapsed: dict[int, bool]
   score: dict[int, float] = dataclasses.field(default_factory=dict)  # round 2's (`score`)
   late_kl: dict[int, float] = dataclasses.field(default_factory=dict)  # k3, last 10 steps
+  # the score is RL step 0's evaluation alone (the run collapsed before any other)
+  scored_at_start: dict[int, bool] = dataclasses.field(default_factory=dict)
 
   @property
   def collapses(self) -> int:
@@ -51,6 +53,8 @@ class Reading:
   question: str
   verdict: str
   evidence: str
+  # an accuracy reading's paired difference: (mean, low, high) of its 95% t interval
+  interval: Optional[tuple[float, float, float]] = None
 
 
 def by_seed(runs: list[report.Run]) -> dict[str, ArmResult]:
@@ -61,22 +65,28 @@ def by_seed(runs: list[report.Run]) -> dict[str, ArmResult]:
     arm.start[run.seed], arm.final[run.seed] = run.accuracies[0], run.accuracies[-1]
     arm.collapsed[run.seed] = run.collapse_step is not None
     arm.score[run.seed] = score(run)
+    arm.scored_at_start[run.seed] = [s for s, _ in scored_evaluations(run)] == [0]
     kl = [r["mismatch/kl_k3"] for r in run.records if "mismatch/kl_k3" in r][-10:]
     arm.late_kl[run.seed] = float(np.mean(kl)) if kl else float("nan")
   return arms
 
 
-def score(run: report.Run) -> float:
-  """Round 2's score (docs/results/round2.md): the mean of the last two full evaluations
-  (`eval/accuracy_full`), before the collapse step for a run that collapsed; without full
-  evaluations (round 1), the last evaluation."""
+def scored_evaluations(run: report.Run) -> list[tuple[int, float]]:
+  """(step, accuracy) of the full evaluations round 2's score reads (docs/results/round2.md):
+  the last two, before the collapse step for a run that collapsed (step 0's when it
+  collapsed before any other); [] without full evaluations (round 1)."""
   full = [(r["step"], r["eval/accuracy_full"]) for r in run.records
           if "eval/accuracy_full" in r]
-  if not full:
-    return run.accuracies[-1]
   if run.collapse_step is not None:
     full = [(s, a) for s, a in full if s < run.collapse_step] or full[:1]
-  return float(np.mean([a for _, a in full[-2:]]))
+  return full[-2:]
+
+
+def score(run: report.Run) -> float:
+  """Round 2's score: the mean of `scored_evaluations`; without full evaluations (round
+  1), the last evaluation."""
+  read = scored_evaluations(run)
+  return float(np.mean([a for _, a in read])) if read else run.accuracies[-1]
 
 
 def ahead(a: ArmResult, b: ArmResult) -> int:
@@ -235,10 +245,20 @@ def _scores(a: ArmResult, b: ArmResult, which: str = "score") -> list[float]:
 def _accuracy(question: str, a: ArmResult, b: ArmResult, claim: str) -> Reading:
   diffs = _scores(a, b)
   verdict, evidence = power.read_difference(diffs, claim)
-  if len(diffs) >= 2:
+  sd = float(np.std(diffs, ddof=1)) if len(diffs) >= 2 else 0.0
+  if sd > 0:
     evidence += (f"; smallest effect this design finds (80%): "
-                 f"{power.detectable_effect(float(np.std(diffs, ddof=1)), len(diffs)):.3f}")
-  return Reading(question, verdict, evidence)
+                 f"{power.detectable_effect(sd, len(diffs)):.3f}")
+  elif len(diffs) >= 2:
+    evidence += ("; every seed's difference is the same, so no spread to size the design "
+                 "by")
+  seeds = a.score.keys() & b.score.keys()
+  if seeds and all(arm.scored_at_start.get(s) for arm in (a, b) for s in seeds):
+    evidence += ("; both arms' scores are their RL step-0 evaluation in every seed (each "
+                 "run collapsed before its first full evaluation after step 0): the contrast "
+                 "compares the cold start with itself")
+  interval = power.t_interval(diffs) if len(diffs) >= 2 else None
+  return Reading(question, verdict, evidence, interval)
 
 
 def _collapse(question: str, collapses: ArmResult, holds: ArmResult) -> Reading:

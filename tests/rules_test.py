@@ -162,15 +162,30 @@ def test_every_reading_finds_its_arms_in_the_real_grid(name, final_questions):
 
 def _round2_run(arm, seed, full, collapse_step=None, kl=1e-3):
   records = [{"step": 0, "eval/accuracy": 0.3, "eval/accuracy_full": full[0]}]
-  records += [{"step": s, "eval/accuracy": a, "eval/accuracy_full": a, "mismatch/kl_k3": kl}
-              for s, a in zip((190, 200), full[1:])]
+  records += [{"step": s, "eval/accuracy": a, "eval/accuracy_full": a, "mismatch/kl_k3": kl,
+               "policy/entropy": 0.3} for s, a in zip((190, 200), full[1:])]
   return report.Run(arm, f"{arm}/seed_{seed}", seed, records, collapse_step, 1.0)
 
 
 def test_round2_score_is_the_mean_of_the_last_two_full_evaluations():
-  assert rules.score(_round2_run("a", 0, (0.3, 0.40, 0.50))) == pytest.approx(0.45)
+  assert _round2_run("a", 0, (0.3, 0.40, 0.50)).score == pytest.approx(0.45)
   # collapsed at step 195: the full evaluations before it (steps 0 and 190)
-  assert rules.score(_round2_run("a", 0, (0.3, 0.40, 0.05), 195)) == pytest.approx(0.35)
+  assert _round2_run("a", 0, (0.3, 0.40, 0.05), 195).score == pytest.approx(0.35)
+  # collapsed at step 5, before any full evaluation but step 0's: that one alone
+  early = _round2_run("a", 0, (0.3, 0.40, 0.05), 5)
+  assert early.scored_evaluations == [(0, 0.3)] and early.score == pytest.approx(0.3)
+  # round 1 (no full evaluations): the last evaluation
+  plain = report.Run("a", "a/seed_0", 0, [{"step": 0, "eval/accuracy": 0.3},
+                                           {"step": 40, "eval/accuracy": 0.35}], None, 1.0)
+  assert plain.scored_evaluations == [] and plain.score == 0.35
+
+
+def test_round2_table_has_the_score_column(tmp_path):
+  runs = [_round2_run("a", s, (0.3, 0.40, 0.50 + 0.1 * s)) for s in range(2)]
+  rows = report.write_table(runs, str(tmp_path))
+  # seed 0: (0.40 + 0.50) / 2, seed 1: (0.40 + 0.60) / 2
+  assert rows[0].score == pytest.approx(0.475) and rows[0].score_std == pytest.approx(0.025)
+  assert "| 0.475 ± 0.025 |" in (tmp_path / "table.md").read_text()
 
 
 def test_round2_reads_collapses_by_fisher_and_accuracy_by_intervals():

@@ -4,6 +4,7 @@ metrics.jsonl; a run's collapse step by the criterion of `minirl_jax.collapse`.
 import csv
 import dataclasses
 import json
+import math
 import os
 import re
 from typing import Optional
@@ -62,6 +63,25 @@ class Run:
     """Held-out accuracy at each evaluation, RL step 0 first."""
     return [r["eval/accuracy"] for r in self.records if "eval/accuracy" in r]
 
+  @property
+  def scored_evaluations(self) -> list[tuple[int, float]]:
+    """(step, accuracy) of the full evaluations round 2's score reads
+    (docs/results/round2.md): the last two, before the collapse step for a run that
+    collapsed (step 0's when it collapsed before any other); [] without full evaluations
+    (round 1)."""
+    full = [(r["step"], r["eval/accuracy_full"]) for r in self.records
+            if "eval/accuracy_full" in r]
+    if self.collapse_step is not None:
+      full = [(s, a) for s, a in full if s < self.collapse_step] or full[:1]
+    return full[-2:]
+
+  @property
+  def score(self) -> float:
+    """What the verdicts compare: the mean of `scored_evaluations`; without full
+    evaluations (round 1), the last evaluation."""
+    read = self.scored_evaluations
+    return float(np.mean([a for _, a in read])) if read else self.accuracies[-1]
+
 
 def load(run_dirs: dict[str, list[str]]) -> list[Run]:
   """Each run's RL records, collapse step and wall time, arm by arm."""
@@ -99,6 +119,8 @@ class ArmRow:
   max_kl: float
   max_staleness: float  # |log pi_theta - log pi_old| per token, the step's mean: 0 at N = 1
   wall_s: float
+  score: float = float("nan")  # `Run.score`, mean over seeds (nan: no full evaluations)
+  score_std: float = float("nan")
 
 
 def trajectory(records, key) -> list[tuple[int, float]]:
@@ -127,7 +149,15 @@ def arm_row(arm: str, runs: list[Run]) -> ArmRow:
       final_entropy=float(np.mean([trajectory(r, "policy/entropy")[-1][1] for r in records])),
       max_kl=_mean_of_max(records, "mismatch/kl_k3"),
       max_staleness=_mean_of_max(records, "staleness/abs_log_pi_pi_old"),
-      wall_s=float(np.mean([run.wall_s for run in runs])))
+      wall_s=float(np.mean([run.wall_s for run in runs])),
+      **_scores(runs))
+
+
+def _scores(runs: list[Run]) -> dict:
+  if not any(run.scored_evaluations for run in runs):
+    return {}
+  scores = [run.score for run in runs]
+  return {"score": float(np.mean(scores)), "score_std": float(np.std(scores))}
 
 
 def finished_runs(grid: grids.Grid, seeds: int, workdir: str) -> dict[str, list[str]]:
@@ -150,15 +180,19 @@ def write_table(runs: list[Run], workdir: str) -> list[ArmRow]:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     writer.writerows(dataclasses.asdict(r) for r in rows)
-  lines = ["| arm | seeds | start acc | peak acc | final acc | collapsed (step) | "
-           "final entropy | max KL | max staleness | wall s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  scored = any(math.isfinite(r.score) for r in rows)  # round 2: the full evaluations
+  lines = ["| arm | seeds | start acc | peak acc | final acc | "
+           + ("score (full evaluations) | " if scored else "")
+           + "collapsed (step) | final entropy | max KL | max staleness | wall s |",
+           "|---|---|---|---|---|" + ("---|" if scored else "") + "---|---|---|---|---|"]
   for r in rows:
     when = f" ({r.collapse_step_median:.0f})" if r.collapsed else ""
+    score = f"{r.score:.3f} ± {r.score_std:.3f} | " if scored else ""
     lines.append(
         f"| {r.arm} | {r.seeds} | {r.start_accuracy:.3f} ± {r.start_accuracy_std:.3f} | "
         f"{r.peak_accuracy:.3f} ± {r.peak_accuracy_std:.3f} | "
-        f"{r.final_accuracy:.3f} ± {r.final_accuracy_std:.3f} | {r.collapsed}/{r.seeds}{when}"
+        f"{r.final_accuracy:.3f} ± {r.final_accuracy_std:.3f} | {score}"
+        f"{r.collapsed}/{r.seeds}{when}"
         f" | {r.final_entropy:.3g} | {r.max_kl:.2e} | {r.max_staleness:.2e} | {r.wall_s:.0f} |")
   with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")

@@ -30,7 +30,7 @@ class ArmResult:
   start: dict[int, float]  # held-out accuracy at RL step 0
   final: dict[int, float]  # at the last evaluation
   collapsed: dict[int, bool]
-  score: dict[int, float] = dataclasses.field(default_factory=dict)  # round 2's (`score`)
+  score: dict[int, float] = dataclasses.field(default_factory=dict)  # `report.Run.score`
   late_kl: dict[int, float] = dataclasses.field(default_factory=dict)  # k3, last 10 steps
   # the score is RL step 0's evaluation alone (the run collapsed before any other)
   scored_at_start: dict[int, bool] = dataclasses.field(default_factory=dict)
@@ -64,29 +64,11 @@ def by_seed(runs: list[report.Run]) -> dict[str, ArmResult]:
     arm = arms.setdefault(run.arm, ArmResult({}, {}, {}))
     arm.start[run.seed], arm.final[run.seed] = run.accuracies[0], run.accuracies[-1]
     arm.collapsed[run.seed] = run.collapse_step is not None
-    arm.score[run.seed] = score(run)
-    arm.scored_at_start[run.seed] = [s for s, _ in scored_evaluations(run)] == [0]
+    arm.score[run.seed] = run.score
+    arm.scored_at_start[run.seed] = [s for s, _ in run.scored_evaluations] == [0]
     kl = [r["mismatch/kl_k3"] for r in run.records if "mismatch/kl_k3" in r][-10:]
     arm.late_kl[run.seed] = float(np.mean(kl)) if kl else float("nan")
   return arms
-
-
-def scored_evaluations(run: report.Run) -> list[tuple[int, float]]:
-  """(step, accuracy) of the full evaluations round 2's score reads (docs/results/round2.md):
-  the last two, before the collapse step for a run that collapsed (step 0's when it
-  collapsed before any other); [] without full evaluations (round 1)."""
-  full = [(r["step"], r["eval/accuracy_full"]) for r in run.records
-          if "eval/accuracy_full" in r]
-  if run.collapse_step is not None:
-    full = [(s, a) for s, a in full if s < run.collapse_step] or full[:1]
-  return full[-2:]
-
-
-def score(run: report.Run) -> float:
-  """Round 2's score: the mean of `scored_evaluations`; without full evaluations (round
-  1), the last evaluation."""
-  read = scored_evaluations(run)
-  return float(np.mean([a for _, a in read])) if read else run.accuracies[-1]
 
 
 def ahead(a: ArmResult, b: ArmResult) -> int:

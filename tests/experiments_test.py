@@ -360,3 +360,8 @@ def test_every_arm_is_a_valid_config(name):
                            arm.overrides)
       s = settings_lib.from_config(config)
       assert (s.rl.global_batch, s.rl.num_minibatches) == (64, 8), arm.name
+    for arm in (arm for arm in grid.arms if arm.name.startswith("n2/")):
+      config = grids.apply(config_base.sibling(str(ROOT / grid.base_config), "paper_moe"),
+                           arm.overrides)
+      s = settings_lib.from_config(config)
+      assert (s.rl.global_batch, s.rl.num_minibatches) == (64, 2), arm.name

@@ -205,3 +205,21 @@ def test_round2_reads_collapses_by_fisher_and_accuracy_by_intervals():
   assert readings["finding 4: R3 lowers the k3 KL (last 10 steps, no replay - R3)"].verdict == (
       "reproduced")
   assert not any(q.startswith("finding 5") for q in readings)  # no off-policy arm ran
+
+
+def test_round2_reads_each_n_and_names_contrasts_of_the_cold_start_with_itself():
+  """N = 8 and N = 2 are read alike; where every run of both arms collapsed before its
+  first full evaluation after step 0, both scores are step 0's and the reading says so."""
+  runs = []
+  for seed in range(3):
+    for arm in ("n8/minirl", "n8/minirl+r3"):
+      runs.append(_round2_run(arm, seed, (0.2 + 0.01 * seed, 0.0, 0.0), collapse_step=5))
+    runs.append(_round2_run("n2/minirl", seed, (0.2, 0.30, 0.30 + 0.01 * seed)))
+    runs.append(_round2_run("n2/minirl+r3", seed, (0.2, 0.40, 0.42 + 0.02 * seed)))
+  readings = {r.question: r for r in rules.read_round2(rules.by_seed(runs))}
+  n8 = readings["finding 5, N = 8: MiniRL + R3 ahead of no replay"]
+  assert n8.interval == (0.0, 0.0, 0.0) and "compares the cold start with itself" in n8.evidence
+  assert "collapsed 3/3 vs 3/3" in readings["finding 5, N = 8: without replay, collapse"].evidence
+  n2 = readings["finding 5, N = 2: MiniRL + R3 ahead of no replay"]
+  assert n2.verdict == "reproduced" and "cold start" not in n2.evidence
+  assert n2.interval[0] == pytest.approx(0.115)  # ((0.40 + 0.42 + 0.02 s) - (0.30 + 0.30 + 0.01 s)) / 2

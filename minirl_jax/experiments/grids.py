@@ -120,14 +120,19 @@ def _round2() -> tuple[Arm, ...]:
   3 seeds no collapse contrast of theirs could reach p < 0.05 anyway. Off-policy at N = 8
   keeps the on-policy global batch (8 prompts x 8) and splits it into mini-batches of 8, so
   N is not confounded with data per step."""
-  n8 = {"rl.mini_batch_size": 8}
+  n8, n2 = {"rl.mini_batch_size": 8}, {"rl.mini_batch_size": 32}
   return (Arm("minirl", MINIRL, seeds=10), Arm("minirl_no_is", NO_IS, seeds=10),
           Arm("n8/minirl", {**MINIRL, **n8}, seeds=5),
           Arm("n8/minirl+r3", {**MINIRL, **R3, **n8}, seeds=5),
           Arm("minirl+r3", {**MINIRL, **R3}, seeds=0),
           Arm("minirl_no_is+r3", {**NO_IS, **R3}, seeds=0),
           Arm("n8/minirl+r2", {**MINIRL, **R2, **n8}, seeds=0),
-          Arm("n8/minirl_no_clip", {**MINIRL, **NO_CLIP, **n8}, seeds=0))
+          Arm("n8/minirl_no_clip", {**MINIRL, **NO_CLIP, **n8}, seeds=0),
+          # Added before any N = 2 run (round2.md, "Addendum"): every N = 8 run so far
+          # collapsed by step 5 with and without replay, a mini-batch of 8 being one
+          # prompt's group; N = 2 updates on 4 prompts' groups.
+          Arm("n2/minirl", {**MINIRL, **n2}, seeds=0),
+          Arm("n2/minirl+r3", {**MINIRL, **R3, **n2}, seeds=0))
 
 
 GRIDS = {

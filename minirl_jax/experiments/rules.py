@@ -271,11 +271,12 @@ def read_round2(arms: dict[str, ArmResult]) -> list[Reading]:
   if have("n8/minirl_no_clip", "n8/minirl+r3"):
     readings.append(_collapse("finding 5, N = 8: without clipping, collapse",
                               arms["n8/minirl_no_clip"], arms["n8/minirl+r3"]))
-  if have("n8/minirl", "n8/minirl+r3"):
-    readings += [_collapse("finding 5, N = 8: without replay, collapse", arms["n8/minirl"],
-                           arms["n8/minirl+r3"]),
-                 _accuracy("finding 5, N = 8: MiniRL + R3 ahead of no replay",
-                           arms["n8/minirl+r3"], arms["n8/minirl"], "ahead")]
+  for n in (8, 2):
+    if have(f"n{n}/minirl", f"n{n}/minirl+r3"):
+      readings += [_collapse(f"finding 5, N = {n}: without replay, collapse",
+                             arms[f"n{n}/minirl"], arms[f"n{n}/minirl+r3"]),
+                   _accuracy(f"finding 5, N = {n}: MiniRL + R3 ahead of no replay",
+                             arms[f"n{n}/minirl+r3"], arms[f"n{n}/minirl"], "ahead")]
   if have("n8/minirl+r2", "n8/minirl+r3"):
     readings += [_accuracy("finding 6, N = 8: R3 ahead of R2", arms["n8/minirl+r3"],
                            arms["n8/minirl+r2"], "ahead"),

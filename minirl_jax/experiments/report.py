@@ -4,7 +4,6 @@ metrics.jsonl; a run's collapse step by the criterion of `minirl_jax.collapse`.
 import csv
 import dataclasses
 import json
-import math
 import os
 import re
 from typing import Optional
@@ -119,8 +118,8 @@ class ArmRow:
   max_kl: float
   max_staleness: float  # |log pi_theta - log pi_old| per token, the step's mean: 0 at N = 1
   wall_s: float
-  score: float = float("nan")  # `Run.score`, mean over seeds (nan: no full evaluations)
-  score_std: float = float("nan")
+  score: Optional[float] = None  # `Run.score`, mean over seeds (None: no full evaluations)
+  score_std: Optional[float] = None
 
 
 def trajectory(records, key) -> list[tuple[int, float]]:
@@ -180,14 +179,15 @@ def write_table(runs: list[Run], workdir: str) -> list[ArmRow]:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     writer.writerows(dataclasses.asdict(r) for r in rows)
-  scored = any(math.isfinite(r.score) for r in rows)  # round 2: the full evaluations
+  scored = any(r.score is not None for r in rows)  # round 2: the full evaluations
   lines = ["| arm | seeds | start acc | peak acc | final acc | "
            + ("score (full evaluations) | " if scored else "")
            + "collapsed (step) | final entropy | max KL | max staleness | wall s |",
            "|---|---|---|---|---|" + ("---|" if scored else "") + "---|---|---|---|---|"]
   for r in rows:
     when = f" ({r.collapse_step_median:.0f})" if r.collapsed else ""
-    score = f"{r.score:.3f} ± {r.score_std:.3f} | " if scored else ""
+    score = ("" if not scored else "- | " if r.score is None else
+             f"{r.score:.3f} ± {r.score_std:.3f} | ")
     lines.append(
         f"| {r.arm} | {r.seeds} | {r.start_accuracy:.3f} ± {r.start_accuracy_std:.3f} | "
         f"{r.peak_accuracy:.3f} ± {r.peak_accuracy_std:.3f} | "

@@ -121,12 +121,12 @@ def write(runs: list[report.Run], workdir: str) -> dict:
 
 
 def _plot(runs: list[report.Run], path: str) -> str:
-  """Each signal's badness over its baseline against RL step, one line per run; the
-  threshold FACTOR dashed; a collapsed run's collapse step marked with an x."""
+  """Each signal's badness over its baseline against RL step, one line per run (one colour
+  per arm); the threshold FACTOR dashed; a collapsed run's collapse step marked with an x."""
   fig, axes = figures.panels(len(SIGNALS))
-  colors, labelled = {}, set()
+  colors, labelled = figures.arm_colors(run.arm for run in runs), set()
   for run in runs:
-    color = colors.setdefault(run.arm, f"C{len(colors) % 10}")
+    color = colors[run.arm]
     label = None if run.arm in labelled else run.arm
     labelled.add(run.arm)
     for ax, (metric, title, transform) in zip(axes, SIGNALS):
@@ -140,7 +140,7 @@ def _plot(runs: list[report.Run], path: str) -> str:
       if run.collapse_step in steps:
         ax.plot(run.collapse_step, ratio[steps.index(run.collapse_step)], "x", color=color,
                 ms=8)
-      ax.set(xlabel="RL step", title=f"{title} / baseline", yscale="log")
+      ax.set(xlabel="RL step", ylabel=f"{title} / its baseline", yscale="log")
   for ax in axes:
     ax.axhline(FACTOR, ls="--", color="k", lw=0.8)
   return figures.save_figure(fig, axes, path, legend_size=6)

@@ -124,7 +124,7 @@ def write(runs: list[report.Run], workdir: str, title: str = "") -> dict:
     rows[metric] = dict(label=label, runs=ex.runs, positives=int(ex.labels.sum()),
                         negatives=int((~ex.labels).sum()), auc=auc(ex),
                         tpr_at_2x=tpr, fpr_at_2x=fpr, warned_runs=len(lead),
-                        median_lead=float(np.median(lead)) if lead else float("nan"))
+                        median_lead=float(np.median(lead)) if lead else None)
     if ex.labels.any() and (~ex.labels).any():
       x, y, _ = curve(ex)
       ax.plot(x, y, color=f"C{i}", lw=1.5, label=f"{label} (AUC {rows[metric]['auc']:.2f})")
@@ -140,9 +140,10 @@ def write(runs: list[report.Run], workdir: str, title: str = "") -> dict:
            "at 2x: true-positive rate | at 2x: false-positive rate | collapsed runs warned "
            "at 2x | median lead (steps) |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows.values():
+    lead = "-" if r["median_lead"] is None else f"{r['median_lead']:g}"
     lines.append(f"| {r['label']} | {r['runs']} | {r['positives']} | {r['negatives']} | "
                  f"{r['auc']:.3f} | {r['tpr_at_2x']:.3f} | {r['fpr_at_2x']:.3f} | "
-                 f"{r['warned_runs']}/{collapsed} | {r['median_lead']:g} |")
+                 f"{r['warned_runs']}/{collapsed} | {lead} |")
   with open(os.path.join(workdir, "roc.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   return {"roc_md": os.path.join(workdir, "roc.md"), "roc_figure": figure, "signals": rows}

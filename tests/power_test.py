@@ -83,3 +83,12 @@ def test_read_difference(diffs, claim, verdict):
 def test_read_collapses(counts, verdict):
   got, evidence = power.read_collapses(*counts)
   assert got == verdict and f"{counts[0]}/{counts[1]} vs {counts[2]}/{counts[3]}" in evidence
+
+
+def test_fewest_decisive_collapses_is_the_designs_smallest_collapse_contrast():
+  # 4/5 vs 0/5: p = 0.024, 3/5: 0.083 (round2.md part 1); 3/3 vs 0/3 is p = 0.05, not below
+  assert power.fewest_decisive_collapses(5, 5) == 4
+  assert power.fewest_decisive_collapses(10, 10) == 4  # 4/10 vs 0/10: p = 0.043
+  assert power.fewest_decisive_collapses(3, 3) is None
+  assert "smallest decisive count is 4/5 vs 0/5" in power.read_collapses(2, 5, 0, 5)[1]
+  assert "no count at these runs can reach p < 0.05" in power.read_collapses(3, 3, 3, 3)[1]

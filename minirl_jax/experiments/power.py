@@ -14,7 +14,7 @@ and one evaluation, so var_train is what is left after the binomial term.
 """
 import dataclasses
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from scipy import stats
@@ -120,6 +120,13 @@ def fisher_power(rate_a: float, rate_b: float, runs: int, alpha: float = 0.05) -
   return float(power)
 
 
+def fewest_decisive_collapses(a_runs: int, b_runs: int, alpha: float = 0.05) -> Optional[int]:
+  """The fewest collapses in `a_runs` runs that, against none in `b_runs`, give a one-sided
+  Fisher p < alpha (the smallest collapse contrast a design can detect); None if none."""
+  return next((k for k in range(1, a_runs + 1)
+               if fisher_one_sided(k, a_runs, 0, b_runs) < alpha), None)
+
+
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 SMALLEST_EFFECT = 0.05  # the accuracy difference round 2 is designed to detect
 
@@ -160,6 +167,10 @@ def read_collapses(a_collapsed: int, a_runs: int, b_collapsed: int,
   inconclusive."""
   p = fisher_one_sided(a_collapsed, a_runs, b_collapsed, b_runs)
   evidence = f"collapsed {a_collapsed}/{a_runs} vs {b_collapsed}/{b_runs}, Fisher p = {p:.3g}"
+  fewest = fewest_decisive_collapses(a_runs, b_runs)
+  evidence += (f"; at these runs the smallest decisive count is {fewest}/{a_runs} vs "
+               f"0/{b_runs}" if fewest is not None else
+               "; no count at these runs can reach p < 0.05")
   if p < 0.05:
     return REPRODUCED, evidence
   return (NOT_REPRODUCED if a_collapsed == 0 and a_runs >= 5 else INCONCLUSIVE), evidence

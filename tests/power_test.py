@@ -92,3 +92,24 @@ def test_fewest_decisive_collapses_is_the_designs_smallest_collapse_contrast():
   assert power.fewest_decisive_collapses(3, 3) is None
   assert "smallest decisive count is 4/5 vs 0/5" in power.read_collapses(2, 5, 0, 5)[1]
   assert "no count at these runs can reach p < 0.05" in power.read_collapses(3, 3, 3, 3)[1]
+
+
+def test_power_script_rederives_round2s_design_from_round1s_series():
+  """scripts/power.py on the committed round-1 series gives the numbers round2.md's part 1
+  quotes: paired SD 0.063 (0.059 of it evaluation), and 6 seeds for 0.05 at 1024 problems
+  scored by the mean of the last 2 evaluations."""
+  import json
+  import pathlib
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).parents[1]
+  out = subprocess.run([sys.executable, str(root / "scripts" / "power.py")], check=True,
+                       capture_output=True, text=True, timeout=300).stdout
+  result = json.loads(out.strip().splitlines()[-1])
+  assert round(result["noise_final"]["diff_sd"], 3) == 0.063
+  assert round(result["noise_final"]["eval_sd"], 3) == 0.059
+  assert result["noise_final"]["contrasts"] == 64
+  design = {(d["problems"], d["evals"]): d for d in result["designs"]}
+  assert design[(1024, 2)]["seeds"] == 6 and design[(128, 1)]["seeds"] == 16
+  assert round(design[(1024, 2)]["mde_5"], 3) == 0.057
+  assert round(result["fisher_p"]["4/5 vs 0/5"], 3) == 0.024

@@ -1,5 +1,9 @@
 """The power analysis' statistics against hand values and simulation."""
+import json
 import math
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,10 +102,6 @@ def test_power_script_rederives_round2s_design_from_round1s_series():
   """scripts/power.py on the committed round-1 series gives the numbers round2.md's part 1
   quotes: paired SD 0.063 (0.059 of it evaluation), and 6 seeds for 0.05 at 1024 problems
   scored by the mean of the last 2 evaluations."""
-  import json
-  import pathlib
-  import subprocess
-  import sys
   root = pathlib.Path(__file__).parents[1]
   out = subprocess.run([sys.executable, str(root / "scripts" / "power.py")], check=True,
                        capture_output=True, text=True, timeout=300).stdout

@@ -21,20 +21,25 @@ PANELS = (("reward/mean", "training reward"), ("eval/accuracy", "held-out accura
           ("policy/entropy", "token entropy"), ("mismatch/kl_k3", "train-infer KL (k3)"))
 
 
-def panels(n: int, width: float = 4.2, height: float = 3.4):
-  """(figure, axes): n panels in a row, drawn off-screen."""
+# Where every legend goes: right of the last panel, off the data.
+OUTSIDE = dict(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+
+
+def _subplots(rows: int, cols: int, width: float, height: float, **kwargs):
   import matplotlib
-  matplotlib.use("Agg")
+  matplotlib.use("Agg")  # off-screen
   from matplotlib import pyplot as plt
-  return plt.subplots(1, n, figsize=(width * n, height))
+  return plt.subplots(rows, cols, figsize=(width * cols, height * rows), **kwargs)
+
+
+def panels(n: int, width: float = 4.2, height: float = 3.4):
+  """(figure, axes): n panels in a row (one Axes when n is 1)."""
+  return _subplots(1, n, width, height)
 
 
 def panel_grid(rows: int, cols: int, width: float = 4.2, height: float = 3.2):
-  """(figure, axes [rows, cols]), drawn off-screen."""
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-  return plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+  """(figure, axes [rows, cols])."""
+  return _subplots(rows, cols, width, height, squeeze=False)
 
 
 def save_figure(fig, axes, path: str, title: str = "", legend_size: int = 7,
@@ -45,8 +50,7 @@ def save_figure(fig, axes, path: str, title: str = "", legend_size: int = 7,
   for ax in axes:
     ax.grid(alpha=0.3)
   if legend == "outside":
-    axes[-1].legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.02, 1),
-                    borderaxespad=0)
+    axes[-1].legend(fontsize=legend_size, **OUTSIDE)
   if title:
     fig.suptitle(title)
   fig.tight_layout()
@@ -69,7 +73,7 @@ def arm_colors(arms) -> dict:
 def _legend_outside(ax, colors: dict) -> None:
   from matplotlib.lines import Line2D
   ax.legend(handles=[Line2D([], [], color=c, label=name) for name, c in colors.items()],
-            fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+            fontsize=7, **OUTSIDE)
 
 
 def _over_seeds(runs: list[report.Run], key: str):

@@ -1,5 +1,6 @@
-"""A grid's table (CSV, Markdown), per-step series (CSV) and figures, from its runs'
-metrics.jsonl; a run's collapse step by the criterion of `minirl_jax.collapse`.
+"""A grid's runs read once (`Run`: records, collapse step by `minirl_jax.collapse`, round
+2's score), its table (CSV, Markdown) and per-step series (CSV); the figures are
+`figures.py`'s.
 """
 import csv
 import dataclasses
@@ -149,10 +150,10 @@ def arm_row(arm: str, runs: list[Run]) -> ArmRow:
       max_kl=_mean_of_max(records, "mismatch/kl_k3"),
       max_staleness=_mean_of_max(records, "staleness/abs_log_pi_pi_old"),
       wall_s=float(np.mean([run.wall_s for run in runs])),
-      **_scores(runs))
+      **_score_columns(runs))
 
 
-def _scores(runs: list[Run]) -> dict:
+def _score_columns(runs: list[Run]) -> dict:
   if not any(run.scored_evaluations for run in runs):
     return {}
   scores = [run.score for run in runs]

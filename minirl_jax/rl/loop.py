@@ -68,6 +68,13 @@ class SkipGuard:
           "saved after the last finite checkpoint. Lower the learning rate or check the data")
 
 
+def from_process_0(values) -> np.ndarray:
+  """`values` as process 0 has them, on every process: state a resumed run rebuilds from
+  metrics.jsonl, which process 0 alone holds."""
+  values = np.asarray(values, np.float64)
+  return multihost_utils.broadcast_one_to_all(values) if jax.process_count() > 1 else values
+
+
 class NoSignalWatch:
   """Counts RL steps without learning signal: every group's rewards were equal
   (`reward/zero_adv_frac` = 1), so every advantage was 0 and the update learned nothing.
@@ -97,10 +104,7 @@ class NoSignalWatch:
     for r in records:
       if r["stage"] == "rl" and 0 < r["step"] <= step:
         self.observe(r["step"], r, warn=False)
-    counts = np.array([self.in_a_row, self.total])
-    if jax.process_count() > 1:  # process 0 alone holds metrics.jsonl
-      counts = multihost_utils.broadcast_one_to_all(counts)
-    self.in_a_row, self.total = (int(c) for c in counts)
+    self.in_a_row, self.total = (int(c) for c in from_process_0([self.in_a_row, self.total]))
 
   def summarize(self, rl_steps: int) -> None:
     if rl_steps and self.total == rl_steps:
@@ -332,12 +336,9 @@ class Run:
     for r in records:
       if r["stage"] == "rl" and r["step"] <= self.progress.rl_step:
         self.collapse.observe(r["step"], r)
-    state = np.array([self.collapse.peak, -1 if self.collapse.step is None
-                      else self.collapse.step], np.float64)
-    if jax.process_count() > 1:  # process 0 alone holds metrics.jsonl
-      state = multihost_utils.broadcast_one_to_all(state)
-    self.collapse.peak = float(state[0])
-    self.collapse.step = None if state[1] < 0 else int(state[1])
+    peak, step = from_process_0([self.collapse.peak, -1 if self.collapse.step is None
+                                 else self.collapse.step])
+    self.collapse.peak, self.collapse.step = float(peak), None if step < 0 else int(step)
 
   def _full_evaluation(self, step: int, key) -> dict[str, float]:
     """`eval/accuracy_full` on `data.full_eval_size` problems at `rl.full_eval_steps`."""

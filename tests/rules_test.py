@@ -223,3 +223,4 @@ def test_round2_reads_each_n_and_names_contrasts_of_the_cold_start_with_itself()
   n2 = readings["finding 5, N = 2: MiniRL + R3 ahead of no replay"]
   assert n2.verdict == "reproduced" and "cold start" not in n2.evidence
   assert n2.interval[0] == pytest.approx(0.115)  # ((0.40 + 0.42 + 0.02 s) - (0.30 + 0.30 + 0.01 s)) / 2
+  assert "per seed 0: +0.110, 1: +0.115, 2: +0.120" in n2.evidence

@@ -227,6 +227,8 @@ def _scores(a: ArmResult, b: ArmResult, which: str = "score") -> list[float]:
 def _accuracy(question: str, a: ArmResult, b: ArmResult, claim: str) -> Reading:
   diffs = _scores(a, b)
   verdict, evidence = power.read_difference(diffs, claim)
+  seeds = sorted(a.score.keys() & b.score.keys())
+  evidence += "; per seed " + ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, diffs))
   sd = float(np.std(diffs, ddof=1)) if len(diffs) >= 2 else 0.0
   if sd > 0:
     evidence += (f"; smallest effect this design finds (80%): "
@@ -234,7 +236,6 @@ def _accuracy(question: str, a: ArmResult, b: ArmResult, claim: str) -> Reading:
   elif len(diffs) >= 2:
     evidence += ("; every seed's difference is the same, so no spread to size the design "
                  "by")
-  seeds = a.score.keys() & b.score.keys()
   if seeds and all(arm.scored_at_start.get(s) for arm in (a, b) for s in seeds):
     evidence += ("; both arms' scores are their RL step-0 evaluation in every seed (each "
                  "run collapsed before its first full evaluation after step 0): the contrast "

@@ -218,17 +218,17 @@ def read_coldstart(arms: dict[str, ArmResult]) -> list[Reading]:
                   f"the end; {evidence}")]
 
 
-def _scores(a: ArmResult, b: ArmResult, which: str = "score") -> list[float]:
-  """Per-seed paired differences a - b of `which`, over the seeds both finished."""
+def _differences(a: ArmResult, b: ArmResult, which: str = "score") -> dict[int, float]:
+  """Paired differences a - b of `which`, seed by seed, over the seeds both finished."""
   x, y = getattr(a, which), getattr(b, which)
-  return [x[s] - y[s] for s in sorted(x.keys() & y.keys())]
+  return {s: x[s] - y[s] for s in sorted(x.keys() & y.keys())}
 
 
 def _accuracy(question: str, a: ArmResult, b: ArmResult, claim: str) -> Reading:
-  diffs = _scores(a, b)
+  by_seed_diff = _differences(a, b)
+  seeds, diffs = list(by_seed_diff), list(by_seed_diff.values())
   verdict, evidence = power.read_difference(diffs, claim)
-  seeds = sorted(a.score.keys() & b.score.keys())
-  evidence += "; per seed " + ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, diffs))
+  evidence += "; per seed " + ", ".join(f"{s}: {d:+.3f}" for s, d in by_seed_diff.items())
   sd = float(np.std(diffs, ddof=1)) if len(diffs) >= 2 else 0.0
   if sd > 0:
     evidence += (f"; smallest effect this design finds (80%): "
@@ -264,7 +264,8 @@ def read_round2(arms: dict[str, ArmResult]) -> list[Reading]:
                               arms["minirl+r3"]))
   if have("minirl", "minirl+r3"):
     kl_verdict, kl_evidence = power.read_difference(
-        _scores(arms["minirl"], arms["minirl+r3"], "late_kl"), "ahead", effect=0.0)
+        list(_differences(arms["minirl"], arms["minirl+r3"], "late_kl").values()), "ahead",
+        effect=0.0)
     readings += [_accuracy("finding 4: R3 gives no accuracy gain", arms["minirl+r3"],
                            arms["minirl"], "no gain"),
                  Reading("finding 4: R3 lowers the k3 KL (last 10 steps, no replay - R3)",

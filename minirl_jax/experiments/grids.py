@@ -130,9 +130,10 @@ def _round2() -> tuple[Arm, ...]:
           Arm("n8/minirl_no_clip", {**MINIRL, **NO_CLIP, **n8}, seeds=0),
           # Added before any N = 2 run (round2.md, "Addendum"): every N = 8 run so far
           # collapsed by step 5 with and without replay, a mini-batch of 8 being one
-          # prompt's group; N = 2 updates on 4 prompts' groups.
-          Arm("n2/minirl", {**MINIRL, **n2}, seeds=0),
-          Arm("n2/minirl+r3", {**MINIRL, **R3, **n2}, seeds=0))
+          # prompt's group; N = 2 updates on 4 prompts' groups. 5 seeds each, after ranks 1-2
+          # (round2.md, "The budget from here").
+          Arm("n2/minirl", {**MINIRL, **n2}, seeds=5),
+          Arm("n2/minirl+r3", {**MINIRL, **R3, **n2}, seeds=5))
 
 
 GRIDS = {

@@ -23,17 +23,25 @@ _RESULTS = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__)
                                "Folder with one sub-folder per grid, each with series.csv.")
 
 
+def round_of(grid: str) -> str:
+  """Round 2's grids are named round2...; round 1's four grids have plain names."""
+  return "round 2" if grid.startswith("round2") else "round 1"
+
+
 def main(argv):
   del argv
-  runs, grids = [], []
+  runs, grids, rounds = [], [], {}
   for path in sorted(glob.glob(os.path.join(_RESULTS.value, "*", "series.csv"))):
     grid = os.path.basename(os.path.dirname(path))
     grids.append(grid)
-    runs += report.runs_from_series(path, prefix=f"{grid}/")
+    grid_runs = report.runs_from_series(path, prefix=f"{grid}/")
+    runs += grid_runs
+    rounds.setdefault(round_of(grid), []).extend(grid_runs)
   if not runs:
     raise errors.UserError(f"no */series.csv under --results={_RESULTS.value}")
   out = roc.write(runs, _RESULTS.value, f"{len(runs)} runs of {len(grids)} grids: does the "
-                  f"signal flag the {roc.HORIZON} steps before a collapse?")
+                  f"signal flag the {roc.HORIZON} steps before a collapse?",
+                  groups=dict(sorted(rounds.items())))
   with open(out["roc_md"], encoding="utf-8") as f:
     print(f.read())
   print(json.dumps({"grids": grids, "runs": len(runs), "figure": out["roc_figure"],

@@ -51,3 +51,39 @@ def test_write_makes_the_table_and_figure(tmp_path):
   assert out["signals"][KL]["auc"] == 1.0 and out["signals"][KL]["warned_runs"] == 1
   assert "| train-infer KL (k3) | 2 | 10 | 29 | 1.000 |" in (tmp_path / "roc.md").read_text()
   assert (tmp_path / "roc.png").stat().st_size > 1000
+
+
+def test_auc_by_group_reads_each_group_alone():
+  # Within group "a" the KL warns perfectly; group "b" has no collapse, so no positive step.
+  lines = roc.auc_by_group({"a": [WARNED, CALM], "b": [CALM]})
+  assert lines[0].startswith("| signal | AUC, a (2 runs, 1 collapsed) | AUC, b (1 runs, 0 ")
+  kl_row = next(line for line in lines if line.startswith("| train-infer KL (k3) |"))
+  assert kl_row == "| train-infer KL (k3) | 1.000 (10 positive steps) | nan (0 positive steps) |"
+
+
+def test_script_reads_every_grid_and_splits_the_rounds(tmp_path):
+  """scripts/early_warning_roc.py over two committed series: one of round 1, round 2's."""
+  import json
+  import pathlib
+  import shutil
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).parents[1]
+  for grid in ("coldstart", "round2"):
+    (tmp_path / grid).mkdir()
+    shutil.copy(root / "docs" / "results" / grid / "series.csv", tmp_path / grid)
+  out = subprocess.run([sys.executable, str(root / "scripts" / "early_warning_roc.py"),
+                        f"--results={tmp_path}"], check=True, capture_output=True,
+                       text=True, timeout=300).stdout
+  summary = json.loads(out.strip().splitlines()[-1])
+  coldstart = report.runs_from_series(str(tmp_path / "coldstart" / "series.csv"))
+  round2 = report.runs_from_series(str(tmp_path / "round2" / "series.csv"))
+  assert summary["grids"] == ["coldstart", "round2"]
+  assert summary["runs"] == len(coldstart) + len(round2)
+  text = (tmp_path / "roc.md").read_text()
+  assert f"AUC, round 1 ({len(coldstart)} runs" in text
+  assert f"AUC, round 2 ({len(round2)} runs" in text
+  kl = roc.auc(roc.examples(round2, KL, lambda v: v))
+  kl_row = next(line for line in text.split("Within")[1].splitlines()
+                if line.startswith("| train-infer KL (k3) |"))
+  assert kl_row.split(" | ")[-1].startswith(f"{kl:.3f} (")

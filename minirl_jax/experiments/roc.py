@@ -111,9 +111,28 @@ def leads(runs: list[report.Run], metric: str, transform, threshold: float) -> l
   return out
 
 
-def write(runs: list[report.Run], workdir: str, title: str = "") -> dict:
-  """DIR/roc.md (per signal: examples, AUC, the round-1 threshold's rates and leads) and
-  DIR/roc.png (the curves); returns the per-signal figures."""
+def auc_by_group(groups: dict[str, list[report.Run]]) -> list[str]:
+  """Markdown rows: each signal's AUC within each group of runs (e.g. per round), so a pooled
+  AUC can be told from one that a single group carries."""
+  def collapsed(runs):
+    return sum(run.collapse_step is not None for run in runs)
+  lines = ["| signal | " + " | ".join(f"AUC, {name} ({len(runs)} runs, {collapsed(runs)} "
+                                       f"collapsed)" for name, runs in groups.items()) + " |",
+           "|---|" + "---|" * len(groups)]
+  for metric, label, transform in SIGNALS:
+    cells = []
+    for runs in groups.values():
+      ex = examples(runs, metric, transform)
+      cells.append(f"{auc(ex):.3f} ({int(ex.labels.sum())} positive steps)")
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def write(runs: list[report.Run], workdir: str, title: str = "",
+          groups: Optional[dict[str, list[report.Run]]] = None) -> dict:
+  """DIR/roc.md (per signal: examples, AUC, the round-1 threshold's rates and leads; with
+  `groups`, each group's AUC too) and DIR/roc.png (the curves over all runs); returns the
+  per-signal figures."""
   rows = {}
   fig, ax = figures.panels(1, width=8.0, height=4.6)
   axes = [ax]
@@ -144,6 +163,9 @@ def write(runs: list[report.Run], workdir: str, title: str = "") -> dict:
     lines.append(f"| {r['label']} | {r['runs']} | {r['positives']} | {r['negatives']} | "
                  f"{r['auc']:.3f} | {r['tpr_at_2x']:.3f} | {r['fpr_at_2x']:.3f} | "
                  f"{r['warned_runs']}/{collapsed} | {lead} |")
+  if groups:
+    lines += ["", "Within each group (AUC is nan where a group has no positive step):", "",
+              *auc_by_group(groups)]
   with open(os.path.join(workdir, "roc.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   return {"roc_md": os.path.join(workdir, "roc.md"), "roc_figure": figure, "signals": rows}

@@ -147,9 +147,9 @@ def read_difference(diffs: Sequence[float], claim: str,
     not reproduced when it excludes 0, else inconclusive.
   """
   mean, low, high = t_interval(diffs)
-  evidence = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (95% t, {len(diffs)} seeds)"
   if not high >= low:  # nan: fewer than 2 seeds
-    return INCONCLUSIVE, evidence
+    return INCONCLUSIVE, f"{mean:+.3f} ({len(diffs)} seed: no interval)"
+  evidence = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (95% t, {len(diffs)} seeds)"
   if claim == "ahead":
     verdict = REPRODUCED if low > 0 else NOT_REPRODUCED if high < effect else INCONCLUSIVE
   elif claim == "no gain":

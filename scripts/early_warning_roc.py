@@ -30,13 +30,13 @@ def round_of(grid: str) -> str:
 
 def main(argv):
   del argv
-  runs, grids, rounds = [], [], {}
+  grids, rounds = [], {}
   for path in sorted(glob.glob(os.path.join(_RESULTS.value, "*", "series.csv"))):
     grid = os.path.basename(os.path.dirname(path))
     grids.append(grid)
-    grid_runs = report.runs_from_series(path, prefix=f"{grid}/")
-    runs += grid_runs
-    rounds.setdefault(round_of(grid), []).extend(grid_runs)
+    rounds.setdefault(round_of(grid), []).extend(
+        report.runs_from_series(path, prefix=f"{grid}/"))
+  runs = [run for round_runs in rounds.values() for run in round_runs]
   if not runs:
     raise errors.UserError(f"no */series.csv under --results={_RESULTS.value}")
   out = roc.write(runs, _RESULTS.value, f"{len(runs)} runs of {len(grids)} grids: does the "

@@ -1,4 +1,10 @@
 """Early warning as a classifier: labels, AUC, curve, rates and leads on hand-built runs."""
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -63,11 +69,6 @@ def test_auc_by_group_reads_each_group_alone():
 
 def test_script_reads_every_grid_and_splits_the_rounds(tmp_path):
   """scripts/early_warning_roc.py over two committed series: one of round 1, round 2's."""
-  import json
-  import pathlib
-  import shutil
-  import subprocess
-  import sys
   root = pathlib.Path(__file__).parents[1]
   for grid in ("coldstart", "round2"):
     (tmp_path / grid).mkdir()

@@ -111,12 +111,14 @@ def leads(runs: list[report.Run], metric: str, transform, threshold: float) -> l
   return out
 
 
+def _collapsed(runs: list[report.Run]) -> int:
+  return sum(run.collapse_step is not None for run in runs)
+
+
 def auc_by_group(groups: dict[str, list[report.Run]]) -> list[str]:
   """Markdown rows: each signal's AUC within each group of runs (e.g. per round), so a pooled
   AUC can be told from one that a single group carries."""
-  def collapsed(runs):
-    return sum(run.collapse_step is not None for run in runs)
-  lines = ["| signal | " + " | ".join(f"AUC, {name} ({len(runs)} runs, {collapsed(runs)} "
+  lines = ["| signal | " + " | ".join(f"AUC, {name} ({len(runs)} runs, {_collapsed(runs)} "
                                        f"collapsed)" for name, runs in groups.items()) + " |",
            "|---|" + "---|" * len(groups)]
   for metric, label, transform in SIGNALS:
@@ -152,7 +154,7 @@ def write(runs: list[report.Run], workdir: str, title: str = "",
          ylabel=f"true-positive rate (steps <= {HORIZON} before a collapse)")
   figure = figures.save_figure(fig, axes, os.path.join(workdir, "roc.png"), title,
                               legend_size=8, legend="outside")
-  collapsed = sum(run.collapse_step is not None for run in runs)
+  collapsed = _collapsed(runs)
   lines = [f"{len(runs)} runs, {collapsed} collapsed; a step is positive when its run "
            f"collapses within the next {HORIZON} steps.", "",
            "| signal (badness / baseline) | runs | positive steps | negative steps | AUC | "

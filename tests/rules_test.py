@@ -224,3 +224,19 @@ def test_round2_reads_each_n_and_names_contrasts_of_the_cold_start_with_itself()
   assert n2.verdict == "reproduced" and "cold start" not in n2.evidence
   assert n2.interval[0] == pytest.approx(0.115)  # ((0.40 + 0.42 + 0.02 s) - (0.30 + 0.30 + 0.01 s)) / 2
   assert "per seed 0: +0.110, 1: +0.115, 2: +0.120" in n2.evidence
+
+
+def test_round2_arms_planned_with_no_seeds_are_named_not_counted_as_missing(tmp_path):
+  grid = grids.get("round2")
+  planned = {arm.name: arm.seeds for arm in grid.arms if arm.seeds}
+  runs = [_round2_run(name, seed, (0.3, 0.4, 0.4)) for name, n in planned.items()
+          for seed in range(n)]
+  rules.write(grid, 10, runs, str(tmp_path))
+  text = (tmp_path / "verdicts.md").read_text()
+  unplanned = [arm.name for arm in grid.arms if arm.seeds == 0]
+  assert unplanned and text.startswith(
+      f"Not run (0 seeds planned): {', '.join(unplanned)}; the contrasts that need them "
+      "have no row.")
+  rules.write(grid, 10, runs[1:], str(tmp_path))  # one seed of the first arm still running
+  assert (tmp_path / "verdicts.md").read_text().startswith(
+      "**Partial, not verdicts**: 1 arm(s) with fewer than their seeds finished, 0 with none.")

@@ -298,16 +298,23 @@ def write(grid: grids.Grid, seeds: int, runs: list[report.Run],
     return None
   arms = by_seed(runs)
   readings = READERS[grid.name](arms)
-  caps = {arm.name: seeds if arm.seeds is None else arm.seeds for arm in grid.arms}
-  needed = lambda name: max(min(caps.get(name, seeds), seeds), MIN_SEEDS)  # noqa: E731
+  caps = {arm.name: min(seeds, seeds if arm.seeds is None else arm.seeds) for arm in grid.arms}
+  # an arm planned with 0 seeds is outside this run of the grid: its contrasts get no row,
+  # and it does not make the others' verdicts partial
+  planned = [arm.name for arm in grid.arms if caps[arm.name] > 0]
+  needed = lambda name: max(caps.get(name, seeds), MIN_SEEDS)  # noqa: E731
   short = sorted(name for name, arm in arms.items() if len(arm.final) < needed(name))
-  missing = len(grid.arms) - len(arms)
+  missing = sum(name not in arms for name in planned)
   lines = []
   if short or missing:
-    wanted = {needed(arm.name) for arm in grid.arms}
+    wanted = {needed(name) for name in planned}
     seeds_text = f"{wanted.pop()} finished seeds" if len(wanted) == 1 else "their seeds finished"
     lines += [f"**Partial, not verdicts**: {len(short)} arm(s) with fewer than {seeds_text}, "
               f"{missing} with none.", ""]
+  unplanned = [arm.name for arm in grid.arms if caps[arm.name] == 0]
+  if unplanned:
+    lines += [f"Not run (0 seeds planned): {', '.join(unplanned)}; the contrasts that need "
+              "them have no row.", ""]
   lines += ["| question | reading | evidence |", "|---|---|---|"]
   lines += [f"| {r.question} | {r.verdict} | {r.evidence} |" for r in readings]
   with open(os.path.join(workdir, "verdicts.md"), "w", encoding="utf-8") as f:

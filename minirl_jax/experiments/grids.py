@@ -21,6 +21,10 @@ class Arm:
   cold_start: Overrides = dataclasses.field(default_factory=dict)  # sft.* / model.* etc.
   seeds: Optional[int] = None  # the most RL seeds this arm runs; None: the grid's --seeds
 
+  def seeds_at(self, seeds: int) -> int:
+    """How many RL seeds this arm runs when its grid runs `seeds` (0: none planned)."""
+    return seeds if self.seeds is None else min(self.seeds, seeds)
+
 
 @dataclasses.dataclass(frozen=True)
 class Grid:

@@ -298,7 +298,7 @@ def write(grid: grids.Grid, seeds: int, runs: list[report.Run],
     return None
   arms = by_seed(runs)
   readings = READERS[grid.name](arms)
-  caps = {arm.name: min(seeds, seeds if arm.seeds is None else arm.seeds) for arm in grid.arms}
+  caps = {arm.name: arm.seeds_at(seeds) for arm in grid.arms}
   # an arm planned with 0 seeds is outside this run of the grid: its contrasts get no row,
   # and it does not make the others' verdicts partial
   planned = [arm.name for arm in grid.arms if caps[arm.name] > 0]

@@ -66,7 +66,7 @@ def plan(grid: grids.Grid, seeds: int, workdir: str) -> tuple[list[Job], list[Jo
   cold, arms = {}, []
   for seed in range(seeds):
     for arm in grid.arms:
-      if arm.seeds is not None and seed >= arm.seeds:
+      if seed >= arm.seeds_at(seeds):
         continue
       cold_flags = grids.flags(arm.cold_start)
       cold_dir = run_dir(os.path.join(workdir, "_coldstart"), _key(arm.cold_start),

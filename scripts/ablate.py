@@ -5,10 +5,11 @@
   python scripts/ablate.py --grid=onpolicy --seeds=3 --workdir=runs/onpolicy --report_only
   python scripts/ablate.py --grid=offpolicy --seeds=3 --workdir=runs/offpolicy \
       --restore_from=docs/results/offpolicy  # go on from the committed runs
-Grids: minirl_jax/experiments/grids.py. Rerunning skips finished arms and resumes
-interrupted ones. Grids with stated reading rules (gap, offpolicy, coldstart) also get
-verdicts.md (minirl_jax/experiments/rules.py). Last line: one JSON object (table, figures,
-rows, readings).
+Grids: minirl_jax/experiments/grids.py (each round's in its own module, round1.py,
+round2.py). Rerunning skips finished arms and resumes interrupted ones. Grids with stated
+reading rules (gap, offpolicy, coldstart, round2) also get verdicts.md
+(minirl_jax/experiments/rules.py). Last line: one JSON object (table, figures, rows,
+readings).
 """
 import dataclasses
 import json
@@ -24,6 +25,7 @@ from minirl_jax.experiments import grids
 from minirl_jax.experiments import report
 from minirl_jax.experiments import rules
 from minirl_jax.experiments import runner
+from minirl_jax.experiments import series
 
 _GRID = flags.DEFINE_string("grid", "quick", f"One of {sorted(grids.GRIDS)}.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per arm (>= 3 for a verdict).")
@@ -49,18 +51,21 @@ def main(argv):
     raise errors.UserError("--seeds and --jobs must be >= 1")
   workdir = os.path.abspath(_WORKDIR.value)
   if _RESTORE_FROM.value:
-    made = report.restore(grid, _RESTORE_FROM.value, workdir)
+    made = series.restore(grid, _RESTORE_FROM.value, workdir)
     print(f"restored {len(made)} finished run(s) from {_RESTORE_FROM.value}")
   if not _REPORT_ONLY.value:
     runner.run_grid(grid, seeds=_SEEDS.value, workdir=workdir, max_jobs=_JOBS.value,
                     root=ROOT, progress=_PROGRESS.value)
   runs = report.load(report.finished_runs(grid, _SEEDS.value, workdir))
-  result = report.write_tables(runs, workdir)
+  rows = report.write_table(runs, workdir, grid.scored)
+  result = {"table_csv": os.path.join(workdir, "table.csv"),
+            "table_md": os.path.join(workdir, "table.md"),
+            "series_csv": series.write_series(runs, workdir), "rows": rows}
   result.update(early_warning.write(runs, workdir))
   readings = rules.write(grid, _SEEDS.value, runs, workdir)
-  result.update(figures.write(runs, result["rows"], readings, workdir,
-                              report.title(grid, _SEEDS.value, result["rows"])))
-  result["rows"] = [dataclasses.asdict(r) for r in result["rows"]]
+  result.update(figures.write(runs, rows, readings, workdir,
+                              report.title(grid, _SEEDS.value, rows)))
+  result["rows"] = [dataclasses.asdict(r) for r in rows]
   print(open(result["table_md"], encoding="utf-8").read())
   if readings is not None:
     print(open(os.path.join(workdir, "verdicts.md"), encoding="utf-8").read())

@@ -15,36 +15,32 @@ from absl import app
 from absl import flags
 
 from minirl_jax import errors
-from minirl_jax.experiments import report
+from minirl_jax.experiments import grids
 from minirl_jax.experiments import roc
+from minirl_jax.experiments import series
 
 _RESULTS = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), os.pardir,
                                                        "docs", "results"),
                                "Folder with one sub-folder per grid, each with series.csv.")
 
 
-def round_of(grid: str) -> str:
-  """Round 2's grids are named round2...; round 1's four grids have plain names."""
-  return "round 2" if grid.startswith("round2") else "round 1"
-
-
 def main(argv):
   del argv
-  grids, rounds = [], {}
+  names, rounds = [], {}
   for path in sorted(glob.glob(os.path.join(_RESULTS.value, "*", "series.csv"))):
     grid = os.path.basename(os.path.dirname(path))
-    grids.append(grid)
-    rounds.setdefault(round_of(grid), []).extend(
-        report.runs_from_series(path, prefix=f"{grid}/"))
+    names.append(grid)
+    rounds.setdefault(grids.round_of(grid), []).extend(
+        series.runs_from_series(path, prefix=f"{grid}/"))
   runs = [run for round_runs in rounds.values() for run in round_runs]
   if not runs:
     raise errors.UserError(f"no */series.csv under --results={_RESULTS.value}")
-  out = roc.write(runs, _RESULTS.value, f"{len(runs)} runs of {len(grids)} grids: does the "
+  out = roc.write(runs, _RESULTS.value, f"{len(runs)} runs of {len(names)} grids: does the "
                   f"signal flag the {roc.HORIZON} steps before a collapse?",
                   groups=dict(sorted(rounds.items())))
   with open(out["roc_md"], encoding="utf-8") as f:
     print(f.read())
-  print(json.dumps({"grids": grids, "runs": len(runs), "figure": out["roc_figure"],
+  print(json.dumps({"grids": names, "runs": len(runs), "figure": out["roc_figure"],
                     "signals": out["signals"]}))
 
 

@@ -1,7 +1,6 @@
 """Grid figures: the numbers they draw (survival, means over seeds still running) and the
 files they write."""
 import numpy as np
-import pytest
 
 from minirl_jax import collapse
 from minirl_jax.experiments import figures
@@ -13,8 +12,7 @@ def _run(arm, seed, entropies, accuracy=0.3):
   records = [{"step": 0, "eval/accuracy": accuracy}] + [
       {"step": s, "policy/entropy": e, "reward/mean": 0.5, "mismatch/kl_k3": 1e-3}
       for s, e in enumerate(entropies, start=1)]
-  return report.Run(arm, f"{arm}/seed_{seed}", seed, records,
-                    collapse.collapse_step(records), 1.0)
+  return report.Run(arm, seed, records, collapse.collapse_step(records), 1.0)
 
 
 def test_surviving_share_steps_down_at_each_collapse():
@@ -46,14 +44,15 @@ def test_every_figure_is_written(tmp_path):
   assert figures.plot_contrasts(readings[1:], str(tmp_path / "none.png")) is None
 
 
-def test_accuracy_readings_carry_their_interval():
-  a = rules.ArmResult({}, {0: 0.4, 1: 0.5}, {0: False, 1: False}, score={0: 0.4, 1: 0.5})
-  b = rules.ArmResult({}, {0: 0.3, 1: 0.3}, {0: False, 1: False}, score={0: 0.3, 1: 0.3})
-  reading = rules._accuracy("a ahead of b", a, b, "ahead")
-  mean, low, high = reading.interval
-  assert mean == pytest.approx(0.15)
-  # diffs 0.1, 0.2: standard error 0.05, t(0.975, 1 df) = 12.706
-  assert (low, high) == pytest.approx((0.15 - 0.6353, 0.15 + 0.6353), abs=1e-3)
-  one = rules._accuracy("x", rules.ArmResult({}, {0: 0.4}, {0: False}, score={0: 0.4}),
-                        rules.ArmResult({}, {0: 0.3}, {0: False}, score={0: 0.3}), "ahead")
-  assert one.interval is None  # one seed: no interval
+def test_levels_group_level_variant_arms_in_grid_order(tmp_path):
+  def row(arm, acc):
+    return report.ArmRow(arm, 3, 0.3, 0.0, acc, 0.0, acc, 0.01, 0, None, 0.05, 1e-3, 0.0, 9.0)
+  rows = [row("zero/minirl", 0.4), row("zero/no_is", 0.3), row("int4/minirl", 0.2),
+          row("int4/no_is", 0.1), row("int4/seq", 0.25)]
+  levels, variants = figures.by_level(rows)
+  assert levels == ["zero", "int4"] and list(variants) == ["minirl", "no_is", "seq"]
+  assert [(x, r.final_accuracy) for x, r in variants["no_is"]] == [(0, 0.3), (1, 0.1)]
+  assert [x for x, _ in variants["seq"]] == [1]
+  assert figures.by_level(rows + [row("plain_arm", 0.5)]) is None  # not a levelled grid
+  assert figures.plot_levels(rows, str(tmp_path / "levels.png")) == str(tmp_path / "levels.png")
+  assert (tmp_path / "levels.png").stat().st_size > 0

@@ -8,15 +8,17 @@ import sys
 import numpy as np
 import pytest
 
+from minirl_jax.experiments import early_warning
 from minirl_jax.experiments import report
 from minirl_jax.experiments import roc
+from minirl_jax.experiments import series
 
 KL = "mismatch/kl_k3"
 
 
 def _run(name, values, collapse_step=None):
   records = [{"step": s, KL: v} for s, v in enumerate(values, start=1)]
-  return report.Run(name, f"{name}/seed_0", 0, records, collapse_step, float("nan"))
+  return report.Run(name, 0, records, collapse_step, float("nan"))
 
 
 # A collapses at step 20 and its KL triples from step 10; B never collapses, flat KL.
@@ -39,6 +41,16 @@ def test_a_perfect_signal_and_its_rates_and_leads():
   assert roc.leads([WARNED, CALM], KL, lambda v: v, 2.0) == [10]
   fpr, tpr, _ = roc.curve(ex)
   assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+
+
+def test_leads_count_the_early_warnings_crossing_before_the_collapse():
+  """A lead is `early_warning.crossing_step` before the collapse: the same crossing the
+  early-warning table reads, at any threshold."""
+  late = _run("c", [1.0] * 9 + [3.0], collapse_step=10)  # crosses at its collapse step
+  assert early_warning.crossing_step(late.records, KL) == 10
+  assert roc.leads([WARNED, late, CALM], KL, lambda v: v, 2.0) == [10, None]
+  # 3.0 is not above 3 x 1.0, and 9.0 comes at the collapse step: no warning
+  assert roc.leads([WARNED], KL, lambda v: v, 3.0) == [None]
 
 
 def test_auc_is_the_mann_whitney_probability_with_ties_half():
@@ -77,8 +89,8 @@ def test_script_reads_every_grid_and_splits_the_rounds(tmp_path):
                         f"--results={tmp_path}"], check=True, capture_output=True,
                        text=True, timeout=300).stdout
   summary = json.loads(out.strip().splitlines()[-1])
-  coldstart = report.runs_from_series(str(tmp_path / "coldstart" / "series.csv"))
-  round2 = report.runs_from_series(str(tmp_path / "round2" / "series.csv"))
+  coldstart = series.runs_from_series(str(tmp_path / "coldstart" / "series.csv"))
+  round2 = series.runs_from_series(str(tmp_path / "round2" / "series.csv"))
   assert summary["grids"] == ["coldstart", "round2"]
   assert summary["runs"] == len(coldstart) + len(round2)
   text = (tmp_path / "roc.md").read_text()

@@ -56,16 +56,29 @@ def baseline(series: list[tuple[int, float]]) -> Optional[tuple[float, int]]:
   return float(np.median([v for _, v in window])), max(BASELINE_STEPS, window[-1][0])
 
 
-def crossing_step(records: list[dict], metric: str, transform=lambda v: v) -> Optional[int]:
-  """The first step after the baseline window where the signal's badness exceeds FACTOR x
-  its baseline (module docstring), or None."""
+def crossing_step(records: list[dict], metric: str, transform=lambda v: v,
+                  factor: float = FACTOR, before: Optional[int] = None) -> Optional[int]:
+  """The one definition of a crossing: the first step after the baseline window (and
+  before step `before`) where the signal's badness is positive and exceeds `factor` x its
+  baseline (module docstring), or None.
+
+  Args:
+    records: a run's RL records.
+    metric: the signal's metric.
+    transform: its value -> badness (SIGNALS).
+    factor: the threshold; FACTOR is the one stated before any grid ran.
+    before: only crossings before this step count (a collapse step: a warning must come
+      first); None: any step.
+  """
   series = badness(records, metric, transform)
   base = baseline(series)
   if base is None:
     return None
   value_0, window_end = base
   for step, value in series:
-    if step > window_end and value > FACTOR * value_0 and value > 0:
+    if before is not None and step >= before:
+      return None
+    if step > window_end and value > factor * value_0 and value > 0:
       return step
   return None
 

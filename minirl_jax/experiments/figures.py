@@ -13,8 +13,9 @@ from typing import Optional
 
 import numpy as np
 
-from minirl_jax.experiments import power
+from minirl_jax.experiments import layout
 from minirl_jax.experiments import report
+from minirl_jax.experiments import rules
 
 # One panel per metric the paper tracks (PAPER.md "Metrics the paper tracks").
 PANELS = (("reward/mean", "training reward"), ("eval/accuracy", "held-out accuracy"),
@@ -94,11 +95,11 @@ def plot_arms(runs: list[report.Run], path: str, title: str = "") -> str:
   Arms named LEVEL/VARIANT (a gap level, the off-policy N) get one row of panels per
   level, each variant one colour throughout."""
   grouped = report.by_arm(runs)
-  levels = list(dict.fromkeys(arm.rpartition("/")[0] for arm in grouped))
-  colors = arm_colors(arm.rpartition("/")[2] for arm in grouped)
+  levels = list(dict.fromkeys(layout.split_arm(arm)[0] for arm in grouped))
+  colors = arm_colors(layout.split_arm(arm)[1] for arm in grouped)
   fig, axes = panel_grid(len(levels), len(PANELS))
   for arm, arm_runs in grouped.items():
-    level, _, variant = arm.rpartition("/")
+    level, variant = layout.split_arm(arm)
     for ax, (key, label) in zip(axes[levels.index(level)], PANELS):
       steps, mean, low, high = _over_seeds(arm_runs, key)
       if not steps:
@@ -115,11 +116,11 @@ def plot_arms(runs: list[report.Run], path: str, title: str = "") -> str:
 def by_level(rows: list[report.ArmRow]):
   """Arms named LEVEL/VARIANT (the gap grid's sampler formats, the off-policy grid's N):
   (the levels in grid order, {variant: [(level index, row)]}); None for other grids."""
-  if not rows or not all("/" in r.arm for r in rows):
+  if not rows or not all(layout.split_arm(r.arm)[0] for r in rows):
     return None
   levels, variants = {}, {}
   for r in rows:
-    level, variant = r.arm.split("/", 1)
+    level, variant = layout.split_arm(r.arm)
     x = levels.setdefault(level, len(levels))
     variants.setdefault(variant, []).append((x, r))
   return list(levels), variants
@@ -195,11 +196,11 @@ def plot_contrasts(readings, path: str, title: str = "") -> Optional[str]:
                 color=colors[r.question])
     ax.annotate(r.verdict, (high, y), xytext=(6, 0), textcoords="offset points",
                 va="center", fontsize=8)
-  low = min(min(r.interval[1] for r in rows), -power.SMALLEST_EFFECT)
-  high = max(max(r.interval[2] for r in rows), power.SMALLEST_EFFECT)
+  low = min(min(r.interval[1] for r in rows), -rules.SMALLEST_EFFECT)
+  high = max(max(r.interval[2] for r in rows), rules.SMALLEST_EFFECT)
   ax.set_xlim(low - 0.1 * (high - low), high + 0.35 * (high - low))  # room for the verdicts
   ax.axvline(0.0, color="black", linewidth=0.8)
-  for x in (-power.SMALLEST_EFFECT, power.SMALLEST_EFFECT):
+  for x in (-rules.SMALLEST_EFFECT, rules.SMALLEST_EFFECT):
     ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
   ax.set_yticks(range(len(rows)), [r.question for r in rows], fontsize=8)
   ax.invert_yaxis()

@@ -14,6 +14,7 @@ import os
 from typing import Optional
 
 import numpy as np
+from scipy import stats
 
 from minirl_jax.experiments import early_warning
 from minirl_jax.experiments import figures
@@ -58,23 +59,8 @@ def auc(ex: Examples) -> float:
   pos, neg = ex.scores[ex.labels], ex.scores[~ex.labels]
   if not len(pos) or not len(neg):
     return float("nan")
-  ranks = _ranks(np.concatenate([pos, neg]))
+  ranks = stats.rankdata(np.concatenate([pos, neg]))  # ties: their mean rank
   return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-  """1-based ranks, ties given their mean rank."""
-  order = np.argsort(x, kind="stable")
-  ranks = np.empty(len(x))
-  sorted_x = x[order]
-  i = 0
-  while i < len(x):
-    j = i
-    while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-      j += 1
-    ranks[order[i:j + 1]] = (i + j) / 2 + 1
-    i = j + 1
-  return ranks
 
 
 def curve(ex: Examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -95,18 +81,14 @@ def rates_at(ex: Examples, threshold: float) -> tuple[float, float]:
 
 
 def leads(runs: list[report.Run], metric: str, transform, threshold: float) -> list[Optional[int]]:
-  """Per collapsed run: collapse step - the first step it crossed `threshold`, None if it
-  never did before collapsing."""
+  """Per collapsed run: collapse step - the step it crossed `threshold`
+  (`early_warning.crossing_step`), None if it did not before collapsing."""
   out = []
   for run in runs:
     if run.collapse_step is None:
       continue
-    series = early_warning.badness(run.records, metric, transform)
-    base = early_warning.baseline(series)
-    crossed = None
-    if base is not None and base[0] > 0:
-      crossed = next((s for s, v in series if base[1] < s < run.collapse_step
-                      and v / base[0] >= threshold), None)
+    crossed = early_warning.crossing_step(run.records, metric, transform, threshold,
+                                          before=run.collapse_step)
     out.append(None if crossed is None else run.collapse_step - crossed)
   return out
 
@@ -119,7 +101,7 @@ def auc_by_group(groups: dict[str, list[report.Run]]) -> list[str]:
   """Markdown rows: each signal's AUC within each group of runs (e.g. per round), so a pooled
   AUC can be told from one that a single group carries."""
   lines = ["| signal | " + " | ".join(f"AUC, {name} ({len(runs)} runs, {_collapsed(runs)} "
-                                       f"collapsed)" for name, runs in groups.items()) + " |",
+                                      f"collapsed)" for name, runs in groups.items()) + " |",
            "|---|" + "---|" * len(groups)]
   for metric, label, transform in SIGNALS:
     cells = []
@@ -153,7 +135,7 @@ def write(runs: list[report.Run], workdir: str, title: str = "",
   ax.set(xlabel="false-positive rate (steps not followed by a collapse)",
          ylabel=f"true-positive rate (steps <= {HORIZON} before a collapse)")
   figure = figures.save_figure(fig, axes, os.path.join(workdir, "roc.png"), title,
-                              legend_size=8, legend="outside")
+                               legend_size=8, legend="outside")
   collapsed = _collapsed(runs)
   lines = [f"{len(runs)} runs, {collapsed} collapsed; a step is positive when its run "
            f"collapses within the next {HORIZON} steps.", "",

@@ -1,27 +1,29 @@
-"""The grids' reading rules as code: each finished grid read by the rules that
-docs/results/README.md stated before its runs (its commit history dates them), so a verdict
-is computed from the runs, not judged from a figure.
+"""What a verdict is: its words, a reading of two arms' runs by a stated rule, and a grid's
+verdicts.md. Each rule was stated in docs/results before the runs it reads (the commit
+history dates them); the rounds' modules say which contrasts each finding reads.
 
-Shared by every rule:
-- a run collapses by `collapse.collapse_step`;
-- arm A is *ahead* of arm B when A collapses in at most 1 of its seeds while B collapses in
-  at least 2, or else when their mean final held-out accuracies (over the seeds both have)
-  differ by more than NOISE and every paired seed (same cold start, same RL seed) points
-  the same way. Otherwise no difference is shown.
+Round 1's rule (`ahead`): arm A is ahead of arm B when A collapses in at most 1 of its
+seeds while B collapses in at least 2, or else when their mean final held-out accuracies
+(over the seeds both have) differ by more than NOISE and every paired seed (same cold start,
+same RL seed) points the same way. Otherwise no difference is shown.
+
+Round 2's rules, which replace it (docs/results/round2.md): an accuracy contrast is read by
+the 95% t interval of its paired score differences (`read_difference`), a collapse contrast
+by a one-sided Fisher exact test (`read_collapses`).
 """
 import dataclasses
 import os
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from minirl_jax.experiments import grids
-from minirl_jax.experiments import power
 from minirl_jax.experiments import report
+from minirl_jax.experiments import stats
 
-NOISE = 0.04  # the binomial noise of 128 held-out problems near 0.35
-MIN_SEEDS = 3  # fewer finished seeds in any arm: the readings are progress, not verdicts
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+NOISE = 0.04  # round 1: the binomial noise of 128 held-out problems near 0.35
+SMALLEST_EFFECT = 0.05  # round 2: the accuracy difference it is designed to detect
+MIN_SEEDS = 3  # fewer finished seeds in any arm: the readings are progress, not verdicts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +32,10 @@ class ArmResult:
   start: dict[int, float]  # held-out accuracy at RL step 0
   final: dict[int, float]  # at the last evaluation
   collapsed: dict[int, bool]
-  score: dict[int, float] = dataclasses.field(default_factory=dict)  # `report.Run.score`
-  late_kl: dict[int, float] = dataclasses.field(default_factory=dict)  # k3, last 10 steps
-  # the score is RL step 0's evaluation alone (the run collapsed before any other)
-  scored_at_start: dict[int, bool] = dataclasses.field(default_factory=dict)
+  score: dict[int, float] = dataclasses.field(default_factory=dict)  # `report.score`
+  # the steps of the evaluations each score averages
+  scored_steps: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+  records: dict[int, list[dict]] = dataclasses.field(default_factory=dict)  # RL records
 
   @property
   def collapses(self) -> int:
@@ -41,7 +43,7 @@ class ArmResult:
 
   @property
   def stable(self) -> bool:
-    """Collapsed in at most 1 of its seeds (the rules' "stable"; 2 or more is not)."""
+    """Collapsed in at most 1 of its seeds (round 1's "stable"; 2 or more is not)."""
     return self.collapses <= 1
 
   def mean(self, which: str = "final") -> float:
@@ -57,252 +59,139 @@ class Reading:
   interval: Optional[tuple[float, float, float]] = None
 
 
-def by_seed(runs: list[report.Run]) -> dict[str, ArmResult]:
-  """Each arm's runs (as `report.load` read them) by RL seed."""
+def by_seed(runs: list[report.Run], scored: Optional[Callable] = None) -> dict[str, ArmResult]:
+  """Each arm's runs (as `report.load` read them) by RL seed; scored by `scored`
+  (`design.Grid.scored`) where the grid has a score."""
   arms = {}
   for run in runs:
     arm = arms.setdefault(run.arm, ArmResult({}, {}, {}))
     arm.start[run.seed], arm.final[run.seed] = run.accuracies[0], run.accuracies[-1]
     arm.collapsed[run.seed] = run.collapse_step is not None
-    arm.score[run.seed] = run.score
-    arm.scored_at_start[run.seed] = [s for s, _ in run.scored_evaluations] == [0]
-    kl = [r["mismatch/kl_k3"] for r in run.records if "mismatch/kl_k3" in r][-10:]
-    arm.late_kl[run.seed] = float(np.mean(kl)) if kl else float("nan")
+    arm.records[run.seed] = run.records
+    if scored is not None:
+      arm.score[run.seed] = report.score(run, scored)
+      arm.scored_steps[run.seed] = [step for step, _ in scored(run)]
   return arms
 
 
+def paired_differences(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
+  """a - b seed by seed, over the seeds both have."""
+  return {s: a[s] - b[s] for s in sorted(a.keys() & b.keys())}
+
+
 def ahead(a: ArmResult, b: ArmResult) -> int:
-  """+1: a is ahead of b; -1: b of a; 0: no difference shown (module docstring)."""
+  """Round 1's rule: +1: a is ahead of b; -1: b of a; 0: no difference shown."""
   if a.stable and not b.stable:
     return 1
   if b.stable and not a.stable:
     return -1
-  paired = sorted(a.final.keys() & b.final.keys())
-  diffs = np.array([a.final[s] - b.final[s] for s in paired])
-  if not paired or abs(diffs.mean()) <= NOISE:
+  diffs = np.array(list(paired_differences(a.final, b.final).values()))
+  if not len(diffs) or abs(diffs.mean()) <= NOISE:
     return 0
   if (diffs > 0).all():
     return 1
   return -1 if (diffs < 0).all() else 0
 
 
-def _order(a: str, b: str, sign: int) -> str:
-  return {1: f"{a} ahead", -1: f"{b} ahead", 0: "no difference shown"}[sign]
+def read_difference(diffs: Sequence[float], claim: str,
+                    effect: float = SMALLEST_EFFECT) -> tuple[str, str]:
+  """A paired accuracy contrast read by its 95% t interval (round 2's rule).
 
+  Args:
+    diffs: per-seed paired differences, arm A minus arm B.
+    claim: "ahead" (the paper: A beats B) or "no gain" (the paper: A does not beat B).
+    effect: the smallest difference that matters.
 
-def _paired(a: ArmResult, b: ArmResult) -> str:
-  """The means over the seeds both have (those `ahead` compares), then per seed."""
-  seeds = sorted(a.final.keys() & b.final.keys())
-  mean = lambda arm: float(np.mean([arm.final[s] for s in seeds]))
-  diffs = ", ".join(f"{a.final[s] - b.final[s]:+.3f}" for s in seeds)
-  return (f"{mean(a):.3f} vs {mean(b):.3f} (per seed {diffs}; collapsed {a.collapses}/"
-          f"{len(a.final)} vs {b.collapses}/{len(b.final)})")
-
-
-def read_gap(arms: dict[str, ArmResult]) -> list[Reading]:
-  """Finding 3 and MiniRL against w/o IS at each level, the w/o-IS penalty against the gap,
-  and token IS against the sequence-level corrections at the widest level."""
-  levels = [level for level, _ in grids.GAP_LEVELS
-            if f"{level}/minirl" in arms and f"{level}/minirl_no_is" in arms]
-  readings = []
-  for level in levels:
-    minirl, no_is = arms[f"{level}/minirl"], arms[f"{level}/minirl_no_is"]
-    if not no_is.stable and minirl.stable:
-      verdict = REPRODUCED
-    else:
-      verdict = NOT_REPRODUCED if no_is.collapses == 0 else INCONCLUSIVE
-    readings.append(Reading(f"{level}: finding 3 (w/o IS collapses)", verdict,
-                            f"w/o IS collapsed {no_is.collapses}/{len(no_is.final)}, MiniRL "
-                            f"{minirl.collapses}/{len(minirl.final)}"))
-    readings.append(Reading(f"{level}: MiniRL vs w/o IS",
-                            _order("MiniRL", "w/o IS", ahead(minirl, no_is)),
-                            _paired(minirl, no_is)))
-  if len(levels) >= 2:
-    penalty = {level: arms[f"{level}/minirl"].mean() - arms[f"{level}/minirl_no_is"].mean()
-               for level in (levels[0], levels[-1])}
-    growth = penalty[levels[-1]] - penalty[levels[0]]
-    readings.append(Reading(
-        f"the w/o-IS penalty grows from {levels[0]} to {levels[-1]} by more than {NOISE}",
-        "yes" if growth > NOISE else "no",
-        f"penalty (MiniRL - w/o IS) {penalty[levels[0]]:+.3f} -> {penalty[levels[-1]]:+.3f}"))
-  widest = grids.GAP_LEVELS[-1][0]
-  token = arms.get(f"{widest}/minirl")
-  for arm in grids.SEQUENCE_IS:
-    other = arms.get(f"{widest}/{arm.name}")
-    if token and other:
-      readings.append(Reading(f"{widest}: token IS vs {arm.name}",
-                              _order("token IS", arm.name, ahead(token, other)),
-                              _paired(token, other)))
-  return readings
-
-
-# The off-policy arms without clipping, without replay, or without both
-LACKING_CLIP_OR_REPLAY = ("minirl_no_clip", "minirl+r2_no_clip", "minirl")
-
-
-def _finding5(arms: dict[str, ArmResult]) -> list[Reading]:
-  """At each N: do the arms lacking clipping or replay collapse while MiniRL + R3 holds?"""
-  readings, holds, none_worse = [], [], []
-  for n in grids.OFFPOLICY_NS:
-    lacking = [arms.get(f"n{n}/{name}") for name in LACKING_CLIP_OR_REPLAY]
-    full = arms.get(f"n{n}/minirl+r3")
-    if full is None or None in lacking:
-      continue
-    holds.append(all(not m.stable for m in lacking) and full.stable)
-    # the lacking arms collapse no more often, together, than 3 x MiniRL + R3
-    none_worse.append(sum(m.collapses for m in lacking) <= len(lacking) * full.collapses)
-    counts = ", ".join(f"{name} {m.collapses}/{len(m.final)}"
-                       for name, m in zip(LACKING_CLIP_OR_REPLAY, lacking))
-    readings.append(Reading(f"N = {n}: finding 5 holds", "yes" if holds[-1] else "no",
-                            f"collapsed: {counts}; minirl+r3 {full.collapses}/"
-                            f"{len(full.final)}"))
-  if len(holds) == len(grids.OFFPOLICY_NS):
-    verdict = (REPRODUCED if sum(holds) >= 2 else
-               NOT_REPRODUCED if all(none_worse) else INCONCLUSIVE)
-    readings.append(Reading("finding 5 (without clipping or replay, collapse)", verdict,
-                            f"holds at {sum(holds)} of {len(holds)} N"))
-  return readings
-
-
-def _finding6(arms: dict[str, ArmResult]) -> list[Reading]:
-  """At each N, R2 against R3 by the ahead rule; the paper: R2 at N = 2, R3 at 4 and 8."""
-  readings, signs = [], {}
-  for n in grids.OFFPOLICY_NS:
-    r2, r3 = arms.get(f"n{n}/minirl+r2"), arms.get(f"n{n}/minirl+r3")
-    if r2 and r3:
-      signs[n] = ahead(r2, r3)
-      readings.append(Reading(f"N = {n}: R2 vs R3", _order("R2", "R3", signs[n]),
-                              _paired(r2, r3)))
-  if len(signs) == len(grids.OFFPOLICY_NS):
-    wanted = {2: 1, 4: -1, 8: -1}
-    r2_never_collapses = all(arms[f"n{n}/minirl+r2"].collapses == 0 for n in (4, 8))
-    if all(signs[n] == wanted[n] for n in grids.OFFPOLICY_NS):
-      verdict = REPRODUCED
-    elif any(signs[n] == -wanted[n] for n in grids.OFFPOLICY_NS) or (
-        not any(signs.values()) and r2_never_collapses):
-      verdict = NOT_REPRODUCED
-    else:
-      verdict = INCONCLUSIVE
-    readings.append(Reading("finding 6 (R2 ahead at N = 2, R3 at N = 4, 8)", verdict,
-                            ", ".join(f"N = {n}: {_order('R2', 'R3', s)}"
-                                      for n, s in signs.items())))
-  return readings
-
-
-def read_offpolicy(arms: dict[str, ArmResult]) -> list[Reading]:
-  """Findings 5 and 6, read at each N that has every arm they need."""
-  return _finding5(arms) + _finding6(arms)
-
-
-def read_coldstart(arms: dict[str, ArmResult]) -> list[Reading]:
-  """Finding 7: the spread of the stable cold starts' mean accuracy, at RL step 0 and at
-  the end."""
-  starts = {name: arms[grids.coldstart_arm(name)] for name in grids.COLD_STARTS
-            if grids.coldstart_arm(name) in arms}
-  if len(starts) < len(grids.COLD_STARTS):
-    return []
-  stable = {name: arm for name, arm in starts.items() if arm.stable}
-  spread = lambda which: float(np.ptp([arm.mean(which) for arm in stable.values()]))
-  evidence = "; ".join(f"{name}: {arm.mean('start'):.3f} -> {arm.mean():.3f} (collapsed "
-                       f"{arm.collapses}/{len(arm.final)})" for name, arm in starts.items())
-  if len(stable) < 2:
-    return [Reading("finding 7 (cold starts converge)", INCONCLUSIVE,
-                    f"fewer than 2 stable cold starts; {evidence}")]
-  start, final = spread("start"), spread("final")
-  if final <= NOISE and start > 2 * NOISE:
-    verdict = REPRODUCED
+  Returns:
+    (verdict, evidence). "ahead": reproduced when the interval lies above 0, not reproduced
+    when it lies below `effect` (any advantage is smaller than what matters), else
+    inconclusive. "no gain": reproduced when the interval lies within (-effect, effect),
+    not reproduced when it excludes 0, else inconclusive.
+  """
+  mean, low, high = stats.t_interval(diffs)
+  if not high >= low:  # nan: fewer than 2 seeds
+    return INCONCLUSIVE, f"{mean:+.3f} ({len(diffs)} seed: no interval)"
+  evidence = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (95% t, {len(diffs)} seeds)"
+  if claim == "ahead":
+    verdict = REPRODUCED if low > 0 else NOT_REPRODUCED if high < effect else INCONCLUSIVE
+  elif claim == "no gain":
+    verdict = (REPRODUCED if -effect < low and high < effect else
+               NOT_REPRODUCED if low > 0 or high < 0 else INCONCLUSIVE)
   else:
-    verdict = NOT_REPRODUCED if final > NOISE and final >= 0.75 * start else INCONCLUSIVE
-  return [Reading("finding 7 (cold starts converge)", verdict,
-                  f"spread of the stable starts {start:.3f} at RL step 0 -> {final:.3f} at "
-                  f"the end; {evidence}")]
+    raise ValueError(f"claim must be 'ahead' or 'no gain', got {claim!r}")
+  return verdict, evidence
 
 
-def _differences(a: ArmResult, b: ArmResult, which: str = "score") -> dict[int, float]:
-  """Paired differences a - b of `which`, seed by seed, over the seeds both finished."""
-  x, y = getattr(a, which), getattr(b, which)
-  return {s: x[s] - y[s] for s in sorted(x.keys() & y.keys())}
+def read_collapses(a_collapsed: int, a_runs: int, b_collapsed: int,
+                   b_runs: int) -> tuple[str, str]:
+  """The paper's "A collapses, B does not" read by a one-sided Fisher exact test (round 2's
+  rule): reproduced at p < 0.05, not reproduced when A never collapsed in >= 5 runs, else
+  inconclusive."""
+  p = stats.fisher_one_sided(a_collapsed, a_runs, b_collapsed, b_runs)
+  evidence = f"collapsed {a_collapsed}/{a_runs} vs {b_collapsed}/{b_runs}, Fisher p = {p:.3g}"
+  fewest = stats.fewest_decisive_collapses(a_runs, b_runs)
+  evidence += (f"; at these runs the smallest decisive count is {fewest}/{a_runs} vs "
+               f"0/{b_runs}" if fewest is not None else
+               "; no count at these runs can reach p < 0.05")
+  if p < 0.05:
+    return REPRODUCED, evidence
+  return (NOT_REPRODUCED if a_collapsed == 0 and a_runs >= 5 else INCONCLUSIVE), evidence
 
 
-def _accuracy(question: str, a: ArmResult, b: ArmResult, claim: str) -> Reading:
-  by_seed_diff = _differences(a, b)
+def accuracy(question: str, a: ArmResult, b: ArmResult, claim: str) -> Reading:
+  """A's score against B's, seed by seed, by `read_difference`; the evidence adds each
+  seed's difference and the smallest effect the design finds."""
+  by_seed_diff = paired_differences(a.score, b.score)
   seeds, diffs = list(by_seed_diff), list(by_seed_diff.values())
-  verdict, evidence = power.read_difference(diffs, claim)
+  verdict, evidence = read_difference(diffs, claim)
   evidence += "; per seed " + ", ".join(f"{s}: {d:+.3f}" for s, d in by_seed_diff.items())
   sd = float(np.std(diffs, ddof=1)) if len(diffs) >= 2 else 0.0
   if sd > 0:
     evidence += (f"; smallest effect this design finds (80%): "
-                 f"{power.detectable_effect(sd, len(diffs)):.3f}")
+                 f"{stats.detectable_effect(sd, len(diffs)):.3f}")
   elif len(diffs) >= 2:
     evidence += ("; every seed's difference is the same, so no spread to size the design "
                  "by")
-  if seeds and all(arm.scored_at_start.get(s) for arm in (a, b) for s in seeds):
+  if seeds and all(arm.scored_steps.get(s) == [0] for arm in (a, b) for s in seeds):
     evidence += ("; both arms' scores are their RL step-0 evaluation in every seed (each "
                  "run collapsed before its first full evaluation after step 0): the contrast "
                  "compares the cold start with itself")
-  interval = power.t_interval(diffs) if len(diffs) >= 2 else None
+  interval = stats.t_interval(diffs) if len(diffs) >= 2 else None
   return Reading(question, verdict, evidence, interval)
 
 
-def _collapse(question: str, collapses: ArmResult, holds: ArmResult) -> Reading:
-  return Reading(question, *power.read_collapses(collapses.collapses, len(collapses.final),
-                                                 holds.collapses, len(holds.final)))
+def collapse(question: str, collapses: ArmResult, holds: ArmResult) -> Reading:
+  """Reads "`collapses` collapses, `holds` does not" by `read_collapses`."""
+  return Reading(question, *read_collapses(collapses.collapses, len(collapses.final),
+                                           holds.collapses, len(holds.final)))
 
 
-def read_round2(arms: dict[str, ArmResult]) -> list[Reading]:
-  """Round 2's contrasts by the rules round2.md stated before its runs."""
-  readings = []
-  def have(*names):
-    return all(name in arms for name in names)
-  if have("minirl", "minirl_no_is"):
-    readings += [_collapse("finding 3: w/o IS collapses, MiniRL does not", arms["minirl_no_is"],
-                           arms["minirl"]),
-                 _accuracy("finding 3: MiniRL ahead of w/o IS", arms["minirl"],
-                           arms["minirl_no_is"], "ahead")]
-  if have("minirl+r3", "minirl_no_is+r3"):
-    readings.append(_collapse("finding 4: R3 w/o IS still collapses", arms["minirl_no_is+r3"],
-                              arms["minirl+r3"]))
-  if have("minirl", "minirl+r3"):
-    kl_verdict, kl_evidence = power.read_difference(
-        list(_differences(arms["minirl"], arms["minirl+r3"], "late_kl").values()), "ahead",
-        effect=0.0)
-    readings += [_accuracy("finding 4: R3 gives no accuracy gain", arms["minirl+r3"],
-                           arms["minirl"], "no gain"),
-                 Reading("finding 4: R3 lowers the k3 KL (last 10 steps, no replay - R3)",
-                         kl_verdict, kl_evidence)]
-  if have("n8/minirl_no_clip", "n8/minirl+r3"):
-    readings.append(_collapse("finding 5, N = 8: without clipping, collapse",
-                              arms["n8/minirl_no_clip"], arms["n8/minirl+r3"]))
-  for n in (8, 2):
-    if have(f"n{n}/minirl", f"n{n}/minirl+r3"):
-      readings += [_collapse(f"finding 5, N = {n}: without replay, collapse",
-                             arms[f"n{n}/minirl"], arms[f"n{n}/minirl+r3"]),
-                   _accuracy(f"finding 5, N = {n}: MiniRL + R3 ahead of no replay",
-                             arms[f"n{n}/minirl+r3"], arms[f"n{n}/minirl"], "ahead")]
-  if have("n8/minirl+r2", "n8/minirl+r3"):
-    readings += [_accuracy("finding 6, N = 8: R3 ahead of R2", arms["n8/minirl+r3"],
-                           arms["n8/minirl+r2"], "ahead"),
-                 _collapse("finding 6, N = 8: R2 eventually collapses", arms["n8/minirl+r2"],
-                           arms["n8/minirl+r3"])]
-  return readings
+def write(grid, seeds: int, runs: list[report.Run], workdir: str) -> Optional[list[Reading]]:
+  """Reads a grid's finished runs by its rules into DIR/verdicts.md.
 
+  Args:
+    grid: a `design.Grid`; its `read` gives the readings, its `scored` the scores.
+    seeds: the seeds the grid was asked to run (each arm runs `Arm.seeds_at(seeds)`).
+    runs: its finished runs (`report.load`).
+    workdir: where verdicts.md goes.
 
-READERS = {"gap": read_gap, "offpolicy": read_offpolicy, "coldstart": read_coldstart,
-           "round2": read_round2}
-
-
-def write(grid: grids.Grid, seeds: int, runs: list[report.Run],
-          workdir: str) -> Optional[list[Reading]]:
-  """DIR/verdicts.md for a grid with stated rules (None for the others)."""
-  if grid.name not in READERS:
+  Returns:
+    The readings, or None for a grid without stated rules (and no verdicts.md). The file
+    says "Partial, not verdicts" while an arm has fewer than its planned seeds (at least
+    MIN_SEEDS), and names the arms planned with 0 seeds.
+  """
+  if grid.read is None:
     return None
-  arms = by_seed(runs)
-  readings = READERS[grid.name](arms)
+  arms = by_seed(runs, grid.scored)
+  readings = grid.read(arms)
   caps = {arm.name: arm.seeds_at(seeds) for arm in grid.arms}
   # an arm planned with 0 seeds is outside this run of the grid: its contrasts get no row,
   # and it does not make the others' verdicts partial
   planned = [arm.name for arm in grid.arms if caps[arm.name] > 0]
-  needed = lambda name: max(caps.get(name, seeds), MIN_SEEDS)  # noqa: E731
+
+  def needed(name):
+    return max(caps.get(name, seeds), MIN_SEEDS)
+
   short = sorted(name for name, arm in arms.items() if len(arm.final) < needed(name))
   missing = sum(name not in arms for name in planned)
   lines = []

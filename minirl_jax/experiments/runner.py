@@ -6,6 +6,7 @@ Layout under the grid's workdir:
                                cold-start model; seeds vary the RL run: sampling, mini-batches)
   <arm>/seed_<k>/              the arm: starts from a copy of its cold start's checkpoints
   each run dir: metrics.jsonl, checkpoints/, log.txt, and summary.json once it finished
+                               (`layout`: run names and dirs)
 A rerun skips finished runs (summary.json) and resumes interrupted ones from their latest
 checkpoint (`train.py` resumes by itself).
 """
@@ -23,19 +24,10 @@ from typing import Optional
 import tqdm
 
 from minirl_jax import errors
+from minirl_jax.experiments import design
 from minirl_jax.experiments import grids
-from minirl_jax.rl import loop
-
-SUMMARY = "summary.json"
-
-
-def done(path: str) -> bool:
-  """Whether the run in `path` finished: its summary is written last."""
-  return os.path.exists(os.path.join(path, SUMMARY))
-
-
-def run_dir(workdir: str, arm: str, seed: int) -> str:
-  return os.path.join(workdir, arm, f"seed_{seed}")
+from minirl_jax.experiments import layout
+from minirl_jax.rl import watchers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +39,7 @@ class Job:
 
   @property
   def done(self) -> bool:
-    return done(self.workdir)
+    return layout.done(self.workdir)
 
 
 def _key(overrides) -> str:
@@ -60,7 +52,7 @@ def _key(overrides) -> str:
 COLD_START_SEED = 0
 
 
-def plan(grid: grids.Grid, seeds: int, workdir: str) -> tuple[list[Job], list[Job]]:
+def plan(grid: design.Grid, seeds: int, workdir: str) -> tuple[list[Job], list[Job]]:
   """(cold-start jobs, arm jobs) of a grid at RL seeds 0..seeds-1, seed by seed: every arm
   has a first seed before any has a second, so a grid cut short still compares all arms."""
   cold, arms = {}, []
@@ -69,11 +61,11 @@ def plan(grid: grids.Grid, seeds: int, workdir: str) -> tuple[list[Job], list[Jo
       if seed >= arm.seeds_at(seeds):
         continue
       cold_flags = grids.flags(arm.cold_start)
-      cold_dir = run_dir(os.path.join(workdir, "_coldstart"), _key(arm.cold_start),
-                         COLD_START_SEED)
+      cold_dir = layout.run_dir(os.path.join(workdir, "_coldstart"), _key(arm.cold_start),
+                                COLD_START_SEED)
       cold.setdefault(cold_dir, Job(cold_dir, (f"--config.seed={COLD_START_SEED}",
                                                *cold_flags, "--config.rl.steps=0")))
-      arms.append(Job(run_dir(workdir, arm.name, seed),
+      arms.append(Job(layout.run_dir(workdir, arm.name, seed),
                       (f"--config.seed={seed}", *cold_flags, *grids.flags(arm.overrides)),
                       cold_start=cold_dir))
   return list(cold.values()), arms
@@ -125,8 +117,7 @@ class _Process:
     else:
       summary = json.loads(out.strip().splitlines()[-1])
     summary["wall_s"] = time.time() - self.start
-    with open(os.path.join(self.job.workdir, SUMMARY), "w", encoding="utf-8") as f:
-      json.dump(summary, f)
+    layout.write_summary(self.job.workdir, summary)
 
   def stop(self) -> None:
     """Passes SIGTERM on and waits: `train.py` saves a checkpoint after its current step and
@@ -151,7 +142,7 @@ class _Queue:
     return bool(self.todo or self.running)
 
   def _ready(self, job: Job) -> bool:
-    return not job.cold_start or done(job.cold_start)
+    return not job.cold_start or layout.done(job.cold_start)
 
   def _coming(self, path: str) -> bool:
     return any(j.workdir == path for j in self.todo) or any(
@@ -206,7 +197,7 @@ def run_jobs(jobs: list[Job], *, base_config: str, root: str, max_jobs: int,
                  disable=not progress, dynamic_ncols=True) as bar:
     queue = _Queue(jobs, base_config, root, max_jobs, bar)
     try:
-      with loop.StopSignals() as signals:
+      with watchers.StopSignals() as signals:
         while queue.busy and signals.received is None:
           queue.drop_orphans()
           queue.start_ready()
@@ -220,7 +211,7 @@ def run_jobs(jobs: list[Job], *, base_config: str, root: str, max_jobs: int,
     raise RuntimeError(f"{len(queue.failures)} run(s) failed:\n" + "\n".join(queue.failures))
 
 
-def run_grid(grid: grids.Grid, *, seeds: int, workdir: str, max_jobs: int, root: str,
+def run_grid(grid: design.Grid, *, seeds: int, workdir: str, max_jobs: int, root: str,
              progress: bool = True) -> None:
   """Cold starts first, then every arm x seed, each arm as soon as its cold start is
   done."""

@@ -16,12 +16,11 @@ from minirl_jax import errors
 from minirl_jax import objectives
 from minirl_jax import sharding
 from minirl_jax.models import transformer
+from minirl_jax.rl import gap_levels
 from minirl_jax.rl import rollout as rollout_lib
 from minirl_jax.rl import step as step_lib
 from minirl_jax.sampling import quantize
 
-ZERO = "zero"
-LEVELS = ("float32", "float16", "bfloat16", "int8", "fp8", "int4")  # narrowest gap first
 _COLUMNS = (("kl_k1", "KL k1", ".2e"), ("kl_k3", "KL k3", ".2e"), ("is_p99", "IS p99", ".4f"),
             ("is_max", "IS max", ".4f"), ("tis_frac_truncated", "TIS trunc", ".2e"),
             ("routing_disagreement_mean", "route dis", ".4f"),
@@ -128,7 +127,7 @@ def measure(params, batches, key, *, levels, s, mesh, samples: int) -> dict[str,
   old_policy = functools.partial(sharding.on_mesh(mesh, jax.jit(functools.partial(
       step_lib.pi_old_forward, replay=step_lib.RoutingReplay(s.rl.routing_replay),
       model_cfg=s.model))), params)
-  levels = [level for level in dict.fromkeys(levels) if level != ZERO]
+  levels = [level for level in dict.fromkeys(levels) if level != gap_levels.ZERO]
   specs = list(dict.fromkeys(["float32", *levels]))
   results, arrays = {}, {}
   for level in specs:
@@ -139,7 +138,7 @@ def measure(params, batches, key, *, levels, s, mesh, samples: int) -> dict[str,
                               samples=samples)
   ref = arrays["float32"]
   zero = {**ref, "mu_logp": ref["old_logp"], "routing_mu": ref["live_routing"]}
-  for level, a in [(ZERO, zero)] + [(lv, arrays[lv]) for lv in levels]:
+  for level, a in [(gap_levels.ZERO, zero)] + [(lv, arrays[lv]) for lv in levels]:
     results[level] = metrics(**a, tis_cap=s.objective.tis_cap)
   return results
 

@@ -1,6 +1,5 @@
-"""How sure a verdict can be: the noise of paired contrasts split into evaluation and
-training noise, the seeds / held-out problems / evaluations a difference needs, and the
-intervals and exact tests every verdict row reports (docs/results/round2.md).
+"""The statistics every verdict and design reports: paired-contrast noise and power, the t
+interval, and one-sided Fisher exact tests of collapse counts. Pure: no verdict policy.
 
 A contrast is two arms run at the same seeds from the same cold start; its per-seed paired
 difference of final accuracy has variance
@@ -9,8 +8,7 @@ difference of final accuracy has variance
 
 where the first term is the binomial noise of the two arms' evaluations (each a mean of
 `evals` evaluations of `problems` held-out problems at accuracy p) and var_train what the RL
-runs themselves add (sampling, mini-batch order). Round 1 measured var(diff) at 128 problems
-and one evaluation, so var_train is what is left after the binomial term.
+runs themselves add (sampling, mini-batch order).
 """
 import dataclasses
 import math
@@ -125,52 +123,3 @@ def fewest_decisive_collapses(a_runs: int, b_runs: int, alpha: float = 0.05) -> 
   Fisher p < alpha (the smallest collapse contrast a design can detect); None if none."""
   return next((k for k in range(1, a_runs + 1)
                if fisher_one_sided(k, a_runs, 0, b_runs) < alpha), None)
-
-
-REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
-SMALLEST_EFFECT = 0.05  # the accuracy difference round 2 is designed to detect
-
-
-def read_difference(diffs: Sequence[float], claim: str,
-                    effect: float = SMALLEST_EFFECT) -> tuple[str, str]:
-  """A paired accuracy contrast read by its 95% t interval (docs/results/round2.md).
-
-  Args:
-    diffs: per-seed paired differences, arm A minus arm B.
-    claim: "ahead" (the paper: A beats B) or "no gain" (the paper: A does not beat B).
-    effect: the smallest difference that matters.
-
-  Returns:
-    (verdict, evidence). "ahead": reproduced when the interval lies above 0, not reproduced
-    when it lies below `effect` (any advantage is smaller than what matters), else
-    inconclusive. "no gain": reproduced when the interval lies within (-effect, effect),
-    not reproduced when it excludes 0, else inconclusive.
-  """
-  mean, low, high = t_interval(diffs)
-  if not high >= low:  # nan: fewer than 2 seeds
-    return INCONCLUSIVE, f"{mean:+.3f} ({len(diffs)} seed: no interval)"
-  evidence = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (95% t, {len(diffs)} seeds)"
-  if claim == "ahead":
-    verdict = REPRODUCED if low > 0 else NOT_REPRODUCED if high < effect else INCONCLUSIVE
-  elif claim == "no gain":
-    verdict = (REPRODUCED if -effect < low and high < effect else
-               NOT_REPRODUCED if low > 0 or high < 0 else INCONCLUSIVE)
-  else:
-    raise ValueError(f"claim must be 'ahead' or 'no gain', got {claim!r}")
-  return verdict, evidence
-
-
-def read_collapses(a_collapsed: int, a_runs: int, b_collapsed: int,
-                   b_runs: int) -> tuple[str, str]:
-  """The paper's "A collapses, B does not" read by a one-sided Fisher exact test:
-  reproduced at p < 0.05, not reproduced when A never collapsed in >= 5 runs, else
-  inconclusive."""
-  p = fisher_one_sided(a_collapsed, a_runs, b_collapsed, b_runs)
-  evidence = f"collapsed {a_collapsed}/{a_runs} vs {b_collapsed}/{b_runs}, Fisher p = {p:.3g}"
-  fewest = fewest_decisive_collapses(a_runs, b_runs)
-  evidence += (f"; at these runs the smallest decisive count is {fewest}/{a_runs} vs "
-               f"0/{b_runs}" if fewest is not None else
-               "; no count at these runs can reach p < 0.05")
-  if p < 0.05:
-    return REPRODUCED, evidence
-  return (NOT_REPRODUCED if a_collapsed == 0 and a_runs >= 5 else INCONCLUSIVE), evidence

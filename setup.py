@@ -28,8 +28,10 @@ setuptools.setup(
     ],
     extras_require={
         # Every optional path is tested too, so the test extra installs every extra.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "hypothesis>=6.100", "safetensors>=0.8.0",
-                 "tokenizers>=0.20", "math-verify>=0.7", "pyarrow>=15", "wandb>=0.22"],
+        # flake8 keeps the house style (.flake8: 2-space indent, 100 columns) in CI.
+        "test": ["flake8>=7.0", "pytest>=8.0", "pytest-xdist>=3.6", "hypothesis>=6.100",
+                 "safetensors>=0.8.0", "tokenizers>=0.20", "math-verify>=0.7", "pyarrow>=15",
+                 "wandb>=0.22"],
         # Real checkpoints and tokenizers (Hugging Face formats, read without torch).
         "hf": ["safetensors>=0.8.0", "tokenizers>=0.20"],
         "math": ["math-verify>=0.7"],

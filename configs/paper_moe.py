@@ -5,8 +5,8 @@
 
 The grids' chain task (configs/paper_small.py) on a model in the paper's regime: 6 MoE layers
 of 64 experts, top-8, each expert 32 wide (the active FFN per token equals paper_small's 8
-experts top-2 of 128), 3.75M parameters (653k active), a bfloat16 trainer as in the paper, the fp8 sampler
-(16 slots), and a cold start stopped at 20% held-out accuracy (paper_small: 30%).
+experts top-2 of 128), 3.75M parameters (653k active), a bfloat16 trainer as in the paper, the
+fp8 sampler (16 slots), and a cold start stopped at 20% held-out accuracy (paper_small: 30%).
 
 Chosen by measurement (round2.md, "Part 2: the base config"): of two candidates, 4 layers
 of 32 experts top-4 routed 4.5%, 6.8%, 11.3%, 13.4% of (token, layer) top-k sets differently

@@ -16,8 +16,9 @@ RL: 8 prompts x 8 responses, one mini-batch of 64 (N = 1, on-policy); the off-po
 sets mini-batch 32 and raises prompts_per_step with N. Checkpoints every 10 steps, so an arm
 cut off (a session's end, a preemption) resumes near where it stopped; resume is bit-exact.
 
-Sampler: fp8 (the paper's FP8 inference against a float32 trainer; README "A gap you can
-dial" says why the grids run there), 64 responses decoded over 16 slots (continuous batching).
+Sampler: fp8 (the paper's FP8 inference against a float32 trainer; docs/sampling.md
+"Which level the grids run at" says why the grids run there), 64 responses decoded over 16
+slots (continuous batching).
 
 Measured once on the 2-core CPU (timings with it idle; shared, it ran ~2x slower), to be
 re-measured before sizing a grid. SFT: ~2.0 s per step; held-out accuracy (temperature 1) is

@@ -19,7 +19,7 @@ cold-start checkpoint, so SFT is off here (sft.max_steps=0).
 from minirl_jax import config_base
 
 
-# Mesh, micro-batches and chunks that fit by `scripts/plan.py` (README "Scaling up"), with
+# Mesh, micro-batches and chunks that fit by `scripts/plan.py` (docs/scaling.md), with
 # the grouped-matmul kernel of TPUs/GPUs (ragged_dot).
 PRESETS = {
     # A TPU v5p-256 slice: 128 chips of 95 GiB.

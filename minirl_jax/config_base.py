@@ -77,4 +77,3 @@ def sibling(config_file: str, name: str, *args) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(*args)
-

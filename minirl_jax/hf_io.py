@@ -31,8 +31,8 @@ HF_CONFIG = "hf_config.json"
 def _safetensors():
   """The optional `safetensors` package (extra "hf"), imported when a file is touched."""
   try:
-    import safetensors  # pylint: disable=g-import-not-at-top
-    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+    import safetensors
+    import safetensors.numpy
   except ImportError as e:
     raise ImportError("reading or writing Hugging Face checkpoints needs safetensors: "
                       'pip install -e ".[hf]"') from e
@@ -64,7 +64,8 @@ class _Reader:
     for f, handle in self._handles.items():
       for name in handle.keys():
         if name in self.files:
-          raise errors.UserError(f"{directory}: tensor {name} is in both {self.files[name]} and {f}")
+          raise errors.UserError(f"{directory}: tensor {name} is in both {self.files[name]} "
+                                 f"and {f}")
         self.files[name] = f
     if weight_map is not None:
       lost = sorted(n for n, f in weight_map.items() if self.files.get(n) != f)
@@ -285,7 +286,7 @@ def orbax_to_hf(orbax_dir: str, hf_dir: str, *, params_dir: Optional[str] = None
       `orbax_dir/params`.
     max_shard_bytes: size bound of one safetensors file.
   """
-  cfg = checkpointing.read_model_config(orbax_dir)
+  cfg = checkpointing.read_model_config(orbax_dir, field="orbax_dir")
   base_path = os.path.join(orbax_dir, HF_CONFIG)
   base = _read_json(base_path) if os.path.exists(base_path) else None
   params = checkpointing.restore_params(

@@ -219,13 +219,15 @@ def read_jsonl(path: str, drop_cut_last_line: bool = False) -> list[dict]:
   return records
 
 
-def keep_only(path: str, keep: Callable[[dict], bool]) -> None:
-  """Rewrites a JSONL file keeping the records `keep` accepts (used on resume)."""
+def keep_only(path: str, keep: Callable[[dict], bool]) -> list[dict]:
+  """Rewrites a JSONL file keeping the records `keep` accepts (used on resume); returns
+  them ([] when there is no file)."""
   if not os.path.exists(path):
-    return
+    return []
   records = [r for r in read_jsonl(path, drop_cut_last_line=True) if keep(r)]
   with open(path, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r) + "\n" for r in records)
+  return records
 
 
 def plot(path: str, out_dir: str, stage: str = "rl") -> list[str]:

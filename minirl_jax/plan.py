@@ -8,17 +8,19 @@ totals with XLA's own `memory_analysis()` on 8 fake CPU devices (within 25%).
 
 Three programs run on a device, one at a time, while the train state stays resident:
   train step  (`rl_step`, one mini-batch in micro-batches): + gradients, activations
-  pi_old      (`old_policy`, the rollout batch in micro-batches): + forward activations
+  pi_old      (`step.pi_old`, the rollout batch in micro-batches): + forward activations
   decode      (the sampler's loop): + sampler weights, KV cache and decode state
 """
 import dataclasses
 import math
+import os
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
+from minirl_jax import errors
 from minirl_jax import sharding
 from minirl_jax.models import expert_parallel
 from minirl_jax.models import linear
@@ -81,8 +83,8 @@ def _moe_rows(n_tok: int, cfg: ModelConfig, mesh) -> tuple[int, int]:
   assignments = n_tok * cfg.top_k
   if ep == 1:
     return assignments, cfg.num_experts
-  return ep * max(1, math.ceil(cfg.expert_capacity_factor * assignments / ep)), \
-      cfg.num_experts // ep
+  rows = ep * max(1, math.ceil(cfg.expert_capacity_factor * assignments / ep))
+  return rows, cfg.num_experts // ep
 
 
 def _moe_working_bytes(n_tok: int, cfg: ModelConfig, mesh, backward: bool,
@@ -218,7 +220,7 @@ def make(s: settings_lib.Settings, num_devices: int) -> Plan:
   mesh = _abstract_mesh(sizes)
   cfg = s.model
   axes = transformer.param_axes(cfg)
-  optimizer = train_state.make_optimizer(s.rl_optim(), axes)
+  optimizer = train_state.optimizers(s).rl
   state = jax.eval_shape(lambda: train_state.init_state(
       transformer.init_params(cfg, jax.random.key(0)), optimizer))
   params = _tree_bytes(state.params, axes, mesh)
@@ -279,8 +281,8 @@ def make(s: settings_lib.Settings, num_devices: int) -> Plan:
   programs = {
       "train_step": params + moments + parts["gradients"] + activations + mini,
       "pi_old": params + parts["pi_old_activations"] + rollout_batch,
-      "decode": sampler_weights + caches * cache_bytes + decode_state +
-                parts["decode_activations"],
+      "decode": (sampler_weights + caches * cache_bytes + decode_state
+                 + parts["decode_activations"]),
   }
   resident = params + moments + sampler_weights
   peaks = {
@@ -312,3 +314,43 @@ def _cache_axes(ndim: int):
 
 def _bucket(length: int, bucket: int) -> int:
   return -(-length // bucket) * bucket
+
+
+def device_memory_bytes() -> tuple[int, str]:
+  """(bytes one local device has, its platform): the runtime's limit on accelerators; on
+  CPU the host's physical memory shared by its local devices."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), device.platform
+  host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  return host // jax.local_device_count(), device.platform
+
+
+def check_fits(s: settings_lib.Settings, num_devices: int, device_bytes: int,
+               platform: str) -> None:
+  """Refuses, before anything compiles, a run whose largest program the plan puts over a
+  device's memory; names it and the largest `sampler.max_new_tokens` that fits, if any.
+
+  The plan models activations within ~25% (tests/plan_test.py), so only a run it puts over
+  the whole device is refused: one near the edge is left to the compiler.
+  """
+  program, peak = max(make(s, num_devices).peaks.items(), key=lambda item: item[1])
+  if peak <= device_bytes:
+    return
+  message = (f"the memory plan (scripts/plan.py) puts the {program} program at "
+             f"{peak / GIB:.1f} GiB per device, over the {device_bytes / GIB:.1f} GiB a "
+             f"{platform} device has")
+  fits = lambda tokens: make(_with_new_tokens(s, tokens), num_devices).device_bytes <= (
+      device_bytes)
+  low, high = 0, s.sampler.max_new_tokens  # fits(low) once low > 0; never fits(high)
+  while high - low > 1:
+    mid = (low + high) // 2
+    low, high = (mid, high) if fits(mid) else (low, mid)
+  if low:
+    message += f"; the largest sampler.max_new_tokens that fits is {low}"
+  raise errors.UserError(message)
+
+
+def _with_new_tokens(s: settings_lib.Settings, tokens: int) -> settings_lib.Settings:
+  return dataclasses.replace(s, sampler=dataclasses.replace(s.sampler, max_new_tokens=tokens))

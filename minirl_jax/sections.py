@@ -3,9 +3,10 @@
 A section's keys and defaults are its dataclass's fields (`to_config`), and `build` turns a
 section back into the dataclass: the one place either happens, and the one way a field
 reports that it is invalid: every error names the field as the user writes it
-(`rl.mini_batch_size ...`).
+(`rl.mini_batch_size ...`). A field whose value selects behaviour is a `Choice`.
 """
 import dataclasses
+import enum
 import types
 import typing
 from typing import Any, Mapping
@@ -19,6 +20,34 @@ from minirl_jax import errors
 def fail(field: str, message: str):
   """Raises the error every config check uses: `"{field} {message}"`."""
   raise errors.UserError(f"{field} {message}")
+
+
+class Choice(enum.StrEnum):
+  """The values of a config field that selects behaviour (`rl.routing_replay`, ...).
+
+  Members equal their strings (`RoutingReplay.R3 == "r3"`, same hash), so configs, flags,
+  JSON and dict lookups keep plain strings; a dataclass field holds the member.
+  """
+
+  def __repr__(self) -> str:
+    return repr(self.value)  # messages quote the value as the user writes it
+
+  @classmethod
+  def values(cls) -> tuple[str, ...]:
+    return tuple(member.value for member in cls)
+
+  @classmethod
+  def parse(cls, value, field: str) -> "Choice":
+    """`value` as a member; anything else fails naming `field` and the allowed values."""
+    try:
+      return cls(value)
+    except (ValueError, TypeError):
+      fail(field, f"must be one of {cls.values()}, got {value!r}")
+
+
+def set_choice(obj, attribute: str, cls: type[Choice], field: str) -> None:
+  """Replaces a frozen dataclass's string `attribute` by its `cls` member (`Choice.parse`)."""
+  object.__setattr__(obj, attribute, cls.parse(getattr(obj, attribute), field))
 
 
 def build(cls, values: Mapping[str, Any], name: str, **extra):
@@ -52,6 +81,8 @@ def to_config(cls, exclude: tuple[str, ...] = (), **overrides) -> ml_collections
       value = f.default_factory()
     else:
       raise TypeError(f"{cls.__name__}.{f.name} has no default")
+    if isinstance(value, Choice):
+      value = value.value  # a plain string: `--config.x.y=...` overrides it
     section[f.name] = config_dict.placeholder(_optional_of(f.type)) if value is None else value
   return ml_collections.ConfigDict(section)
 

@@ -48,11 +48,12 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
   known = math.prod(s for s in sizes.values() if s != -1)
   if fill:
     if len(devices) % known:
-      raise errors.UserError(f"mesh: {len(devices)} devices do not divide by the fixed axes {sizes}")
+      raise errors.UserError(f"mesh: {len(devices)} devices do not divide by the fixed axes "
+                             f"{sizes}")
     sizes[fill[0]] = len(devices) // known
   if math.prod(sizes.values()) != len(devices):
     raise errors.UserError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, "
-                     f"found {len(devices)}")
+                           f"found {len(devices)}")
   # jax.make_mesh orders devices by the physical topology (TPU ICI rings). Auto axes: jit
   # propagates shardings from in/out_shardings (jax.make_mesh defaults to Explicit).
   return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,

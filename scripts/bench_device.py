@@ -24,7 +24,6 @@ import json
 import os
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -226,4 +225,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(errors.reporting(main))
+  errors.run(main)

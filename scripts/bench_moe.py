@@ -19,7 +19,6 @@ if "--expert_parallel" in sys.argv and "device_count" not in os.environ.get("XLA
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -151,4 +150,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(errors.reporting(main))
+  errors.run(main)

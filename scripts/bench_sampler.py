@@ -27,7 +27,6 @@ import functools
 import json
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -298,4 +297,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(errors.reporting(main))
+  errors.run(main)

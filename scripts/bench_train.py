@@ -9,7 +9,6 @@ FLOP/s (6 x active params x tokens + attention, `roofline.train_flops`), the mea
 import dataclasses
 import json
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -45,7 +44,7 @@ def _batch(cfg, rows, length, prompt_len):
 
 
 def _step_seconds(s: settings_lib.Settings, cfg, batch) -> float:
-  optimizer = train_state.make_optimizer(s.rl_optim(), transformer.param_axes(cfg))
+  optimizer = train_state.optimizers(dataclasses.replace(s, model=cfg)).rl
   state = train_state.init_state(transformer.init_params(cfg, jax.random.key(s.seed)), optimizer)
   step = jax.jit(lambda state, batch: step_lib.rl_step(
       state, batch, model_cfg=cfg, obj_cfg=s.objective, optimizer=optimizer))
@@ -78,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(errors.reporting(main))
+  errors.run(main)

@@ -6,7 +6,6 @@ Use the same --config (and overrides) the run was trained with. Last line: one J
 import dataclasses
 import json
 
-from absl import app
 from absl import flags
 import jax
 
@@ -42,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(errors.reporting(main))
+  errors.run(main)

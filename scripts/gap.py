@@ -10,7 +10,6 @@ import dataclasses
 import itertools
 import json
 
-from absl import app
 from absl import flags
 import jax
 
@@ -19,10 +18,11 @@ from minirl_jax import errors
 from minirl_jax import metrics
 from minirl_jax.rl import checkpointing
 from minirl_jax.rl import gap
+from minirl_jax.rl import gap_levels
 
 _CONFIG = config_base.define_config_flag(__file__)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
-_LEVELS = flags.DEFINE_list("levels", list(gap.LEVELS),
+_LEVELS = flags.DEFINE_list("levels", list(gap_levels.LEVELS),
                             "Sampler dtypes, optionally dtype:activation_dtype.")
 _BATCHES = flags.DEFINE_integer("batches", 2, "K: held-out prompt batches per level.")
 _PROMPTS = flags.DEFINE_integer("prompts", None, "Prompts per batch (default: "
@@ -36,7 +36,7 @@ def main(argv):
   del argv
   metrics.quiet_library_logs()
   for level in _LEVELS.value:
-    if level != gap.ZERO:
+    if level != gap_levels.ZERO:
       gap.parse_level(level)  # fail before restoring anything
   run = checkpointing.load_run(_CONFIG.value, _WORKDIR.value)
   s, mesh, state, data, progress = run.s, run.mesh, run.state, run.data, run.progress
@@ -57,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(errors.reporting(main))
+  errors.run(main)

@@ -16,7 +16,6 @@ import json
 import math
 import sys
 
-from absl import app
 from absl import flags
 import jax
 
@@ -46,9 +45,9 @@ def main(argv):
   # Before any JAX backend starts: the mesh's devices, as fake CPU devices.
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", _devices(config))
-  from minirl_jax.rl import programs  # noqa: PLC0415 (after the device count is set)
-  from minirl_jax import sharding  # noqa: PLC0415
-  from minirl_jax.rl import settings  # noqa: PLC0415
+  from minirl_jax.rl import programs  # after the device count is set
+  from minirl_jax import sharding
+  from minirl_jax.rl import settings
   s = settings.from_config(config)
   mesh = sharding.make_mesh(s.mesh)
   print(f"mesh {dict(mesh.shape)} on {jax.device_count()} fake devices; "
@@ -66,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(errors.reporting(main))
+  errors.run(main)

@@ -4,7 +4,6 @@
 """
 import json
 
-from absl import app
 
 from minirl_jax import config_base
 from minirl_jax import errors
@@ -30,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(errors.reporting(main))
+  errors.run(main)

@@ -13,7 +13,6 @@ analysis in tests/plan_test.py (minirl_jax/plan.py says how).
 import json
 import math
 
-from absl import app
 from absl import flags
 
 from minirl_jax import config_base
@@ -65,11 +64,11 @@ def main(argv):
   print(f"largest peak {gib(plan.device_bytes).strip()} GiB of {budget / plan_lib.GIB:.2f} GiB "
         f"usable ({1 - _RESERVE.value:.0%} of {device_gib:g}): "
         f"{'fits' if fits else 'does NOT fit'}")
-  print(json.dumps({"per_device_bytes": {**plan.parts, **{f"peak_{k}": v
-                                                           for k, v in plan.peaks.items()}},
+  peaks = {f"peak_{k}": v for k, v in plan.peaks.items()}
+  print(json.dumps({"per_device_bytes": {**plan.parts, **peaks},
                     "device_bytes": int(device_gib * plan_lib.GIB), "fits": fits,
                     "mesh": plan.mesh}))
 
 
 if __name__ == "__main__":
-  app.run(errors.reporting(main))
+  errors.run(main)

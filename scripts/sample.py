@@ -6,7 +6,6 @@ params, or a fresh model.
 Sampler knobs come from `config.sampler` (e.g. --config.sampler.temperature=0 for greedy);
 use the --config the run was trained with. Params from --config.init_from are used too.
 """
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -40,7 +39,7 @@ def main(argv):
   tokens, masks = zip(*(pipeline.left_pad(e, width, tok.pad_id) for e in encoded))
   prompts = {"prompt_tokens": np.stack(tokens), "prompt_mask": np.stack(masks)}
   sampler_params = quantize.for_sampler(state.params, s.sampler,
-                                       transformer.param_axes(s.model))
+                                        transformer.param_axes(s.model))
   out = rollout.sample(sampler_params, prompts, jax.random.key(s.seed), group_size=1,
                        model_cfg=s.model, sampler_cfg=s.sampler, mesh=mesh)
   print(f"sampler: {s.sampler}; progress: {progress}")
@@ -51,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(errors.reporting(main))
+  errors.run(main)

@@ -6,13 +6,13 @@ Re-running with the same --workdir resumes from its latest checkpoint.
 """
 import json
 
-from absl import app
 from absl import flags
 import jax
 
 from minirl_jax import config_base
 from minirl_jax import errors
 from minirl_jax import metrics
+from minirl_jax import plan
 from minirl_jax.rl import loop
 from minirl_jax.rl import settings
 
@@ -30,10 +30,11 @@ def main(argv):
   s = settings.from_config(_CONFIG.value)
   if _MULTIHOST.value:
     jax.distributed.initialize()
+  plan.check_fits(s, jax.device_count(), *plan.device_memory_bytes())
   summary = loop.Run(s, _WORKDIR.value).run()
   print("plots:", *summary.pop("plots", []), sep="\n  ")
   print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-  app.run(errors.reporting(main))
+  errors.run(main)

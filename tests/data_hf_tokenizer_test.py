@@ -18,7 +18,8 @@ def _train_tokenizer(specials=SPECIALS):
   trainer = tokenizers.trainers.BpeTrainer(
       vocab_size=300, special_tokens=specials, show_progress=False,
       initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(["What is 1+1?", hf_tokenizer.MATH_INSTRUCTION, "user assistant system"], trainer)
+  tok.train_from_iterator(["What is 1+1?", hf_tokenizer.MATH_INSTRUCTION, "user assistant system"],
+                          trainer)
   return tok
 
 

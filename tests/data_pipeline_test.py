@@ -10,11 +10,13 @@ TOK = tokenizer_lib.CharTokenizer()
 
 
 def _records(n):
-  return [{"prompt": f"{i}+1=", "answer": str(i + 1), "solution": f"{i + 1} #{i + 1}"} for i in range(n)]
+  return [{"prompt": f"{i}+1=", "answer": str(i + 1), "solution": f"{i + 1} #{i + 1}"}
+          for i in range(n)]
 
 
 def _rl(records, **kwargs):
-  kwargs = dict(global_batch_size=4, max_prompt_len=6, seed=0, shard_index=0, shard_count=1) | kwargs
+  kwargs = dict(global_batch_size=4, max_prompt_len=6, seed=0, shard_index=0,
+                shard_count=1) | kwargs
   return pipeline.rl_prompt_dataset(records, TOK, **kwargs)
 
 
@@ -55,7 +57,8 @@ def test_rl_epochs_are_reshuffled_permutations_and_seeded():
   assert sorted(first_epoch) == sorted(second_epoch) == list(range(8))
   assert first_epoch != second_epoch
   for batch in _take(iter(_rl(records)), 4):  # every row still carries its own record
-    assert [TOK.decode(t) for t in batch["prompt_tokens"]] == [records[i]["prompt"] for i in batch["index"]]
+    assert ([TOK.decode(t) for t in batch["prompt_tokens"]] ==
+            [records[i]["prompt"] for i in batch["index"]])
     assert batch["answer"].tolist() == [records[i]["answer"] for i in batch["index"]]
   assert [b["index"].tolist() for b in _take(iter(_rl(records)), 4)] == indices
   assert [b["index"].tolist() for b in _take(iter(_rl(records, seed=1)), 4)] != indices
@@ -78,7 +81,8 @@ def test_rl_iterator_state_resumes_exactly():
   _take(iterator, 3)
   state = iterator.get_state()
   expected = _take(iterator, 2)
-  restored = iter(_rl(tasks.TrainSource(tasks.ArithmeticTask(), seed=0, size=64), check_lengths=False))
+  restored = iter(_rl(tasks.TrainSource(tasks.ArithmeticTask(), seed=0, size=64),
+                      check_lengths=False))
   restored.set_state(state)
   for want, got in zip(expected, _take(restored, 2)):
     for key in want:
@@ -88,7 +92,8 @@ def test_rl_iterator_state_resumes_exactly():
 def test_too_long_prompt_raises_naming_the_record():
   records = _records(5)
   records[3] = {"prompt": "1234+5678=", "answer": "6912"}
-  with pytest.raises(ValueError, match=r"record 3 \(0-based\): prompt has 10 tokens > data.max_prompt_len 6"):
+  with pytest.raises(ValueError, match=r"record 3 \(0-based\): prompt has 10 tokens > "
+                                       r"data.max_prompt_len 6"):
     _rl(records)
   lazy = iter(_rl(records, check_lengths=False, global_batch_size=5))
   with pytest.raises(ValueError, match=r"record 3 \(0-based\): prompt has 10 tokens"):
@@ -116,8 +121,9 @@ def test_sft_batch_layout_by_hand():
 def test_sft_shapes_are_fixed_and_state_resumes_exactly():
   task = tasks.ArithmeticTask()
   max_len = task.max_prompt_chars + task.max_solution_chars + 1
-  make = lambda: iter(_sft(tasks.TrainSource(task, seed=2, size=64), max_prompt_len=task.max_prompt_chars,
-                           max_len=max_len, global_batch_size=8))
+  make = lambda: iter(_sft(tasks.TrainSource(task, seed=2, size=64),
+                           max_prompt_len=task.max_prompt_chars, max_len=max_len,
+                           global_batch_size=8))
   iterator = make()
   batches = _take(iterator, 3)
   assert all(b["tokens"].shape == b["loss_mask"].shape == (8, max_len) for b in batches)
@@ -133,7 +139,8 @@ def test_sft_shapes_are_fixed_and_state_resumes_exactly():
 def test_sft_rejects_missing_or_too_long_solutions():
   with pytest.raises(ValueError, match=r"record 0 \(0-based\): no 'solution'"):
     _sft([{"prompt": "1+2=", "answer": "3"}])
-  with pytest.raises(ValueError, match=r"record 1 \(0-based\): solution has 7 tokens with EOS > max_len - max_prompt_len = 6"):
+  with pytest.raises(ValueError, match=r"record 1 \(0-based\): solution has 7 tokens with EOS > "
+                                       r"max_len - max_prompt_len = 6"):
     _sft([{"prompt": "1=", "answer": "1", "solution": "1 #1"},
           {"prompt": "1=", "answer": "1", "solution": "11 #11"}])
   with pytest.raises(ValueError, match="must exceed"):
@@ -155,5 +162,6 @@ def test_eval_shards_have_equal_batch_counts_and_cover_every_record():
   shards = [list(pipeline.eval_prompt_dataset(records, TOK, global_batch_size=4, max_prompt_len=6,
                                               shard_index=s, shard_count=2)) for s in (0, 1)]
   assert [len(s) for s in shards] == [3, 3]
-  valid = sorted(i for s in shards for b in s for i, ok in zip(b["index"].tolist(), b["valid"]) if ok)
+  valid = sorted(i for s in shards for b in s
+                 for i, ok in zip(b["index"].tolist(), b["valid"]) if ok)
   assert valid == list(range(10))

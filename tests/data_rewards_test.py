@@ -8,6 +8,7 @@ import pytest
 from minirl_jax.data import rewards
 from minirl_jax.data import scoring
 
+
 @pytest.mark.parametrize("completion, answer, reward", [
     ("19 #19", "19", 1.0),
     (" #19\n", "19", 1.0),

@@ -56,7 +56,7 @@ def _sleeps_on_slow(prompt, completion, answer):
 def _dies_on_crash(prompt, completion, answer):
   del prompt, answer
   if completion == "crash":
-    os._exit(3)  # pylint: disable=protected-access
+    os._exit(3)
   return 1.0
 
 
@@ -72,7 +72,8 @@ def test_errors_and_invalid_rewards_score_zero_and_are_counted():
   scored, metrics = scoring.score_batch(_raises, ["p"] * 2, ["a", "b"], ["x", "y"])
   np.testing.assert_array_equal(scored, [0.0, 0.0])
   assert metrics["reward/errors"] == 2.0
-  scored, metrics = scoring.score_batch(_returns, ["p"] * 5, ["two", "half", "nan", "text", "true"], ["a"] * 5)
+  scored, metrics = scoring.score_batch(_returns, ["p"] * 5,
+                                        ["two", "half", "nan", "text", "true"], ["a"] * 5)
   np.testing.assert_array_equal(scored, [0.0, 0.5, 0.0, 0.0, 1.0])
   assert metrics == {"reward/errors": 3.0, "reward/timeouts": 0.0}
 

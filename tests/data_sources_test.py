@@ -20,7 +20,8 @@ def test_jsonl_rows_become_records(tmp_path):
   path = _write_jsonl(tmp_path / "p.jsonl", [
       json.dumps({"prompt": "What is 1+1?", "answer": "2", "source": "ignored"}),
       "",
-      json.dumps({"prompt": "Half of 3?", "answer": "\\frac{3}{2}", "solution": "3/2 \\boxed{\\frac{3}{2}}"}),
+      json.dumps({"prompt": "Half of 3?", "answer": "\\frac{3}{2}",
+                  "solution": "3/2 \\boxed{\\frac{3}{2}}"}),
   ])
   assert sources.load_records(path) == [  # each record names its file and 1-based line
       {"prompt": "What is 1+1?", "answer": "2", "where": f"{path}: line 1"},
@@ -30,7 +31,8 @@ def test_jsonl_rows_become_records(tmp_path):
 
 
 def test_prompt_dataset_is_a_grain_map_dataset(tmp_path):
-  path = _write_jsonl(tmp_path / "p.jsonl", [json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(3)])
+  path = _write_jsonl(tmp_path / "p.jsonl",
+                      [json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(3)])
   dataset = sources.prompt_dataset(path)
   assert isinstance(dataset, grain.MapDataset)
   assert len(dataset) == 3
@@ -42,7 +44,8 @@ def test_prompt_dataset_is_a_grain_map_dataset(tmp_path):
     ('{"prompt": "q"}', r"line 3: field 'answer' must be a string, got None"),
     ('{"prompt": "q", "answer": 42}', r"line 3: field 'answer' must be a string, got 42 .*\"42\""),
     ('{"prompt": "  ", "answer": "1"}', r"line 3: field 'prompt' is empty"),
-    ('{"prompt": "q", "answer": "1", "solution": null}', r"line 3: field 'solution' must be a string"),
+    ('{"prompt": "q", "answer": "1", "solution": null}',
+     r"line 3: field 'solution' must be a string"),
     ('["q", "1"]', r"line 3: expected an object"),
 ])
 def test_bad_jsonl_row_raises_naming_file_and_line(tmp_path, bad_line, message):
@@ -56,11 +59,13 @@ def test_bad_jsonl_row_raises_naming_file_and_line(tmp_path, bad_line, message):
 def test_non_utf8_line_and_too_long_prompt_name_file_and_line(tmp_path):
   path = tmp_path / "latin1.jsonl"
   good = json.dumps({"prompt": "1+2=", "answer": "3"}).encode()
-  path.write_bytes(good + b"\n" + '{"prompt": "caf\u00e9", "answer": "1"}'.encode("latin-1") + b"\n")
+  path.write_bytes(good + b"\n" + '{"prompt": "caf\u00e9", "answer": "1"}'.encode("latin-1")
+                   + b"\n")
   with pytest.raises(errors.UserError, match=r"latin1.jsonl: line 2: not UTF-8"):
     sources.load_records(str(path))
-  long = _write_jsonl(tmp_path / "long.jsonl", [good.decode(), good.decode(),
-                                                json.dumps({"prompt": "1234+5678=", "answer": "1"})])
+  long = _write_jsonl(tmp_path / "long.jsonl",
+                      [good.decode(), good.decode(),
+                       json.dumps({"prompt": "1234+5678=", "answer": "1"})])
   records = sources.load_records(long)
   with pytest.raises(errors.UserError, match=rf"{long}: line 3: prompt has 10 tokens > "
                      r"data.max_prompt_len 6"):

@@ -10,7 +10,7 @@ from minirl_jax.data import tasks
 def _evaluate(expression: str) -> int:
   # Test-only oracle on text this test generated itself: digits and + - * only.
   assert re.fullmatch(r"-?[0-9]+([+\-*][0-9]+)*", expression), expression
-  return eval(expression)  # pylint: disable=eval-used
+  return eval(expression)
 
 
 @pytest.mark.parametrize("values, ops, prompt, solution, answer", [
@@ -70,8 +70,7 @@ def test_heldout_split_is_fixed_distinct_and_disjoint_from_training():
 
 
 def test_split_and_streams_are_pinned():
-  # Results compare across commits: the held-out split and the training stream must not move
-  # (values from before `HeldoutSplit` was shared with chain_task.ChainTask).
+  # Results compare across commits: the held-out split and the training stream must not move.
   task = tasks.ArithmeticTask()
   assert isinstance(task, tasks.HeldoutSplit)
   assert [p.prompt for p in task.heldout(3)] == ["84-25=", "57+57=", "9-86="]
@@ -108,10 +107,11 @@ def test_train_source_is_a_random_access_sequence_of_records():
   source = tasks.TrainSource(task, seed=5, size=10)
   assert len(source) == 10
   problem = task.train_problem(seed=5, index=3)
-  assert source[3] == {"prompt": problem.prompt, "answer": problem.answer, "solution": problem.solution}
+  assert source[3] == {"prompt": problem.prompt, "answer": problem.answer,
+                       "solution": problem.solution}
   assert source[2:4] == [source[2], source[3]]
   with pytest.raises(IndexError):
-    source[10]  # pylint: disable=pointless-statement
+    source[10]
 
 
 def test_heldout_records_are_the_heldout_problems_in_order():

@@ -26,8 +26,9 @@ def test_char_tokenizer_covers_every_task_character():
   task = tasks.ArithmeticTask(num_operands=4, operators="+-*")
   for index in range(200):
     problem = task.train_problem(seed=3, index=index)
-    assert tok.decode(tok.encode(problem.prompt + problem.solution)) == problem.prompt + problem.solution
-    assert max(tok.encode(problem.prompt + problem.solution)) < tok.vocab_size
+    text = problem.prompt + problem.solution
+    assert tok.decode(tok.encode(text)) == text
+    assert max(tok.encode(text)) < tok.vocab_size
 
 
 def test_char_tokenizer_rejects_unknown_characters_naming_them():

@@ -17,7 +17,8 @@ from minirl_jax.models.config import ModelConfig
 
 
 def _rel_err(got, want):
-  return max(float(np.max(np.abs(np.asarray(g) - np.asarray(w)))) / max(1.0, float(np.max(np.abs(w))))
+  return max(float(np.max(np.abs(np.asarray(g) - np.asarray(w))))
+             / max(1.0, float(np.max(np.abs(w))))
              for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
 

@@ -18,7 +18,7 @@ def equivalence():
 def test_every_mesh_and_round_count_equals_one_device(equivalence):
   cases = equivalence["cases"]
   assert {(c["expert"], c["capacity_factor"]) for c in cases} >= {(2, 1.25), (4, 1.25),
-                                                                 (8, 1.25), (8, 0.1)}
+                                                                  (8, 1.25), (8, 0.1)}
   assert any(c["tokens"] == [8, 6] and c["expert"] == 8 for c in cases)
   assert any(c["tokens"] == [8, 1] for c in cases)  # decode-shaped: the sampler's calls
   for case in cases:
@@ -33,7 +33,7 @@ def test_ragged_exchange_equals_the_padded_one(equivalence):
   documented semantics: XLA:CPU lacks it) moves the same rows as the padded one."""
   cases = equivalence["ragged"]
   assert {(c["expert"], c["capacity_factor"]) for c in cases} == {(2, 1.25), (4, 1.25),
-                                                                 (8, 1.25), (8, 0.1)}
+                                                                  (8, 1.25), (8, 0.1)}
   for case in cases:
     assert case["finite"] and case["y_err"] < 1e-6 and case["grad_err"] < 1e-6, case
 
@@ -55,7 +55,7 @@ def test_bench_per_device_flops_fall_with_the_expert_axis():
                          "--experts=8", "--tokens=512", "--d_model=32", "--expert_ffn_dim=32",
                          "--passes=fwd_bwd")
   ep, xla = (out["fwd_bwd_ratio_to_expert_1"][k] for k in ("expert_parallel",
-                                                            "xla_partitioned"))
+                                                           "xla_partitioned"))
   assert set(ep) == {"1", "2", "4", "8"}
   # Capacity factor 1.25 over a balanced share, the rounds' recompute in the backward, and
   # fixed per-device work (block padding, sorting) that weighs more at this tiny size:

@@ -27,7 +27,8 @@ XLA_FLAGS = xla_flags(8)
 def run(program: pathlib.Path, *args: str, timeout: int = 600, num_devices: int = 8) -> dict:
   """The JSON object the program prints last; asserts it exited 0."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(num_devices)}
-  code = f"import runpy, sys; sys.argv = {[str(program), *args]!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+  code = (f"import runpy, sys; sys.argv = {[str(program), *args]!r}; "
+          "runpy.run_path(sys.argv[0], run_name='__main__')")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

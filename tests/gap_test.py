@@ -6,7 +6,6 @@ import pytest
 from minirl_jax.rl import gap
 
 
-
 def _batch(weights, routing_b=None):
   """2 sequences x 4 positions with the token IS weights pi_old/mu `weights` (nan = no
   loss token); 2 MoE layers of top-2 routing over every position."""

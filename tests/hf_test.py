@@ -132,7 +132,7 @@ def test_config_4x_and_5x_styles_agree():
 
 def test_config_decoder_sparse_step_and_overrides():
   cfg = hf_config.config_from_hf(_hf_config(num_hidden_layers=5, decoder_sparse_step=2,
-                                     mlp_only_layers=[3]), compute_dtype="bfloat16")
+                                            mlp_only_layers=[3]), compute_dtype="bfloat16")
   assert cfg.moe_layer_ids == (1,) and cfg.moe_layers_skip == (0, 2, 3, 4)
   assert cfg.compute_dtype == "bfloat16"
 

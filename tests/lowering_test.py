@@ -2,7 +2,7 @@
 meshes (v5p: fsdp 16 x expert 8 on 128 fake devices; h100: fsdp 8 on 8) with a scaled-down
 model, each MoE kernel, replay on and off (tests/lowering_child.py). `jax.export` lowers for
 a platform without its plugin; what it cannot check (Mosaic's and XLA's compile on the
-device itself) is said in the README's "Scaling up"."""
+device itself) is said in docs/scaling.md."""
 import json
 import pathlib
 import subprocess

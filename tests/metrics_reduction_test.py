@@ -47,7 +47,7 @@ def test_each_rule_over_micro_and_mini_batches():
   stacked = {k: jnp.array([1.0, 3.0]) for k in rules if k != "u"}
   micro = metrics.over_micro_batches(stacked, rules)
   assert {k: float(v) for k, v in micro.items()} == {"t": 4.0, "b": 4.0, "m": 3.0, "f": 2.0,
-                                                       "x": 4.0}
+                                                     "x": 4.0}
   per_update = [({k: 1.0 for k in rules}, 30.0), ({k: 3.0 for k in rules}, 10.0)]
   mini = metrics.over_mini_batches(per_update, rules)
   assert mini == pytest.approx({"t": (30 + 30) / 40, "b": 2.0, "m": 3.0, "f": 2.0, "u": 2.0})

@@ -197,7 +197,7 @@ def _child_data(pid):
   out["mesh_processes"] = [d.process_index for d in mesh.devices.ravel()]
 
   placed = sharding.shard_batch(Record(x=local, n=np.float32(3),
-                                        routing=local[None, :, :, None]), mesh)
+                                       routing=local[None, :, :, None]), mesh)
   out["shard_batch"] = dict(shape=list(placed.x.shape), spec=spec(placed.x),
                             gathered=gather(placed.x).tolist(), scalar=float(placed.n),
                             routing_spec=spec(placed.routing),
@@ -269,7 +269,7 @@ def child_main(mode, pid, port, workdir, results_path):
     with open(results_path, "w") as f:
       json.dump(out, f)
     jax.distributed.shutdown()
-  except BaseException:  # pylint: disable=broad-except
+  except BaseException:
     traceback.print_exc()
     sys.stderr.flush()
     os._exit(1)  # not shutdown(): it waits for peers that may be stuck in a collective

@@ -18,7 +18,7 @@ LOG_PI = np.log(np.asarray([0.6, 0.7, 0.3, 0.45]))  # s0t1, s0t2, s1t1, s1t2
 def value_and_grad(cfg):
   fn = functools.partial(cispo.loss, cfg=cfg)
   (loss, metrics), grad = jax.value_and_grad(fn, has_aux=True)(lib.hand_logp(),
-                                                              lib.hand_batch())
+                                                               lib.hand_batch())
   chex.assert_tree_all_finite((loss, metrics, grad))
   return loss, metrics, lib.response(grad)
 
@@ -101,7 +101,7 @@ class CISPOTokenNormTest(chex.TestCase, parameterized.TestCase):
       ("three_and_one", [0, 1, 2], [3], 1.0, -4.0),
   )
   def test_mini_batches_weighted_by_share_give_the_full_batch(self, rows_a, rows_b,
-                                                             loss_a, loss_b):
+                                                              loss_a, loss_b):
     full_loss, _, full_grad = group_value_and_grad("group")
     total = len(rows_a) + len(rows_b)
     weighted_loss, grad = 0.0, np.zeros_like(full_grad)

@@ -15,7 +15,7 @@ import objectives_testlib as lib
 def value_and_grad(cfg):
   fn = functools.partial(grpo.loss, cfg=cfg)
   (loss, metrics), grad = jax.value_and_grad(fn, has_aux=True)(lib.hand_logp(),
-                                                              lib.hand_batch())
+                                                               lib.hand_batch())
   chex.assert_tree_all_finite((loss, metrics, grad))
   return loss, metrics, lib.response(grad)
 

@@ -204,7 +204,7 @@ class ExtremeInputsTest(absltest.TestCase):
                        min_size=2, max_size=2),
       normalize_std=st.booleans(), std_ddof=st.sampled_from([0, 1]))
   def test_equal_rewards_give_zero_loss_and_gradient(self, logps, mask, rewards,
-                                                      normalize_std, std_ddof):
+                                                     normalize_std, std_ddof):
     rewards = jnp.repeat(jnp.asarray(rewards, jnp.float32), 2)  # each group all-equal
     adv = advantages.group_advantages(rewards, 2, normalize_std, std_ddof)
     np.testing.assert_array_equal(adv, 0.0)

@@ -20,7 +20,7 @@ class SequenceTest(chex.TestCase):
   def test_value_and_grad(self):
     fn = self.variant(functools.partial(sequence.loss, cfg=config.ObjectiveConfig()))
     (loss, metrics), grad = jax.value_and_grad(fn, has_aux=True)(lib.hand_logp(),
-                                                                lib.hand_batch())
+                                                                 lib.hand_batch())
     # pi_theta(y)/mu_old(y): s0 1.5 * 1.4 = 2.1, s1 0.5 * 9 = 4.5; A = 1, -0.5.
     np.testing.assert_allclose(loss, -(2.1 * 1 + 4.5 * -0.5) / 2, rtol=lib.RTOL)
     # d/dlogp_t of w(y) A / 2 is w(y) A / 2 for every response token of y.

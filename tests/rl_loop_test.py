@@ -174,29 +174,3 @@ def test_user_reward_function_is_plugged_in_by_name():
   for bad in ("no_colon", f"{__name__}:missing", "no_such_module_xyz:f"):
     with pytest.raises(ValueError, match="data.reward"):
       data.build(settings.from_config(smoke_config(**{"data.reward": bad})))
-
-
-def test_steps_without_learning_signal_are_named(caplog):
-  """After `warn_after` steps in a row with all groups' rewards equal, one warning, and one
-  at each doubling of the streak; a step with signal restarts the count; the total counts
-  every such step."""
-  watch = loop.NoSignalWatch(warn_after=2)
-  fracs = [1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
-  with caplog.at_level("WARNING"):
-    for step, frac in enumerate(fracs, start=1):
-      watch.observe(step, {"reward/zero_adv_frac": frac})
-  warnings = [r.getMessage() for r in caplog.records if "no learning signal" in r.getMessage()]
-  assert [w.split(" had")[0] for w in warnings] == [
-      "RL steps 1-2", "RL steps 4-5", "RL steps 4-7", "RL steps 4-11"]  # not 4-9
-  assert watch.total == 10 and watch.in_a_row == 8
-  caplog.clear()
-  with caplog.at_level("WARNING"):
-    watch.summarize(rl_steps=11)  # one step had signal: no summary warning
-    assert not caplog.records
-    loop.NoSignalWatch(warn_after=5).summarize(rl_steps=0)
-    assert not caplog.records
-    all_zero = loop.NoSignalWatch(warn_after=5)
-    for step in (1, 2):
-      all_zero.observe(step, {"reward/zero_adv_frac": 1.0})
-    all_zero.summarize(rl_steps=2)
-  assert "No RL step had a learning signal (2 of 2)" in caplog.records[-1].getMessage()

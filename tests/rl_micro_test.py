@@ -12,8 +12,11 @@ from minirl_jax.rl import micro
 from minirl_jax.rl import losses
 from minirl_jax.rl import step as step_lib
 from minirl_jax.rl import train_state
+import rl_train_step_test
 from rl_train_step_test import MODEL
-from rl_train_step_test import setup  # noqa: F401  (the fixture)
+
+# Registers rl_train_step_test's module-scoped fixture here, for the tests that take `setup`.
+setup = rl_train_step_test.setup
 
 
 def _rel(a, b):
@@ -62,7 +65,7 @@ def test_update_is_the_same_for_every_micro_batch_size(setup, objective, replay)
   step = lambda n: jax.jit(functools.partial(
       step_lib.rl_step, model_cfg=MODEL, optimizer=sgd, micro_batches=n,
       obj_cfg=objectives.ObjectiveConfig(name=objective)))(train_state.init_state(stale, sgd),
-                                                             batch)
+                                                           batch)
   (want_state, want_m), (got_state, got_m) = step(1), step(4)
   assert float(want_m["policy/clip_frac"]) > 0 or objective != "minirl"
   update = lambda state: jax.tree.map(jnp.subtract, state.params, stale)
@@ -73,7 +76,7 @@ def test_update_is_the_same_for_every_micro_batch_size(setup, objective, replay)
     assert float(got_m[key]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
 
 
-def test_old_policy_cosine_and_sft_are_the_same_in_micro_batches(setup):
+def test_pi_old_cosine_and_sft_are_the_same_in_micro_batches(setup):
   params, rollout, _, batch = setup
   old = lambda n, replay: jax.jit(functools.partial(
       step_lib.pi_old_forward, replay=replay, model_cfg=MODEL, micro_batches=n))(

@@ -38,14 +38,14 @@ def setup():
 
 
 @functools.cache
-def _jitted_old_policy(replay, obj):
-  return jax.jit(functools.partial(step.old_policy, model_cfg=MODEL, obj_cfg=obj,
+def _jitted_pi_old(replay, obj):
+  return jax.jit(functools.partial(step.pi_old, model_cfg=MODEL, obj_cfg=obj,
                                    routing_replay=replay, group_size=G))
 
 
-def _old_policy(params, rollout, advantages, replay="none", **objective):
+def _pi_old(params, rollout, advantages, replay="none", **objective):
   obj = objectives.ObjectiveConfig(**objective)
-  return _jitted_old_policy(replay, obj)(params, rollout, advantages)
+  return _jitted_pi_old(replay, obj)(params, rollout, advantages)
 
 
 def test_behaviour_logp_picks_the_processed_or_raw_sampler_logp(setup):
@@ -53,21 +53,21 @@ def test_behaviour_logp_picks_the_processed_or_raw_sampler_logp(setup):
   mask = rollout.completion_mask > 0
   # Temperature 0.5 sharpens the distribution the tokens came from: the two differ.
   assert np.max(np.abs(np.asarray(rollout.sample_logp - rollout.mu_logp))[mask]) > 0.1
-  processed, _ = _old_policy(params, rollout, advantages)
-  raw, _ = _old_policy(params, rollout, advantages, behaviour_logp="raw")
+  processed, _ = _pi_old(params, rollout, advantages)
+  raw, _ = _pi_old(params, rollout, advantages, behaviour_logp="raw")
   np.testing.assert_array_equal(processed.mu_logp, rollout.sample_logp)
   np.testing.assert_array_equal(raw.mu_logp, rollout.mu_logp)
   np.testing.assert_array_equal(processed.old_logp, raw.old_logp)
   # The zero-gap control: mu_old := pi_old, so every train-infer factor is exactly 1.
-  zero, metrics = _old_policy(params, rollout, advantages, behaviour_logp="pi_old")
+  zero, metrics = _pi_old(params, rollout, advantages, behaviour_logp="pi_old")
   np.testing.assert_array_equal(zero.mu_logp, zero.old_logp)
   assert float(metrics["mismatch/kl_mu_pi_old"]) == 0.0
   assert float(metrics["mismatch/kl_k3"]) == 0.0
 
 
-def test_old_policy_batch_counts_group_lengths_and_full_batch_metrics(setup):
+def test_pi_old_batch_counts_group_lengths_and_full_batch_metrics(setup):
   params, rollout, advantages = setup
-  batch, metrics = _old_policy(params, rollout, advantages, replay="r3")
+  batch, metrics = _pi_old(params, rollout, advantages, replay="r3")
   lengths = np.asarray(rollout.completion_mask).sum(axis=1)
   want_groups = np.repeat(lengths.reshape(2, G).mean(axis=1), G)
   np.testing.assert_allclose(batch.group_length_mean, want_groups)
@@ -96,7 +96,7 @@ def test_routing_disagreement_counts_differing_expert_sets():
 
 def test_minibatch_rows_and_global_counts(setup):
   params, rollout, advantages = setup
-  full, _ = _old_policy(params, rollout, advantages, replay="r3")
+  full, _ = _pi_old(params, rollout, advantages, replay="r3")
   rows = np.array([6, 1, 3])
   mb = step.minibatch(full, rows)
   np.testing.assert_array_equal(mb.tokens, np.asarray(full.tokens)[rows])
@@ -136,7 +136,7 @@ def test_reduce_minibatch_metrics_weights_token_means_and_drops_partial_mismatch
 
 def test_update_measures_grad_cosine_on_first_and_last_minibatch(setup):
   params, rollout, advantages = setup
-  full, _ = _old_policy(params, rollout, advantages)
+  full, _ = _pi_old(params, rollout, advantages)
   obj = objectives.ObjectiveConfig()
   optimizer = train_state.make_optimizer(settings.OptimConfig(learning_rate=0.05), AXES)
   train_fn = jax.jit(functools.partial(step.rl_step, model_cfg=MODEL, obj_cfg=obj,

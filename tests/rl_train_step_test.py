@@ -87,15 +87,15 @@ def test_replayed_routing_is_what_the_update_runs(setup):
   assert abs(float(loss(flipped)) - float(loss(None))) > 1e-6
 
 
-def test_old_policy_replays_and_reports_live_topk(setup):
+def test_pi_old_forward_replays_and_reports_live_topk(setup):
   params, rollout, routing_old, _ = setup
-  old_policy = lambda replay: jax.jit(functools.partial(
+  pi_old_forward = lambda replay: jax.jit(functools.partial(
       step_lib.pi_old_forward, replay=replay, model_cfg=MODEL))(params, rollout)
-  forward = old_policy(step_lib.RoutingReplay.NONE)
+  forward = pi_old_forward(step_lib.RoutingReplay.NONE)
   routing, live = forward.routing, forward.live_routing
   same = np.sort(np.asarray(routing), -1) == np.sort(np.asarray(live), -1)
   assert same.all()  # no replay: the experts that ran are the router's own top-k
-  routing_r3 = old_policy(step_lib.RoutingReplay.R3).routing
+  routing_r3 = pi_old_forward(step_lib.RoutingReplay.R3).routing
   ran = np.asarray(rollout.routing_mu)[..., 0] >= 0
   np.testing.assert_array_equal(np.asarray(routing_r3)[ran], np.asarray(rollout.routing_mu)[ran])
 

@@ -30,6 +30,16 @@ def test_scripts_find_their_default_config_from_any_directory():
   assert info["top_k"] == 1 and info["num_experts"] == 4  # configs/tiny.py, overridden
 
 
+def _one_error_line(args):
+  """Runs a script that must refuse its input: exit 2, one line, no traceback."""
+  run = subprocess.run([sys.executable, *args], cwd=ROOT / "tests", capture_output=True,
+                       text=True, timeout=900)
+  assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1, run.stderr
+  return lines[0]
+
+
 def _preempted_train(train, workdir):
   """Starts `train`, sends SIGTERM once its first SFT step is logged; returns the result."""
   proc = subprocess.Popen(train, cwd=ROOT / "tests", stdout=subprocess.PIPE,
@@ -63,6 +73,11 @@ def test_train_preempted_then_eval_and_sample_the_checkpoint(tmp_path):
   assert summary["sft_steps"] == 40 and summary["rl_steps"] == 1
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert [r["step"] for r in records if r["stage"] == "sft"] == list(range(1, 41))
+  # Resuming with another model is refused before any checkpoint is read.
+  assert _one_error_line([*train[1:], "--config.model.d_model=64"]) == (
+      f"error: the config differs from the one the run in {workdir} was started with "
+      "(settings.json), field: saved -> now: model.d_model: 32 -> 64. Resume with the run's "
+      "config or use another --workdir")
   workdir = str(workdir)
 
   # eval.py and sample.py restore params and call the RL step's functions, no training run.
@@ -89,12 +104,41 @@ def test_train_preempted_then_eval_and_sample_the_checkpoint(tmp_path):
 
 def test_user_errors_are_one_line_with_status_2(tmp_path):
   workdir = tmp_path / "never"
-  run = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"),
-                        f"--config={ROOT / 'configs' / 'smoke.py'}", "--config.optim.eps=1e-50",
-                        f"--workdir={workdir}"], capture_output=True, text=True, timeout=900)
-  assert run.returncode == 2 and "Traceback" not in run.stderr and not workdir.exists()
-  assert run.stderr.strip().splitlines() == [
-      "error: optim.eps is 1e-50, which is 0.0 in the parameter dtype float32"]
+  train = [str(ROOT / "scripts" / "train.py"), f"--config={ROOT / 'configs' / 'smoke.py'}",
+           f"--workdir={workdir}"]
+  assert _one_error_line([*train, "--config.optim.eps=1e-50"]) == (
+      "error: optim.eps is 1e-50, which is 0.0 in the parameter dtype float32")
+  assert _one_error_line([*train, "--config.rl.stepz=5"]) == (
+      "error: --config.rl.stepz: the config has no field rl.stepz; did you mean rl.steps?")
+  not_a_model = tmp_path / "not_a_model"
+  not_a_model.mkdir()
+  assert _one_error_line([*train, f"--config.init_from={not_a_model}"]) == (
+      f"error: init_from={not_a_model} is not a model directory: it has no "
+      "model_config.json (scripts/convert_hf.py --out=DIR writes one)")
+  too_long = _one_error_line([*train, "--config.sampler.max_new_tokens=100000000"])
+  assert re.fullmatch(
+      r"error: the memory plan \(scripts/plan.py\) puts the \w+ program at [\d.]+ GiB per "
+      r"device, over the [\d.]+ GiB a cpu device has; the largest sampler.max_new_tokens "
+      r"that fits is \d+", too_long), too_long
+  fits = int(too_long.rsplit(" ", 1)[1])
+  assert 10**4 < fits < 10**8
+  assert not workdir.exists()  # refused before anything was written
+  # A workdir another live process holds (tests/rl_workdir_test.py: and once it dies).
+  held = tmp_path / "held"
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(held)], stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    assert _one_error_line([*train, f"--workdir={held}"]) == (
+        f"error: workdir {held} is in use by process {holder.pid} (it holds run.lock); wait "
+        "for it to end or use another --workdir")
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+_HOLD = ("import sys, time; from minirl_jax.rl import workdir; "
+         "held = workdir.Claim(sys.argv[1]); print('held', flush=True); time.sleep(120)")
 
 
 def _check_gap(workdir, smoke):

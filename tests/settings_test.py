@@ -2,6 +2,8 @@
 the frozen dataclass that reads it, the task knobs are the tasks' own, and a bad value is
 one error naming the field."""
 import dataclasses
+import json
+import re
 
 import pytest
 
@@ -11,8 +13,11 @@ from minirl_jax import objectives
 from minirl_jax.data import chain_task
 from minirl_jax.data import tasks
 from minirl_jax.models.config import ModelConfig
+from minirl_jax.models.config import MoeImpl
+from minirl_jax.objectives.config import ISLevel
 from minirl_jax.rl import settings
 from minirl_jax.sampling.config import SamplerConfig
+from minirl_jax.sampling.quantize import SamplerDtype
 
 # section -> (dataclass, fields the config does not carry, where the tiny run differs)
 SECTIONS = {
@@ -70,4 +75,24 @@ def test_mesh_and_optim_are_dataclasses():
   assert s.rl_optim() == settings.OptimConfig(learning_rate=2e-4, b2=0.99, stage="rl")
   config.mesh.expert = 0
   with pytest.raises(errors.UserError, match=r"^mesh\.expert must be -1 .* got 0$"):
+    settings.from_config(config)
+
+
+@pytest.mark.parametrize("field,choice", [
+    ("rl.routing_replay", settings.RoutingReplay), ("objective.is_level", ISLevel),
+    ("model.moe_impl", MoeImpl), ("sampler.dtype", SamplerDtype)])
+def test_a_field_that_selects_behaviour_is_a_choice_set_by_its_string(field, choice):
+  """The config (flags, JSON) holds the plain string; the settings hold the member, equal
+  to it; a bad value is one error naming the field and every allowed value."""
+  section, name = field.split(".")
+  config = config_base.get_base_config()
+  assert type(config[section][name]) is str
+  value = choice.values()[1]
+  config[section][name] = value
+  got = getattr(getattr(settings.from_config(config), section), name)
+  assert got is choice(value) and got == value and json.dumps(got) == f'"{value}"'
+  assert f"{got}" == value and repr(got) == repr(value)
+  config[section][name] = "nope"
+  with pytest.raises(errors.UserError, match=f"^{re.escape(field)} must be one of "
+                     f"{re.escape(str(choice.values()))}, got 'nope'$"):
     settings.from_config(config)

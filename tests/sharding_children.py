@@ -38,7 +38,7 @@ def _section(out, name):
   """Records a failing check's traceback under `out["errors"][name]` and carries on."""
   try:
     yield
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     out.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
 
 
@@ -119,7 +119,7 @@ def _check_rl_step_and_checkpoint(model, params, host, workdir, out):
   # eps = 1: the first Adam steps are ~lr * grad, so the gradients' scale (their global
   # normalisation) shows in the params instead of cancelling out as lr * sign(grad).
   optimizer = train_state.make_optimizer(settings_lib.OptimConfig(learning_rate=0.1, eps=1.0),
-                                        transformer.param_axes(model))
+                                         transformer.param_axes(model))
   step = functools.partial(step_lib.rl_step, model_cfg=model,
                            obj_cfg=objectives.ObjectiveConfig(name="minirl"),
                            optimizer=optimizer)
@@ -192,7 +192,7 @@ def _check_sampler(run, out):
   params = run.fns.quantize(run.state.params)
   placed = sharding.shard_batch((tokens, lengths), run.mesh)
   prefill, start = (sharding.on_mesh(run.mesh, f) for f in (sampler.prefill_jit,
-                                                              sampler.start_jit))
+                                                            sampler.start_jit))
   prefix, first = prefill(params, *sampler.bucket_prompts(*placed, scfg), jax.random.key(7),
                           **kw)
   slots = start(prefix, first, slots=16, shards=sharding.batch_size_multiple(run.mesh), **kw)

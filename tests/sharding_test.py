@@ -94,7 +94,8 @@ class _Children:
     self._tmp, self._procs, self._results = tmp, {}, {}
     for name in self.NAMES:
       # `-c` (not a script path): spawned reward workers do not re-import this file.
-      code = (f"import importlib.util as u; s = u.spec_from_file_location('child', {str(CHILDREN)!r})"
+      code = ("import importlib.util as u"
+              f"; s = u.spec_from_file_location('child', {str(CHILDREN)!r})"
               f"; m = u.module_from_spec(s); s.loader.exec_module(m)"
               f"; m.child_main({name!r}, {str(tmp / name)!r})")
       with open(tmp / f"{name}.out", "w") as out, open(tmp / f"{name}.err", "w") as err:

@@ -41,14 +41,14 @@ class ChainTask(tasks.HeldoutSplit):
   def __post_init__(self):
     if not 1 <= self.min_steps <= self.max_steps:
       raise errors.UserError(f"min_steps / max_steps must satisfy 1 <= min_steps <= max_steps, got "
-                       f"{self.min_steps} / {self.max_steps}")
+                             f"{self.min_steps} / {self.max_steps}")
     if self.max_value < 2:
       raise errors.UserError(f"max_value must be >= 2, got {self.max_value}")
     if self.modulus < 2:
       raise errors.UserError(f"modulus must be >= 2, got {self.modulus}")
     if not self.operators or set(self.operators) - set(_OPERATORS):
       raise errors.UserError(f"operators must be a non-empty subset of {_OPERATORS!r}, "
-                       f"got {self.operators!r}")
+                             f"got {self.operators!r}")
     if not 0.0 < self.heldout_fraction < 1.0:
       raise errors.UserError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
@@ -110,4 +110,3 @@ def parse_prompt(prompt: str) -> tuple[list[int], list[str]]:
   if not re.fullmatch(r"[()0-9+\-*]+=", prompt) or len(values) != len(ops) + 1:
     raise ValueError(f"not a chain prompt: {prompt[:80]!r}")
   return [int(v) for v in values], ops
-

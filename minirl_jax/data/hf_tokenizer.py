@@ -13,7 +13,7 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 
 def _import_tokenizers():
   try:
-    import tokenizers  # pylint: disable=g-import-not-at-top
+    import tokenizers
   except ImportError as e:
     raise ImportError(
         "Loading a tokenizer.json needs the `tokenizers` package: "
@@ -40,7 +40,7 @@ class HFTokenizer:
     token_id = self._tok.token_to_id(token)
     if token_id is None:
       raise errors.UserError(f"tokenizer has no token {token!r}; a Qwen3 tokenizer.json has "
-                       f"{IM_START!r}, {IM_END!r} and {END_OF_TEXT!r}")
+                             f"{IM_START!r}, {IM_END!r} and {END_OF_TEXT!r}")
     return token_id
 
   def encode(self, text: str) -> list[int]:

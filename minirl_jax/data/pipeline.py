@@ -169,7 +169,7 @@ def _shard(records: Records, global_batch_size: int, shard_index: Optional[int],
   shard_count = jax.process_count() if shard_count is None else shard_count
   if global_batch_size % shard_count:
     raise errors.UserError(f"global_batch_size {global_batch_size} is not divisible by the "
-                     f"{shard_count} data shards (processes)")
+                           f"{shard_count} data shards (processes)")
   # Not `map_with_index`: past the first epoch it sees indices beyond len(records).
   dataset = grain.MapDataset.range(len(records)).map(lambda i: _with_index(i, records[i]))
   dataset = dataset[shard_index::shard_count]
@@ -210,7 +210,8 @@ def _encode_sft(record: dict[str, Any], tokenizer: Tokenizer, max_prompt_len: in
   if "solution" not in record:
     raise errors.UserError(f"{_where(record)}: no 'solution': SFT needs worked solutions")
   prompt_tokens, prompt_mask = left_pad(
-      _prompt_ids(record, tokenizer, max_prompt_len, format_prompt), max_prompt_len, tokenizer.pad_id)
+      _prompt_ids(record, tokenizer, max_prompt_len, format_prompt), max_prompt_len,
+      tokenizer.pad_id)
   target = tokenizer.encode(record["solution"]) + [tokenizer.eos_id]
   room = max_len - max_prompt_len
   if len(target) > room:

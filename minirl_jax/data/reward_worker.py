@@ -48,7 +48,7 @@ def call(reward_fn, prompt: str, completion: str, answer: str) -> tuple[str, obj
     if reward is None:
       return "error", f"returned {_clip(repr(value))}, not a number in [0, 1]"
     return "ok", reward
-  except Exception as e:  # pylint: disable=broad-exception-caught
+  except Exception as e:
     return "error", describe(e)
 
 
@@ -63,7 +63,7 @@ def serve(conn):
         importlib.import_module(module)
       except ImportError:
         pass
-  except Exception as e:  # pylint: disable=broad-exception-caught
+  except Exception as e:
     conn.send(("failed", describe(e)))
     return
   conn.send(("ready", None))

@@ -104,7 +104,7 @@ def answers_equivalent(predicted: str, reference: str) -> bool:
 
 def _math_verify_equivalent(predicted: str, reference: str) -> bool:
   try:
-    import math_verify  # pylint: disable=g-import-not-at-top
+    import math_verify
   except ImportError:
     return False
   # LaTeX extraction only: math-verify's plain-expression extractor hands text to sympy's

@@ -125,7 +125,8 @@ class RewardScorer:
     if not len(prompts) == len(completions) == len(answers):
       raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(completions)} completions, "
                        f"{len(answers)} answers")
-    calls = [(i, str(p), str(c), str(a)) for i, (p, c, a) in enumerate(zip(prompts, completions, answers))]
+    calls = [(i, str(p), str(c), str(a))
+             for i, (p, c, a) in enumerate(zip(prompts, completions, answers))]
     rewards = np.zeros(len(calls), np.float32)
     failures, timeouts = {}, []
     # Each worker takes a contiguous chunk and streams back one result per call; a call's

@@ -67,7 +67,7 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
 def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
   """(1-based row number, row dict) for each row."""
   try:
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq
   except ImportError as e:
     raise ImportError(f"reading {path} needs pyarrow: pip install 'minirl_jax[parquet]' "
                       "(or pip install pyarrow), or convert it to JSONL") from e
@@ -82,7 +82,8 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
 def _validated(row: Any, where: str) -> dict[str, str]:
   """The record of one row; raises naming `where` if a field is missing, not a string or empty."""
   if not isinstance(row, dict):
-    raise errors.UserError(f"{where}: expected an object with {list(REQUIRED_FIELDS)}, got {type(row).__name__}")
+    raise errors.UserError(f"{where}: expected an object with {list(REQUIRED_FIELDS)}, "
+                           f"got {type(row).__name__}")
   record = {}
   for field in REQUIRED_FIELDS + OPTIONAL_FIELDS:
     if field not in row and field in OPTIONAL_FIELDS:
@@ -90,7 +91,7 @@ def _validated(row: Any, where: str) -> dict[str, str]:
     value = row.get(field)
     if not isinstance(value, str):
       raise errors.UserError(f"{where}: field {field!r} must be a string, got {repr(value)[:80]} "
-                       "(write numeric answers as strings, e.g. \"42\")")
+                             "(write numeric answers as strings, e.g. \"42\")")
     if not value.strip():
       raise errors.UserError(f"{where}: field {field!r} is empty")
     record[field] = value

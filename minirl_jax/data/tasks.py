@@ -1,4 +1,4 @@
-"""Synthetic verifiable math: multi-step integer arithmetic with worked solutions and a held-out split."""
+"""Synthetic verifiable math: multi-step integer arithmetic, worked solutions, a held-out split."""
 import dataclasses
 import hashlib
 from collections.abc import Sequence
@@ -85,7 +85,8 @@ class ArithmeticTask(HeldoutSplit):
     if self.max_value < 2:
       raise errors.UserError(f"max_value must be >= 2, got {self.max_value}")
     if not self.operators or set(self.operators) - set(_OPERATORS):
-      raise errors.UserError(f"operators must be a non-empty subset of {_OPERATORS!r}, got {self.operators!r}")
+      raise errors.UserError(f"operators must be a non-empty subset of {_OPERATORS!r}, "
+                             f"got {self.operators!r}")
     if not 0.0 < self.heldout_fraction < 1.0:
       raise errors.UserError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
@@ -107,7 +108,8 @@ class ArithmeticTask(HeldoutSplit):
   def draw(self, rng: np.random.Generator) -> Problem:
     """Draws one problem from either split."""
     values = [int(v) for v in rng.integers(0, self.max_value, size=self.num_operands)]
-    ops = [self.operators[int(i)] for i in rng.integers(0, len(self.operators), size=self.num_operands - 1)]
+    ops = [self.operators[int(i)]
+           for i in rng.integers(0, len(self.operators), size=self.num_operands - 1)]
     return worked_problem(values, ops)
 
 
@@ -144,7 +146,8 @@ def worked_problem(values: Sequence[int], ops: Sequence[str]) -> Problem:
     del ops[j]
     steps.append(_render(values, ops))
   answer = str(values[0])
-  return Problem(prompt=prompt, answer=answer, solution="=".join(steps) + f" {ANSWER_MARKER}{answer}")
+  return Problem(prompt=prompt, answer=answer,
+                 solution="=".join(steps) + f" {ANSWER_MARKER}{answer}")
 
 
 def _apply(a: int, op: str, b: int) -> int:

@@ -9,7 +9,13 @@ from minirl_jax import sections
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Activations may also be float16: the sampler's float16 engine (docs/sampling.md).
 COMPUTE_DTYPES = {**DTYPES, "float16": jnp.float16}
-MOE_IMPLS = ("blocks", "ragged_dot", "megablox")
+
+
+class MoeImpl(sections.Choice):
+  """`model.moe_impl`: the experts' grouped-matmul kernel (`ModelConfig`)."""
+  BLOCKS = "blocks"
+  RAGGED_DOT = "ragged_dot"
+  MEGABLOX = "megablox"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +72,7 @@ class ModelConfig:
   compute_dtype: str = "float32"
   load_balance_coef: float = 0.0
   router_z_coef: float = 0.0
-  moe_impl: str = "blocks"
+  moe_impl: MoeImpl = MoeImpl.BLOCKS
   moe_block_size: int = 128
   moe_dense_max_group: int = 16
   expert_capacity_factor: float = 1.25
@@ -90,7 +96,7 @@ class ModelConfig:
         sections.fail(f"model.{field}", f"must be an integer >= 0 (0: off), got {value!r}")
     if self.num_heads % self.num_kv_heads:
       sections.fail("model.num_heads", f"({self.num_heads}) must be divisible by num_kv_heads "
-            f"({self.num_kv_heads})")
+                    f"({self.num_kv_heads})")
     if self.head_dim % 2:
       sections.fail("model.head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
     if self.top_k > self.num_experts:
@@ -104,8 +110,7 @@ class ModelConfig:
       if getattr(self, field) not in known:
         sections.fail(f"model.{field}",
                       f"must be one of {sorted(known)}, got {getattr(self, field)!r}")
-    if self.moe_impl not in MOE_IMPLS:
-      sections.fail("model.moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+    sections.set_choice(self, "moe_impl", MoeImpl, "model.moe_impl")
     for field in ("rope_theta", "rms_norm_eps", "expert_capacity_factor"):
       if getattr(self, field) <= 0:
         sections.fail(f"model.{field}", f"must be > 0, got {getattr(self, field)}")

@@ -13,6 +13,11 @@ from minirl_jax.objectives.diagnostics import grad_cosine
 from minirl_jax.objectives.diagnostics import masked_mean
 from minirl_jax.objectives.diagnostics import token_entropy
 
+__all__ = [
+    "METRICS", "OBJECTIVES", "ObjectiveConfig", "first_order_error", "grad_cosine",
+    "group_advantages", "masked_mean", "sequence_loss", "token_entropy",
+]
+
 # name -> loss_fn(logp_BT, batch, cfg) -> (loss, metrics); select with `cfg.name`.
 OBJECTIVES = {"minirl": minirl.loss, "grpo": grpo.loss, "cispo": cispo.loss}
 

@@ -5,13 +5,42 @@ import numbers
 from typing import Optional
 
 from minirl_jax import errors
+from minirl_jax import sections
 
-NAMES = ("minirl", "grpo", "cispo")
-TIS_TARGETS = ("pi_theta_mu", "pi_old_mu")
 STD_DDOFS = (0, 1)
-TOKEN_NORMS = ("batch", "group")
-BEHAVIOUR_LOGPS = ("processed", "raw", "pi_old")
-IS_LEVELS = ("token", "sequence", "geometric")
+
+
+class Objective(sections.Choice):
+  """`objective.name`: which loss (`objectives.OBJECTIVES`)."""
+  MINIRL = "minirl"
+  GRPO = "grpo"
+  CISPO = "cispo"
+
+
+class TISTarget(sections.Choice):
+  """`objective.tis_target`: what the TIS cap truncates."""
+  PI_THETA_MU = "pi_theta_mu"
+  PI_OLD_MU = "pi_old_mu"
+
+
+class TokenNorm(sections.Choice):
+  """`objective.token_norm`: the token mean's normaliser."""
+  BATCH = "batch"
+  GROUP = "group"
+
+
+class BehaviourLogp(sections.Choice):
+  """`objective.behaviour_logp`: the log-prob stored as mu_old."""
+  PROCESSED = "processed"
+  RAW = "raw"
+  PI_OLD = "pi_old"
+
+
+class ISLevel(sections.Choice):
+  """`objective.is_level`: where MiniRL's train-infer correction acts."""
+  TOKEN = "token"
+  SEQUENCE = "sequence"
+  GEOMETRIC = "geometric"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,30 +119,29 @@ class ObjectiveConfig:
     is_bounds: (lo, hi) with 0 <= lo <= 1 <= hi (hi may be inf), lo < hi: the accepted
       range of the sequence statistic of `is_level`; None for no rejection.
   """
-  name: str = "minirl"
+  name: Objective = Objective.MINIRL
   eps_low: float = 0.2
   eps_high: float = 0.27
   tis_cap: Optional[float] = 5.0
-  tis_target: str = "pi_theta_mu"
+  tis_target: TISTarget = TISTarget.PI_THETA_MU
   train_infer_is: Optional[bool] = None
   length_norm: Optional[bool] = None
   clip: bool = True
   normalize_std: Optional[bool] = None
   grad_cosine_every: int = 0
   std_ddof: int = 0
-  token_norm: str = "batch"
-  behaviour_logp: str = "processed"
-  is_level: str = "token"
+  token_norm: TokenNorm = TokenNorm.BATCH
+  behaviour_logp: BehaviourLogp = BehaviourLogp.PROCESSED
+  is_level: ISLevel = ISLevel.TOKEN
   is_bounds: Optional[tuple[float, float]] = None
 
   def __post_init__(self):
-    _check(self.name in NAMES, "name", f"must be one of {NAMES}", self.name)
+    _choose(self, "name", Objective)
     _check(0.0 <= self.eps_low < 1.0, "eps_low", "must be in [0, 1)", self.eps_low)
     _check(self.eps_high >= 0.0, "eps_high", "must be >= 0", self.eps_high)
     _check(self.tis_cap is None or self.tis_cap > 0.0, "tis_cap", "must be None or > 0",
            self.tis_cap)
-    _check(self.tis_target in TIS_TARGETS, "tis_target", f"must be one of {TIS_TARGETS}",
-           self.tis_target)
+    _choose(self, "tis_target", TISTarget)
     for field in ("train_infer_is", "length_norm", "normalize_std"):
       value = getattr(self, field)
       _check(value is None or isinstance(value, bool), field, "must be None or a bool", value)
@@ -124,15 +152,13 @@ class ObjectiveConfig:
     ddof = self.std_ddof
     _check(isinstance(ddof, int) and not isinstance(ddof, bool) and ddof in STD_DDOFS,
            "std_ddof", f"must be one of {STD_DDOFS}", ddof)
-    _check(self.token_norm in TOKEN_NORMS, "token_norm", f"must be one of {TOKEN_NORMS}",
-           self.token_norm)
-    _check(self.behaviour_logp in BEHAVIOUR_LOGPS, "behaviour_logp",
-           f"must be one of {BEHAVIOUR_LOGPS}", self.behaviour_logp)
+    _choose(self, "token_norm", TokenNorm)
+    _choose(self, "behaviour_logp", BehaviourLogp)
     self._check_rollout_correction()
 
   def _check_rollout_correction(self):
+    _choose(self, "is_level", ISLevel)
     level, bounds = self.is_level, self.is_bounds
-    _check(level in IS_LEVELS, "is_level", f"must be one of {IS_LEVELS}", level)
     _check(level == "token" or self.name == "minirl", "is_level",
            f"must be 'token' for objective.name={self.name!r} (sequence-level corrections "
            "are MiniRL options)", level)
@@ -178,6 +204,10 @@ class ObjectiveConfig:
 
 def _or(value: Optional[bool], default: bool) -> bool:
   return default if value is None else value
+
+
+def _choose(cfg: ObjectiveConfig, field: str, choice: type[sections.Choice]) -> None:
+  sections.set_choice(cfg, field, choice, f"objective.{field}")
 
 
 def _check(ok: bool, field: str, rule: str, value) -> None:

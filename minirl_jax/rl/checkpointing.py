@@ -21,8 +21,8 @@ import orbax.checkpoint as ocp
 from minirl_jax import errors
 from minirl_jax import sharding
 from minirl_jax.models import config as config_lib
-from minirl_jax.models import transformer
 from minirl_jax.rl import data as rl_data
+from minirl_jax.rl import keys
 from minirl_jax.rl import settings as settings_lib
 from minirl_jax.rl import train_state
 
@@ -64,8 +64,20 @@ def save_model(directory: str, cfg: config_lib.ModelConfig, params) -> None:
     json.dump(dataclasses.asdict(cfg), f, indent=2)
 
 
-def read_model_config(directory: str) -> config_lib.ModelConfig:
-  """The ModelConfig `save_model` wrote to `directory`."""
+def check_model_dir(directory: str, field: str = "init_from") -> None:
+  """Raises a one-line error unless `directory` holds what `save_model` writes."""
+  if not os.path.isdir(directory):
+    raise errors.MissingPath(f"{field}={directory} does not exist (a model directory: "
+                             "scripts/convert_hf.py --out=DIR writes one)")
+  for name in (MODEL_CONFIG, PARAMS_DIR):
+    if not os.path.exists(os.path.join(directory, name)):
+      raise errors.MissingPath(f"{field}={directory} is not a model directory: it has no "
+                               f"{name} (scripts/convert_hf.py --out=DIR writes one)")
+
+
+def read_model_config(directory: str, field: str = "init_from") -> config_lib.ModelConfig:
+  """The ModelConfig `save_model` wrote to `directory` (named `field` in errors)."""
+  check_model_dir(directory, field)
   with open(os.path.join(directory, MODEL_CONFIG), encoding="utf-8") as f:
     return config_lib.from_dict(json.load(f))
 
@@ -80,14 +92,15 @@ def check_same_model(saved, wanted, where):
   for field in ARCHITECTURE:
     if getattr(saved, field) != getattr(wanted, field):
       raise errors.UserError(f"model.{field} ({getattr(wanted, field)!r}) differs from the "
-                       f"checkpoint's ({getattr(saved, field)!r}) in init_from={where}")
+                             f"checkpoint's ({getattr(saved, field)!r}) in init_from={where}")
+
 
 def initial_state(s: settings_lib.Settings, mesh, key):
   """The run's first TrainState on the mesh, for RL's optimizer: `s.init_from`'s params
   when set, else a random init; and its shardings."""
   if not s.init_from:
     return train_state.random_init(s, mesh, key)
-  optimizer = train_state.make_optimizer(s.rl_optim(), transformer.param_axes(s.model))
+  optimizer = train_state.optimizers(s).rl
   target = train_state.abstract_state(s, mesh)
   shardings = jax.tree.map(lambda x: x.sharding, target)
   check_same_model(read_model_config(s.init_from), s.model, s.init_from)
@@ -150,7 +163,7 @@ class Manager:
     for step in sorted(self._mngr.all_steps(), reverse=True):
       try:
         restored = self._restore(step, state, sft_iter, rl_iter)
-      except Exception as e:  # pylint: disable=broad-exception-caught
+      except Exception as e:
         failed.append((step, e))
         continue
       for bad_step, error in failed:
@@ -236,6 +249,6 @@ def load_run(config, workdir: Optional[str]) -> LoadedRun:
   if workdir:
     state, progress = read_latest(workdir, s, mesh)
   else:
-    state, _ = initial_state(s, mesh, jax.random.fold_in(jax.random.key(s.seed), 0))
+    state, _ = initial_state(s, mesh, keys.Keys.of(s.seed).init)
     progress = None
   return LoadedRun(s=s, mesh=mesh, data=data, state=state, progress=progress)

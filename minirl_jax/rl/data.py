@@ -26,11 +26,11 @@ class RunData:
   def sft_iterator(self, s: settings_lib.Settings):
     if s.sft.max_steps and "solution" not in self.train_records[0]:
       raise errors.UserError("sft.max_steps > 0 needs a 'solution' field in every data.path row; "
-                       "set --config.sft.max_steps=0 to start RL from the initial weights")
+                             "set --config.sft.max_steps=0 to start RL from the initial weights")
     if self.max_solution_tokens is not None and (
         self.max_solution_tokens + 1 > s.sampler.max_new_tokens):
       raise errors.UserError(f"sampler.max_new_tokens ({s.sampler.max_new_tokens}) is shorter than "
-                       f"the longest worked solution + EOS ({self.max_solution_tokens + 1})")
+                             f"the longest worked solution + EOS ({self.max_solution_tokens + 1})")
     return iter(pipeline.sft_dataset(
         self.train_records, self.tokenizer, global_batch_size=s.sft.batch_size,
         max_prompt_len=s.data.max_prompt_len,
@@ -94,7 +94,7 @@ def _build(s: settings_lib.Settings, tokenizer) -> RunData:
   reward_fn = task.reward if cfg.task == "chain" else rewards_lib.exact_match
   if task.max_prompt_chars > cfg.max_prompt_len:
     raise errors.UserError(f"data.max_prompt_len ({cfg.max_prompt_len}) is shorter than the "
-                     f"task's longest prompt ({task.max_prompt_chars} tokens)")
+                           f"task's longest prompt ({task.max_prompt_chars} tokens)")
   return RunData(tokenizer=tokenizer, train_records=tasks.TrainSource(task, seed=s.seed),
                  eval_records=tasks.heldout_records(task, eval_size),
                  reward_fn=reward_fn, format_prompt=None,

@@ -4,7 +4,7 @@
   sft_step   one cold-start update (in `sft` micro-batches), when the run has SFT steps
   rl_step    one policy update on a mini-batch (in `rl` micro-batches), replay routing
              included when `rl.routing_replay` is set
-  pi_old     the training engine's forward over the rollout (`step.old_policy`)
+  pi_old     the training engine's forward over the rollout (`step.pi_old`)
   prefill    the sampler's prompt pass
   start      the decode loop's first carry
   decode     the sampler's decode loop (`lax.while_loop`)
@@ -107,7 +107,7 @@ def _train_batch(s: settings_lib.Settings, rows: int, length: int, mesh):
   cfg = s.model
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   routing = None
-  if s.rl.routing_replay != "none":
+  if s.rl.routing_replay is not settings_lib.RoutingReplay.NONE:
     routing = jax.ShapeDtypeStruct((cfg.num_moe_layers, rows, length, cfg.top_k),
                                    cfg.routing_dtype)
   return _rows_sharded(batch_lib.TrainBatch(
@@ -140,7 +140,7 @@ def build(s: settings_lib.Settings, mesh) -> dict[str, Program]:
   rollout = programs["start"].args[1]
   advantages = _struct(jax.ShapeDtypeStruct((rl.global_batch,), jnp.float32),
                        sharding.batch_sharding(mesh, 1))
-  programs["pi_old"] = Program(jits.old_policy, (state.params, rollout, advantages))
+  programs["pi_old"] = Program(jits.pi_old, (state.params, rollout, advantages))
   return programs
 
 
@@ -197,6 +197,6 @@ def lower_all(s: settings_lib.Settings, mesh, platforms: tuple[str, ...]) -> dic
     for platform in platforms:
       try:
         out[name][platform] = lower(program, mesh, (platform,)).mlir_module()
-      except Exception as e:  # noqa: BLE001 (reported per program and platform)
+      except Exception as e:  # reported per program and platform
         out[name][platform] = f"error: {type(e).__name__}: {str(e).splitlines()[0]}"
   return out

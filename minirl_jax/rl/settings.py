@@ -21,10 +21,14 @@ from minirl_jax.data import tokenizer as tokenizer_lib
 from minirl_jax.models.config import ModelConfig
 from minirl_jax.sampling.config import SamplerConfig
 
-ROUTING_REPLAY = ("none", "r2", "r3")
-
-
 _fail = sections.fail
+
+
+class RoutingReplay(sections.Choice):
+  """Which experts the trainer's forwards run (`rl.routing_replay`; `step.replayed_routing`)."""
+  NONE = "none"  # every forward routes live
+  R2 = "r2"      # the updates replay the experts pi_old's forward chose
+  R3 = "r3"      # pi_old's forward and the updates replay the sampler's (routing_mu)
 
 
 # The synthetic tasks (docs/data.md); each declares its own knobs and their defaults.
@@ -99,7 +103,7 @@ class RLConfig:
   prompts_per_step: int = 64
   group_size: int = 8
   mini_batch_size: int = 512  # sequences per optimizer update: N = 64 * 8 / 512 = 1
-  routing_replay: str = "none"  # "none" | "r2" | "r3"
+  routing_replay: RoutingReplay = RoutingReplay.NONE
   eval_every: int = 25
   # RL steps (0: before the first) of the full evaluation (`eval/accuracy_full`, on
   # data.full_eval_size problems)
@@ -135,8 +139,7 @@ class RLConfig:
       _fail("rl.mini_batch_size", f"({self.mini_batch_size}) must divide the global batch "
             f"rl.prompts_per_step * rl.group_size = {self.global_batch}")
     _check_micro("rl", self.micro_batch_size, "mini_batch_size", self.mini_batch_size)
-    if self.routing_replay not in ROUTING_REPLAY:
-      _fail("rl.routing_replay", f"must be one of {ROUTING_REPLAY}, got {self.routing_replay!r}")
+    sections.set_choice(self, "routing_replay", RoutingReplay, "rl.routing_replay")
 
   @property
   def global_batch(self) -> int:
@@ -368,7 +371,7 @@ def _check_together(s: Settings, tokenizer) -> None:
   if tokenizer.vocab_size > s.model.vocab_size:
     _fail("model.vocab_size", f"({s.model.vocab_size}) must be >= the tokenizer's vocabulary "
           f"({tokenizer.vocab_size})")
-  if s.rl.routing_replay != "none" and s.model.num_moe_layers == 0:
+  if s.rl.routing_replay is not RoutingReplay.NONE and s.model.num_moe_layers == 0:
     _fail("rl.routing_replay", f"is {s.rl.routing_replay!r} but the model has no MoE "
           "layer (every layer is in model.moe_layers_skip): there is no routing to replay")
   if s.data.max_prompt_len % s.sampler.prompt_bucket:

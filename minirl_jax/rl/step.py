@@ -3,15 +3,14 @@
     rollout = sample(sampler_params, prompts, key)      # inference engine (rl/rollout.py)
     rewards, m = score(rollout, prompts)                # R(x, y) (rl/rollout.py)
     advantages, m = advantages(rewards)                 # group-relative A
-    batch, m = old_policy(params, rollout, advantages)  # pi_old -> TrainBatch
+    batch, m = pi_old(params, rollout, advantages)      # pi_old -> TrainBatch
     state, m = minibatch_updates(state, batch, step)    # N x rl_step on mini-batches
 
 then `quantize.for_sampler(state.params)` is the next step's rollout policy; `sft_step` is
 the cold start's update. `rl.wiring.bind` closes them over a run's settings, mesh and data.
-Which experts are replayed is decided in one place, `RoutingReplay`; routing keeps one
+Which experts are replayed is decided in one place, `replayed_routing`; routing keeps one
 layout, [L, B, T, k], from the sampler to the update.
 """
-import enum
 from typing import Callable, Optional
 
 import flax
@@ -26,29 +25,16 @@ from minirl_jax import sharding
 from minirl_jax.models import transformer
 from minirl_jax.models.config import ModelConfig
 from minirl_jax.objectives import advantages as advantages_lib
+from minirl_jax.objectives.config import BehaviourLogp
 from minirl_jax.rl import losses
 from minirl_jax.rl import micro
 from minirl_jax.rl import train_state
+from minirl_jax.rl.settings import RoutingReplay
 from minirl_jax.sampling import sampler
 
 # Every metric an update reports, with how it reduces over micro- and mini-batches, as
 # its producers declare it (`minirl_jax.metrics`).
 STEP_METRICS = metrics_lib.merge_rules(objectives.METRICS, losses.METRICS, train_state.METRICS)
-
-
-class RoutingReplay(str, enum.Enum):
-  """Which experts the trainer's forwards run (`rl.routing_replay`): decided here only."""
-  NONE = "none"  # every forward routes live
-  R2 = "r2"      # the updates replay the experts pi_old's forward chose
-  R3 = "r3"      # pi_old's forward and the updates replay the sampler's (routing_mu)
-
-  def in_old_policy(self, rollout: sampler.Rollout) -> Optional[jax.Array]:
-    return rollout.routing_mu if self is RoutingReplay.R3 else None
-
-  def in_updates(self, rollout: sampler.Rollout, forward: "PolicyForward"
-                 ) -> Optional[jax.Array]:
-    return {RoutingReplay.NONE: None, RoutingReplay.R2: forward.routing,
-            RoutingReplay.R3: rollout.routing_mu}[self]
 
 
 @flax.struct.dataclass
@@ -61,6 +47,16 @@ class PolicyForward:
   live_routing: jax.Array = batch_lib.field("layers", "batch", "time", "top_k")
 
 
+def replayed_routing(replay: RoutingReplay, rollout: sampler.Rollout,
+                     forward: Optional[PolicyForward] = None) -> Optional[jax.Array]:
+  """The experts a forward replays (None: it routes live): pi_old's forward when `forward`
+  is None, else the updates', given pi_old's `forward`."""
+  if forward is None:
+    return rollout.routing_mu if replay is RoutingReplay.R3 else None
+  return {RoutingReplay.NONE: None, RoutingReplay.R2: forward.routing,
+          RoutingReplay.R3: rollout.routing_mu}[replay]
+
+
 def pi_old_forward(params, rollout: sampler.Rollout, replay: RoutingReplay, *,
                    model_cfg: ModelConfig, micro_batches: int = 1) -> PolicyForward:
   """pi_old over the rollout's rows in `micro_batches` slices (sliced by each record's
@@ -68,7 +64,7 @@ def pi_old_forward(params, rollout: sampler.Rollout, replay: RoutingReplay, *,
   def forward(rows: sampler.Rollout) -> PolicyForward:
     logp, _, aux = transformer.token_logp_entropy(
         params, rows.tokens, cfg=model_cfg, attn_mask_BT=rows.attn_mask,
-        routing=replay.in_old_policy(rows))
+        routing=replayed_routing(replay, rows))
     return PolicyForward(logp=logp, routing=aux.routing, live_routing=aux.live_routing)
   out = micro.map_batch(forward, rollout, micro_batches)
   return out if micro_batches == 1 else micro.join_rows(out)
@@ -87,9 +83,9 @@ def advantages(rewards: jax.Array, *, group_size: int, obj_cfg: objectives.Objec
 _zero_advantage_frac = jax.jit(advantages_lib.zero_advantage_frac, static_argnums=1)
 
 
-def old_policy(params, rollout: sampler.Rollout, advantages: jax.Array, *,
-               model_cfg: ModelConfig, obj_cfg: objectives.ObjectiveConfig,
-               routing_replay: str, group_size: int, micro_batches: int = 1):
+def pi_old(params, rollout: sampler.Rollout, advantages: jax.Array, *,
+           model_cfg: ModelConfig, obj_cfg: objectives.ObjectiveConfig,
+           routing_replay: RoutingReplay, group_size: int, micro_batches: int = 1):
   """pi_old by the training engine and the global TrainBatch the updates consume.
 
   Args:
@@ -97,8 +93,8 @@ def old_policy(params, rollout: sampler.Rollout, advantages: jax.Array, *,
     rollout: the sampler's output.
     advantages: [B * G] group-relative advantages.
     model_cfg, obj_cfg: the trainer's model and the objective.
-    routing_replay: "none", "r2" (replay the experts this forward chose) or "r3" (replay
-      the sampler's, here and in every update).
+    routing_replay: a `RoutingReplay` (or its string): "none", "r2" (replay the experts
+      this forward chose) or "r3" (replay the sampler's, here and in every update).
     group_size: G, responses per prompt (rows of a group are contiguous).
     micro_batches: the forward runs over this many slices of the rows.
 
@@ -112,8 +108,8 @@ def old_policy(params, rollout: sampler.Rollout, advantages: jax.Array, *,
   old_logp = forward.logp
   # The behaviour policy: what the tokens were drawn from (objective.behaviour_logp);
   # "pi_old" is the zero-gap control, mu_old := pi_old exactly.
-  mu_logp = {"processed": rollout.sample_logp, "raw": rollout.mu_logp,
-             "pi_old": old_logp}[obj_cfg.behaviour_logp]
+  mu_logp = {BehaviourLogp.PROCESSED: rollout.sample_logp, BehaviourLogp.RAW: rollout.mu_logp,
+             BehaviourLogp.PI_OLD: old_logp}[obj_cfg.behaviour_logp]
   lengths_B = jnp.sum(rollout.completion_mask, axis=1)
   group_mean_B = jnp.repeat(jnp.mean(lengths_B.reshape(-1, group_size), axis=1), group_size)
   batch = batch_lib.TrainBatch(
@@ -121,7 +117,7 @@ def old_policy(params, rollout: sampler.Rollout, advantages: jax.Array, *,
       advantages=advantages, old_logp=old_logp, mu_logp=mu_logp,
       num_sequences=jnp.float32(rollout.tokens.shape[0]),
       num_tokens=jnp.maximum(jnp.sum(lengths_B), 1.0),
-      routing=replay.in_updates(rollout, forward),
+      routing=replayed_routing(replay, rollout, forward),
       group_length_mean=group_mean_B)
   metrics = dict(objectives.diagnostics.mismatch_metrics(batch))
   metrics["rollout/tokens"] = jnp.sum(lengths_B)
@@ -164,12 +160,12 @@ def minibatch_rows(seed: int, step: int, global_batch: int, mini_batch_size: int
 
 
 def minibatch_updates(state, batch: batch_lib.TrainBatch, step: int, *, train_fn: Callable,
-           cosine_fn: Optional[Callable], seed: int, mini_batch_size: int, mesh):
+                      cosine_fn: Optional[Callable], seed: int, mini_batch_size: int, mesh):
   """N = global batch / mini-batch size optimizer updates over a random split.
 
   Args:
     state: the TrainState (donated to `train_fn`).
-    batch: the global TrainBatch from `old_policy`.
+    batch: the global TrainBatch from `pi_old`.
     step: the RL step (seeds the split).
     train_fn: `(state, mini_batch) -> (state, metrics)`, the jitted `rl_step`.
     cosine_fn: `(params, mini_batch) -> cosine` of the J_token and J_seq gradients, measured

@@ -1,6 +1,7 @@
-"""The train state: TrainState, its optimizer, the guarded update that applies a gradient,
+"""The train state: TrainState, its optimizers, the guarded update that applies a gradient,
 and its shardings, abstract shape and random initialisation on a mesh. Reading a state
 from files (converted weights, a run's checkpoints) is `rl.checkpointing`'s."""
+import dataclasses
 from typing import Any
 
 import flax
@@ -38,6 +39,20 @@ def make_optimizer(cfg: OptimConfig, axes) -> optax.GradientTransformation:
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                   weight_decay=cfg.weight_decay, mask=weights.decay_mask(axes)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizers:
+  """A run's two optimizers: the cold start's and RL's (RL's also shapes the state)."""
+  sft: optax.GradientTransformation
+  rl: optax.GradientTransformation
+
+
+def optimizers(s: settings_lib.Settings) -> Optimizers:
+  """The run's optimizers, from its settings: the one place they are built."""
+  axes = transformer.param_axes(s.model)
+  return Optimizers(sft=make_optimizer(s.sft_optim(), axes),
+                    rl=make_optimizer(s.rl_optim(), axes))
 
 
 def init_state(params, optimizer) -> TrainState:
@@ -89,7 +104,7 @@ def state_shardings(model_cfg, mesh, abstract_state):
 
 def abstract_state(s: settings_lib.Settings, mesh):
   """Shapes, dtypes and target shardings of the RL train state; allocates nothing."""
-  optimizer = make_optimizer(s.rl_optim(), transformer.param_axes(s.model))
+  optimizer = optimizers(s).rl
   shapes = jax.eval_shape(
       lambda key: init_state(transformer.init_params(s.model, key), optimizer),
       jax.random.key(0))
@@ -106,7 +121,7 @@ def fresh_optimizer(params, optimizer, shardings):
 def random_init(s: settings_lib.Settings, mesh, key):
   """A TrainState of freshly initialised params (RL's optimizer), created sharded in
   place, and its shardings."""
-  optimizer = make_optimizer(s.rl_optim(), transformer.param_axes(s.model))
+  optimizer = optimizers(s).rl
   shardings = jax.tree.map(lambda x: x.sharding, abstract_state(s, mesh))
   init = lambda key: init_state(transformer.init_params(s.model, key), optimizer)
   return jax.jit(init, out_shardings=shardings)(key), shardings

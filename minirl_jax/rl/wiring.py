@@ -8,7 +8,6 @@ import functools
 from typing import Any, Callable, Optional
 
 import jax
-import optax
 
 from minirl_jax import sharding
 from minirl_jax.data import scoring
@@ -26,19 +25,18 @@ class Jitted:
   """The run's jitted trainer programs (state donated; kept on `state_sharding` if set)."""
   sft_step: Callable     # (state, batch) -> (state, metrics)
   rl_step: Callable      # (state, mini_batch) -> (state, metrics)
-  old_policy: Callable   # (params, rollout, advantages) -> (TrainBatch, metrics)
+  pi_old: Callable       # (params, rollout, advantages) -> (TrainBatch, metrics)
   cosine: Optional[Callable]  # (params, mini_batch) -> J_token / J_seq gradient cosine
-  rl_optimizer: optax.GradientTransformation
+  optimizers: train_state.Optimizers
 
 
 def jitted(s: settings_lib.Settings, state_sharding=None) -> Jitted:
   """How each trainer program of a run is jitted."""
-  axes = transformer.param_axes(s.model)
   step_kw = dict(donate_argnums=0)
   if state_sharding is not None:
     mesh = jax.tree.leaves(state_sharding)[0].mesh
     step_kw["out_shardings"] = (state_sharding, sharding.replicated(mesh))
-  rl_optimizer = train_state.make_optimizer(s.rl_optim(), axes)
+  optimizers = train_state.optimizers(s)
   cosine = None
   if s.objective.grad_cosine_every:
     cosine = jax.jit(functools.partial(
@@ -46,17 +44,16 @@ def jitted(s: settings_lib.Settings, state_sharding=None) -> Jitted:
         micro_batches=s.rl.micro_per_update))
   return Jitted(
       sft_step=jax.jit(functools.partial(
-          step.sft_step, model_cfg=s.model,
-          optimizer=train_state.make_optimizer(s.sft_optim(), axes),
+          step.sft_step, model_cfg=s.model, optimizer=optimizers.sft,
           micro_batches=s.sft.micro_per_update), **step_kw),
       rl_step=jax.jit(functools.partial(
-          step.rl_step, model_cfg=s.model, obj_cfg=s.objective, optimizer=rl_optimizer,
+          step.rl_step, model_cfg=s.model, obj_cfg=s.objective, optimizer=optimizers.rl,
           micro_batches=s.rl.micro_per_update), **step_kw),
-      old_policy=jax.jit(functools.partial(
-          step.old_policy, model_cfg=s.model, obj_cfg=s.objective,
+      pi_old=jax.jit(functools.partial(
+          step.pi_old, model_cfg=s.model, obj_cfg=s.objective,
           routing_replay=s.rl.routing_replay, group_size=s.rl.group_size,
           micro_batches=s.rl.micro_per_global_batch)),
-      cosine=cosine, rl_optimizer=rl_optimizer)
+      cosine=cosine, optimizers=optimizers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +68,8 @@ class RunSteps:
   streak: scoring.ErrorStreak
 
   @property
-  def rl_optimizer(self) -> optax.GradientTransformation:
-    return self.programs.rl_optimizer
+  def optimizers(self) -> train_state.Optimizers:
+    return self.programs.optimizers
 
   def sample(self, sampler_params, prompts: dict, key, group_size: Optional[int] = None):
     """The rollout of a prompt batch: `group_size` (default rl.group_size) per prompt."""
@@ -93,8 +90,9 @@ class RunSteps:
   def advantages(self, rewards):
     return step.advantages(rewards, group_size=self.s.rl.group_size, obj_cfg=self.s.objective)
 
-  def old_policy(self, params, rollout, advantages):
-    return self._on_mesh(self.programs.old_policy)(params, rollout, advantages)
+  def pi_old(self, params, rollout, advantages):
+    """pi_old's log-probs of the rollout and the TrainBatch (`step.pi_old`)."""
+    return self._on_mesh(self.programs.pi_old)(params, rollout, advantages)
 
   def update(self, state, batch, step_index: int):
     """The step's N mini-batch updates (and, every `objective.grad_cosine_every` steps, the

@@ -49,7 +49,7 @@ class SamplerConfig:
       unrolled loop that reads them in place; a scan inside the decode loop copies each
       layer's weights out of the stack every step. `generate` runs whichever form it gets.
   """
-  dtype: str = "float32"
+  dtype: quantize.SamplerDtype = quantize.SamplerDtype.FLOAT32
   activation_dtype: Optional[str] = None
   kv_cache_dtype: Optional[str] = None
   quantize_embeddings: bool = False
@@ -66,8 +66,7 @@ class SamplerConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
-    if self.dtype not in quantize.DTYPES:
-      sections.fail("sampler.dtype", f"must be one of {quantize.DTYPES}, got {self.dtype!r}")
+    sections.set_choice(self, "dtype", quantize.SamplerDtype, "sampler.dtype")
     if self.activation_dtype not in ACTIVATION_DTYPES:
       sections.fail("sampler.activation_dtype", f"must be one of {ACTIVATION_DTYPES}, got "
                     f"{self.activation_dtype!r}")
@@ -97,5 +96,4 @@ class SamplerConfig:
   def compute_dtype(self) -> str:
     if self.activation_dtype:
       return self.activation_dtype
-    return self.dtype if self.dtype in ("bfloat16", "float16") else "float32"
-
+    return self.dtype.value if self.dtype in ("bfloat16", "float16") else "float32"

@@ -6,15 +6,27 @@ import jax
 import jax.numpy as jnp
 
 from minirl_jax import errors
+from minirl_jax import sections
 from minirl_jax.models import linear
 from minirl_jax.models import transformer
 from minirl_jax.models import weights
 
-FLOATS = ("float32", "bfloat16", "float16")
-QUANTIZED = ("int8", "fp8", "int4")  # `linear.FORMATS` names
-DTYPES = FLOATS + QUANTIZED
+
+class SamplerDtype(sections.Choice):
+  """`sampler.dtype`: a float cast, or a quantised format (`linear.FORMATS` names)."""
+  FLOAT32 = "float32"
+  BFLOAT16 = "bfloat16"
+  FLOAT16 = "float16"
+  INT8 = "int8"
+  FP8 = "fp8"
+  INT4 = "int4"
+
+
+FLOATS = (SamplerDtype.FLOAT32, SamplerDtype.BFLOAT16, SamplerDtype.FLOAT16)
+QUANTIZED = (SamplerDtype.INT8, SamplerDtype.FP8, SamplerDtype.INT4)
+DTYPES = SamplerDtype.values()
 # Formats whose scales are grouped along the contracted axis; the others are per channel.
-GROUPED = ("int4",)
+GROUPED = (SamplerDtype.INT4,)
 DEFAULT_GROUP_SIZE = 32
 # Float dtype of the weights a mode does not quantise. Quantised modes quantise only the
 # matrices by default: the router stays float32 (routing decisions), and inference stacks

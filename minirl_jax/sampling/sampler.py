@@ -1,9 +1,10 @@
 """KV-cached generation that records its own log-probs (mu) and routed experts (for R3).
 
 `generate` = bucketed left padding (host) -> jitted `prefill` (each distinct prompt through
-the model once, every sequence's first token sampled) -> jitted `decode`: one
-`lax.while_loop` over a fixed number of slots; a slot whose sequence has ended takes the
-next waiting sequence (its prompt's cached keys copied in), so no row waits for the longest.
+the model once, every sequence's first token sampled) -> jitted `start` (the slots' empty
+cache, the first sequences placed) -> jitted `decode`: one `lax.while_loop` over a fixed
+number of slots; a slot whose sequence has ended takes the next waiting sequence (its
+prompt's cached keys copied in, `_copy_prompts`), so no row waits for the longest.
 Sequence j samples its i-th token with `fold_in(fold_in(rng, j), i)`: the rollout does not
 depend on which slot or refill round ran it (docs/sampling.md).
 """
@@ -187,7 +188,7 @@ def _unshard(x, axis=0):
 _CACHE_ARRAYS = ("k_LBSGK", "v_LBSGK", "k_scale_LBSG1", "v_scale_LBSG1")
 
 
-def _start(cache, prefix_cache, taken_DC, prompt_DC):
+def _copy_prompts(cache, prefix_cache, taken_DC, prompt_DC):
   """The prompts' keys and values copied into the slots that take a new sequence (slot c of
   shard d takes shard-local prompt `prompt_DC[d, c]` where `taken_DC`); the rest of those
   rows becomes invalid, so nothing of the slot's previous sequence is seen again."""
@@ -225,8 +226,8 @@ def _refill(state: Slots, prefix: Prefix, group_size: int) -> Slots:
   taken_DC = free_DC & (index_DC < state.num_live[:, None])
   safe_DC = jnp.minimum(index_DC, state.queue.shape[1] - 1)
   new_DC = jnp.take_along_axis(state.queue, safe_DC, axis=1)
-  cache = jax.lax.cond(jnp.any(taken_DC), _start, lambda c, *_: c, state.cache, prefix.cache,
-                       taken_DC, new_DC // group_size)
+  cache = jax.lax.cond(jnp.any(taken_DC), _copy_prompts, lambda c, *_: c, state.cache,
+                       prefix.cache, taken_DC, new_DC // group_size)
   return state.replace(
       seq=jnp.where(taken_DC, new_DC, state.seq), pos=jnp.where(taken_DC, 1, state.pos),
       waiting=state.waiting + jnp.sum(taken_DC, axis=1), cache=cache)
@@ -279,7 +280,7 @@ def decode_step(params, state: Slots, prefix: Prefix, *, group_size: int,
   p = prefix.cache.valid_BS.shape[1]
   busy_DC = state.seq >= 0
   seq_DC = jnp.where(busy_DC, state.seq, 0)
-  by_shard = lambda x: _shard(x, d)  # noqa: E731
+  by_shard = lambda x: _shard(x, d)
   tokens_DMT = by_shard(state.rollout.tokens)
   at_DC = p + state.pos - 1  # where the last sampled token sits
   last_DC = jax.vmap(lambda t, s, a: t[s, a])(tokens_DMT, seq_DC, at_DC)
@@ -300,7 +301,7 @@ def decode_step(params, state: Slots, prefix: Prefix, *, group_size: int,
   seq_or_free = jnp.where(busy_DC, state.seq, -1)
   column_DC = p + state.pos
   r = state.rollout
-  put = lambda x, v: _unshard(_scatter(by_shard(x), seq_or_free, v, column_DC))  # noqa: E731
+  put = lambda x, v: _unshard(_scatter(by_shard(x), seq_or_free, v, column_DC))
   pos_DC = state.pos + busy_DC
   rollout = r.replace(
       tokens=put(r.tokens, tokens_DC), attn_mask=put(r.attn_mask, busy_DC),
@@ -344,12 +345,12 @@ def _check(params, model_cfg, sampler_cfg):
   wanted = quantize.options(sampler_cfg, model_cfg.d_model)
   if found != wanted:
     raise errors.UserError(f"sampler.dtype is {sampler_cfg.dtype!r} but the params hold {found} "
-                     f"weights, not {wanted}: pass sampling.quantize.for_sampler(params, "
-                     "sampler_cfg, axes)")
+                           f"weights, not {wanted}: pass sampling.quantize.for_sampler(params, "
+                           "sampler_cfg, axes)")
   bad = [i for i in sampler_cfg.eos_ids + (sampler_cfg.pad_id,) if i >= model_cfg.vocab_size]
   if bad:
     raise errors.UserError(f"sampler.eos_ids/pad_id {bad} must be < model.vocab_size "
-                     f"({model_cfg.vocab_size})")
+                           f"({model_cfg.vocab_size})")
 
 
 def num_slots(sampler_cfg: SamplerConfig, sequences: int, shards: int = 1) -> int:

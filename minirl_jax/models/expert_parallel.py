@@ -26,8 +26,8 @@ the padded slots (XLA:CPU does not implement the ragged collective: UNIMPLEMENTE
 0.10). The tests check the padded exchange against the reference on fake CPU devices, the
 ragged one against the padded one through an emulation of the collective's documented
 semantics (`ragged_collective`; tests/expert_parallel_child.py), and lower it for `tpu` and
-`cuda` (tests/lowering_test.py); no session has yet had two accelerators to run the real
-collective.
+`cuda` (tests/lowering_test.py); the real collective has not run on two accelerators
+(docs/device.md).
 With `tensor` > 1 the layer is left to XLA's partitioner, which splits the experts' hidden
 dim over `tensor` (no expert parallelism then).
 """

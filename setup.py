@@ -28,10 +28,14 @@ setuptools.setup(
     ],
     extras_require={
         # Every optional path is tested too, so the test extra installs every extra.
-        # flake8 keeps the house style (.flake8: 2-space indent, 100 columns) in CI.
-        "test": ["flake8>=7.0", "pytest>=8.0", "pytest-xdist>=3.6", "hypothesis>=6.100",
-                 "safetensors>=0.8.0", "tokenizers>=0.20", "math-verify>=0.7", "pyarrow>=15",
-                 "wandb>=0.22"],
+        # flake8 keeps the house style (.flake8: 2-space indent, 100 columns) in CI;
+        # jax[tpu] brings the libtpu that tests/aot_test.py compiles with.
+        "test": ["flake8>=7.0", "jax[tpu]>=0.10.2", "pytest>=8.0", "pytest-xdist>=3.6",
+                 "hypothesis>=6.100", "safetensors>=0.8.0", "tokenizers>=0.20",
+                 "math-verify>=0.7", "pyarrow>=15", "wandb>=0.22"],
+        # XLA:TPU on any host (scripts/compile.py): jax[tpu] pins the libtpu built for the
+        # installed jax (jax 0.10.2: libtpu 0.0.42.*), never a newer one.
+        "tpu": ["jax[tpu]>=0.10.2"],
         # Real checkpoints and tokenizers (Hugging Face formats, read without torch).
         "hf": ["safetensors>=0.8.0", "tokenizers>=0.20"],
         "math": ["math-verify>=0.7"],

@@ -23,7 +23,8 @@ from minirl_jax import config_base
 # the grouped-matmul kernel of TPUs/GPUs (ragged_dot).
 PRESETS = {
     # A TPU v5p-256 slice: 128 chips of 95 GiB.
-    "v5p": dict(hardware=dict(name="TPU v5p-256", devices=128, device_gib=95.0),
+    "v5p": dict(hardware=dict(name="TPU v5p-256", devices=128, device_gib=95.0,
+                              topology="v5p:4x4x8"),
                 mesh=dict(data=1, fsdp=16, expert=8, tensor=1),
                 rl=dict(micro_batch_size=128), sampler=dict(slots=1024),
                 model=dict(attention_chunk=256)),

@@ -1,0 +1,160 @@
+"""Every program of a run compiled by XLA:TPU on a host without a TPU (ahead of time).
+
+With libtpu installed, `jax.experimental.topologies` describes a TPU slice this host does not
+have; a mesh of its devices and `jit(...).lower(abstract args).compile()` run the real TPU
+compiler, Mosaic kernels included. Per program and device this reports:
+- memory: XLA:TPU's own buffer assignment (`memory_analysis()`): exact for that compiler;
+- work: FLOPs and HBM bytes counted from the compiled HLO with every loop's trip count
+  (`hlo_cost`), beside the compiler's own `cost_analysis()`, which counts a loop body once;
+- time, both estimates: the compiler's `optimal_seconds` (per loop body; negative where its
+  cost model does not price a custom kernel) and a roofline, max(FLOPs / peak FLOP/s,
+  bytes / HBM bandwidth) at the chip's published peaks, a lower bound.
+"""
+import dataclasses
+import importlib.util
+import os
+import re
+from typing import Any
+
+from jax.experimental import topologies
+
+from minirl_jax import errors
+from minirl_jax import hlo_cost
+from minirl_jax import sharding
+from minirl_jax.rl import programs
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Published per-chip peaks (bf16 dense FLOP/s, HBM bytes and bytes/s)."""
+  name: str
+  flops: float
+  hbm_bytes: float
+  hbm_bandwidth: float
+
+
+# Google Cloud's TPU pages (per chip).
+CHIPS = {
+    "v4": Chip("TPU v4", 275e12, 32 * GIB, 1228e9),
+    "v5e": Chip("TPU v5e", 197e12, 16 * GIB, 819e9),
+    "v5p": Chip("TPU v5p", 459e12, 95 * GIB, 2765e9),
+    "v6e": Chip("TPU v6e", 918e12, 32 * GIB, 1640e9),
+}
+
+
+def chip_of(topology: str) -> Chip:
+  """The chip of a topology name such as "v5p:4x4x8"."""
+  kind = topology.split(":")[0]
+  if kind not in CHIPS:
+    raise errors.UserError(f"topology {topology!r}: unknown chip {kind!r}; known: "
+                           f"{sorted(CHIPS)} (e.g. v5p:2x2x1, v5e:2x2, v6e:4x4)")
+  return CHIPS[kind]
+
+
+def topology_devices(topology: str) -> list:
+  """The devices of a TPU slice, described by libtpu without the hardware."""
+  if importlib.util.find_spec("libtpu") is None:
+    raise errors.UserError("compiling for TPU needs libtpu, which is not installed: "
+                           "pip install -e '.[tpu]'")
+  chip_of(topology)
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+  # Compiling opens no chip, so a compile may run beside another process using libtpu.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    return list(topologies.get_topology_desc(platform="tpu",
+                                             topology_name=topology).devices)
+  except Exception as e:  # libtpu names what it does not know in its message
+    raise errors.UserError(f"topology {topology!r}: {str(e).splitlines()[0]}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """One program as XLA:TPU compiled it, per device."""
+  arguments: int
+  outputs: int
+  temporaries: int
+  aliased: int
+  flops: float            # counted with loop trip counts (hlo_cost)
+  bytes: float            # HBM bytes, counted the same way
+  compiler_flops: float   # cost_analysis(): each loop body once
+  compiler_bytes: float
+  optimal_seconds: float  # the compiler's estimate, each loop body once
+  uncounted_loops: int    # loops whose trip count the HLO does not state, counted once
+  ops: tuple[str, ...]    # custom-call targets (Mosaic kernels) and collectives it runs
+
+  @property
+  def peak(self) -> int:
+    """Bytes live on the device while the program runs (donated inputs counted once)."""
+    return self.arguments + self.outputs + self.temporaries - self.aliased
+
+  def roofline_seconds(self, chip: Chip) -> float:
+    return max(self.flops / chip.flops, self.bytes / chip.hbm_bandwidth)
+
+
+def compile_program(name: str, program, mesh, chip: Chip) -> Compiled:
+  """Compiles one `rl.programs` program on a TPU mesh; an out-of-memory compile is one
+  `errors.UserError` naming the program, the bytes it needs and the bytes the chip has."""
+  try:
+    executable = programs.compiled(program, mesh)
+  except Exception as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise errors.UserError(out_of_memory_message(name, str(e), chip)) from None
+  memory = executable.memory_analysis()
+  cost = executable.cost_analysis()
+  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  text = executable.as_text()
+  counted = hlo_cost.count(text)
+  return Compiled(
+      arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
+      temporaries=memory.temp_size_in_bytes, aliased=memory.alias_size_in_bytes,
+      flops=counted.flops, bytes=counted.bytes,
+      compiler_flops=float(cost.get("flops", 0.0)),
+      compiler_bytes=float(cost.get("bytes accessed", 0.0)),
+      optimal_seconds=float(cost.get("optimal_seconds", float("nan"))),
+      uncounted_loops=sum(trips is None for _, trips in counted.loops), ops=ops_in(text))
+
+
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+                "ragged-all-to-all", "collective-permute")
+
+
+def ops_in(hlo_text: str) -> tuple[str, ...]:
+  """The custom-call targets and collectives a compiled module runs."""
+  targets = set(re.findall(r'custom_call_target="([^"]+)"', hlo_text))
+  collectives = {op for op in _COLLECTIVES if re.search(rf"[ =]{op}(-start)?\(", hlo_text)}
+  return tuple(sorted(targets | collectives))
+
+
+_SIZE = r"([\d.]+)([KMGT]?)"
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+# XLA:TPU's wordings of an out-of-memory compile (what it needs, then what the chip has).
+_OOM = (re.compile(r"\(" + _SIZE + r"\) exceeds available HBM \(" + _SIZE + r"\)"),
+        re.compile(r"Used " + _SIZE + r" of " + _SIZE))
+
+
+def out_of_memory_message(name: str, error: str, chip: Chip) -> str:
+  """The compiler's RESOURCE_EXHAUSTED as one line: what the program needs, what fits."""
+  for pattern in _OOM:
+    match = pattern.search(error)
+    if match:
+      need = float(match.group(1)) * _UNITS[match.group(2)]
+      have = float(match.group(3)) * _UNITS[match.group(4)]
+      break
+  else:
+    first = error.strip().splitlines()[0] if error.strip() else "RESOURCE_EXHAUSTED"
+    return (f"the {name} program does not fit a {chip.name} chip ({chip.hbm_bytes / GIB:.0f} "
+            f"GiB): XLA:TPU says {first}")
+  return (f"the {name} program does not fit a {chip.name} chip: XLA:TPU needs "
+          f"{need / GIB:,.2f} GiB of the {have / GIB:.2f} GiB of HBM it has "
+          "(RESOURCE_EXHAUSTED); scripts/plan.py shows where the memory goes")
+
+
+def compile_all(s, topology: str) -> tuple[dict[str, Compiled], Any]:
+  """Every program of settings `s` compiled for `topology`, and the mesh it ran on."""
+  chip = chip_of(topology)
+  mesh = sharding.make_mesh(s.mesh, devices=topology_devices(topology))
+  return {name: compile_program(name, program, mesh, chip)
+          for name, program in programs.build(s, mesh).items()}, mesh

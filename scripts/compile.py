@@ -1,0 +1,79 @@
+"""Compiles every program of a run with XLA:TPU on this host, which has no TPU (needs libtpu:
+pip install -e '.[tpu]').
+
+  python scripts/compile.py                                   # tiny, on a 4-chip v5p
+  python scripts/compile.py --config=configs/qwen3_30b_a3b_math.py:v5p   # its v5p-256 slice
+
+The slice is --topology, else the config's `hardware.topology`. Per program and device:
+XLA:TPU's memory (arguments, outputs, temporaries, aliased, the peak), the FLOPs and HBM bytes
+counted from the compiled module with loop trip counts (minirl_jax/hlo_cost.py), the
+compiler's own counts and `optimal_seconds` (each loop body once), and a roofline time at the
+chip's published peaks. Then one RL step estimated from them, and one JSON line. Every time is
+an estimate; memory is the compiler's. A program that does not fit is one line, exit 2.
+"""
+import json
+import math
+
+from absl import flags
+
+from minirl_jax import aot
+from minirl_jax import config_base
+from minirl_jax import errors
+from minirl_jax import metrics
+from minirl_jax import roofline
+from minirl_jax.rl import programs
+from minirl_jax.rl import settings
+
+_CONFIG = config_base.define_config_flag(__file__)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:2x2x1, v5e:4x4, "
+                                "v6e:4x4 (default: config.hardware.topology).")
+
+
+def main(argv):
+  del argv
+  metrics.quiet_library_logs()
+  config = _CONFIG.value
+  topology = _TOPOLOGY.value or dict(config.get("hardware", {})).get("topology", "v5p:2x2x1")
+  s = settings.from_config(config)
+  chip = aot.chip_of(topology)
+  compiled, mesh = aot.compile_all(s, topology)
+  print(f"{topology} ({chip.name}, {mesh.devices.size} chips); mesh {dict(mesh.shape)}")
+  mib = lambda b: f"{b / 2 ** 20:10.1f}"
+  print("per chip, MiB:" + " " * 5 + "args   outputs     temps   aliased      peak"
+        "     GFLOP        GB  roofline s  compiler s")
+  for name, c in compiled.items():
+    print(f"{name:<10}{mib(c.arguments)}{mib(c.outputs)}{mib(c.temporaries)}{mib(c.aliased)}"
+          f"{mib(c.peak)}{c.flops / 1e9:10.1f}{c.bytes / 1e9:10.2f}"
+          f"{c.roofline_seconds(chip):12.3e}{c.optimal_seconds:12.3e}")
+  step = step_estimate(s, compiled, chip, mesh.devices.size)
+  for line in step.pop("lines"):
+    print(line)
+  print(json.dumps({"topology": topology, "chip": chip.name, "mesh": dict(mesh.shape),
+                    "programs": {n: {**vars(c), "peak": c.peak,
+                                     "roofline_seconds": c.roofline_seconds(chip)}
+                                 for n, c in compiled.items()},
+                    "fits": max(c.peak for c in compiled.values()) <= chip.hbm_bytes,
+                    **step}))
+
+
+def step_estimate(s, compiled, chip, chips: int) -> dict:
+  """One RL step from the programs' roofline times (a lower bound on each): the rollout with
+  every response at the full budget (`decode` is one loop iteration, counted once), pi_old,
+  and N updates; the update's MFU is the model's FLOPs over that time at peak."""
+  r = lambda name: compiled[name].roofline_seconds(chip) if name in compiled else 0.0
+  slots = s.sampler.slots or s.rl.global_batch
+  iterations = s.sampler.max_new_tokens * math.ceil(s.rl.global_batch / slots)
+  rollout = r("prefill") + r("start") + r("decode") * iterations
+  update = r("rl_step") * s.rl.num_minibatches
+  model_flops = roofline.train_flops(s.model, s.rl.global_batch,
+                                     programs.sequence_length(s)) / chips
+  mfu = model_flops / (update * chip.flops) if update else float("nan")
+  lines = [f"RL step estimate (rooflines, lower bounds): rollout {rollout:.3g} s "
+           f"({iterations} decode iterations at the full budget), pi_old {r('pi_old'):.3g} s, "
+           f"{s.rl.num_minibatches} update(s) {update:.3g} s; update MFU <= {mfu:.1%}"]
+  return {"lines": lines, "step_seconds": rollout + r("pi_old") + update,
+          "rollout_seconds": rollout, "update_seconds": update, "update_mfu": mfu}
+
+
+if __name__ == "__main__":
+  errors.run(main)

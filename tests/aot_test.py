@@ -1,0 +1,78 @@
+"""Every program compiled by XLA:TPU on this CPU host (tests/aot_child.py in its own process):
+each MoE kernel, replay on and off, an expert axis; memory and work read from the compiler."""
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from minirl_jax import aot
+from minirl_jax import errors
+
+import aot_child
+
+TESTS = pathlib.Path(__file__).parent
+PROGRAMS = ("sft_step", "rl_step", "pi_old", "prefill", "start", "decode")
+MODEL_PROGRAMS = ("sft_step", "rl_step", "pi_old", "prefill", "decode")  # run the MoE
+
+
+@pytest.fixture(scope="module")
+def compiled():
+  # Not fake_devices.run: its CPU-only platform and fast-compile flags are not XLA:TPU's.
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  proc = subprocess.run([sys.executable, str(TESTS / "aot_child.py")], env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_program_of_every_case_compiles(compiled):
+  for case in aot_child.CASES:
+    assert sorted(p for p in compiled[case] if not p.startswith("_")) == sorted(PROGRAMS)
+
+
+def test_megablox_runs_its_mosaic_kernel_and_an_expert_axis_the_ragged_all_to_all(compiled):
+  for program in MODEL_PROGRAMS:
+    assert "tpu_custom_call" in compiled["megablox_r3"][program]["ops"], program
+  for program in ("rl_step", "pi_old", "decode"):
+    assert "ragged-all-to-all" in compiled["blocks_expert_r2"][program]["ops"], program
+    assert "ragged-all-to-all" not in compiled["ragged_dot"][program]["ops"], program
+
+
+def test_memory_holds_the_train_state_and_training_holds_more_than_a_forward(compiled):
+  for case in aot_child.CASES:
+    programs, expected = compiled[case], compiled[case]["_expected"]
+    # TPU tiles pad small dims, so at least the exact bytes, and not twice them.
+    assert expected["train_state_bytes"] <= programs["rl_step"]["arguments"]
+    assert programs["rl_step"]["arguments"] < 2 * expected["train_state_bytes"]
+    assert programs["rl_step"]["peak"] > programs["pi_old"]["peak"] > 0, case
+
+
+def test_work_is_counted_with_the_layer_loop_not_once(compiled):
+  # Without a custom kernel for the experts, every FLOP of the update is in dots: the count
+  # with trip counts reaches the model's FLOPs; the compiler's, a loop body once, does not.
+  rl_step = compiled["blocks_expert_r2"]["rl_step"]
+  update = compiled["blocks_expert_r2"]["_expected"]["update_flops"]
+  assert rl_step["compiler_flops"] < update <= rl_step["flops"]
+  assert rl_step["roofline_seconds"] > 0
+
+
+def test_a_program_that_does_not_fit_is_one_line(compiled):
+  assert re.fullmatch(r"the decode program does not fit a TPU v5e chip: XLA:TPU needs "
+                      r"[\d,.]+ GiB of the 15\.75 GiB of HBM it has \(RESOURCE_EXHAUSTED\); "
+                      r"scripts/plan\.py shows where the memory goes", compiled["oom"])
+
+
+def test_without_libtpu_or_with_an_unknown_chip_one_line(monkeypatch):
+  with pytest.raises(errors.UserError, match=r"topology 'v9x:2x2': unknown chip 'v9x'"):
+    aot.chip_of("v9x:2x2")
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "libtpu" else real(name, *a))
+  with pytest.raises(errors.UserError, match=r"needs libtpu, which is not installed: "
+                     r"pip install -e '\.\[tpu\]'"):
+    aot.topology_devices("v5p:2x2x1")

@@ -214,8 +214,9 @@ class Plan:
     return max(self.peaks.values())
 
 
-def make(s: settings_lib.Settings, num_devices: int) -> Plan:
-  """The plan of a run's settings on `num_devices` devices."""
+def make(s: settings_lib.Settings, num_devices: int, platform: str = "") -> Plan:
+  """The plan of a run's settings on `num_devices` devices of `platform` ("tpu" adds what
+  XLA:TPU is seen to keep beyond the program's own terms; "" or another: none)."""
   sizes = resolve_mesh(s.mesh, num_devices)
   mesh = _abstract_mesh(sizes)
   cfg = s.model
@@ -272,6 +273,11 @@ def make(s: settings_lib.Settings, num_devices: int) -> Plan:
       "kv_cache": cache_bytes,
       "decode_state": decode_state,
       "decode_activations": forward_activation_bytes(decode, keys=length),
+      # XLA:TPU moves the loop-invariant FSDP all-gather of the sampler's weights out of the
+      # decode loop, so the loop holds them gathered over fsdp (its buffer assignment:
+      # docs/scaling.md); XLA:CPU does not (tests/plan_test.py).
+      "decode_gathered_weights": (sampler_weights * (sizes["fsdp"] - 1)
+                                  if platform == "tpu" else 0),
   }
   activations = parts["activations_remat" if cfg.remat else "activations_no_remat"]
   rollout_batch = train_batch_bytes(rollout_rows, length, cfg, replay)
@@ -282,13 +288,14 @@ def make(s: settings_lib.Settings, num_devices: int) -> Plan:
       "train_step": params + moments + parts["gradients"] + activations + mini,
       "pi_old": params + parts["pi_old_activations"] + rollout_batch,
       "decode": (sampler_weights + caches * cache_bytes + decode_state
-                 + parts["decode_activations"]),
+                 + parts["decode_activations"] + parts["decode_gathered_weights"]),
   }
   resident = params + moments + sampler_weights
   peaks = {
       "train_step": resident + parts["gradients"] + activations + rollout_batch,
       "pi_old": resident + parts["pi_old_activations"] + rollout_batch,
-      "decode": resident + caches * cache_bytes + decode_state + parts["decode_activations"],
+      "decode": (resident + caches * cache_bytes + decode_state + parts["decode_activations"]
+                 + parts["decode_gathered_weights"]),
   }
   return Plan(mesh=sizes, parts=parts, programs=programs, peaks=peaks)
 
@@ -335,14 +342,14 @@ def check_fits(s: settings_lib.Settings, num_devices: int, device_bytes: int,
   The plan models activations within ~25% (tests/plan_test.py), so only a run it puts over
   the whole device is refused: one near the edge is left to the compiler.
   """
-  program, peak = max(make(s, num_devices).peaks.items(), key=lambda item: item[1])
+  program, peak = max(make(s, num_devices, platform).peaks.items(), key=lambda item: item[1])
   if peak <= device_bytes:
     return
   message = (f"the memory plan (scripts/plan.py) puts the {program} program at "
              f"{peak / GIB:.1f} GiB per device, over the {device_bytes / GIB:.1f} GiB a "
              f"{platform} device has")
-  fits = lambda tokens: make(_with_new_tokens(s, tokens), num_devices).device_bytes <= (
-      device_bytes)
+  fits = lambda tokens: make(_with_new_tokens(s, tokens), num_devices,
+                             platform).device_bytes <= device_bytes
   low, high = 0, s.sampler.max_new_tokens  # fits(low) once low > 0; never fits(high)
   while high - low > 1:
     mid = (low + high) // 2

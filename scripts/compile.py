@@ -8,7 +8,8 @@ The slice is --topology, else the config's `hardware.topology`. Per program and 
 XLA:TPU's memory (arguments, outputs, temporaries, aliased, the peak), the FLOPs and HBM bytes
 counted from the compiled module with loop trip counts (minirl_jax/hlo_cost.py), the
 compiler's own counts and `optimal_seconds` (each loop body once), and a roofline time at the
-chip's published peaks. Then one RL step estimated from them, and one JSON line. Every time is
+chip's published peaks; beside the compiler's peak, the memory plan's (scripts/plan.py). Then
+one RL step estimated from them, and one JSON line. Every time is
 an estimate; memory is the compiler's. A program that does not fit is one line, exit 2.
 """
 import json
@@ -20,6 +21,7 @@ from minirl_jax import aot
 from minirl_jax import config_base
 from minirl_jax import errors
 from minirl_jax import metrics
+from minirl_jax import plan
 from minirl_jax import roofline
 from minirl_jax.rl import programs
 from minirl_jax.rl import settings
@@ -38,12 +40,14 @@ def main(argv):
   chip = aot.chip_of(topology)
   compiled, mesh = aot.compile_all(s, topology)
   print(f"{topology} ({chip.name}, {mesh.devices.size} chips); mesh {dict(mesh.shape)}")
+  planned = planned_peaks(s, mesh.devices.size)
   mib = lambda b: f"{b / 2 ** 20:10.1f}"
-  print("per chip, MiB:" + " " * 5 + "args   outputs     temps   aliased      peak"
-        "     GFLOP        GB  roofline s  compiler s")
+  print("per chip, MiB:" + " " * 5 + "args   outputs     temps   aliased      peak      plan"
+        "        GFLOP          GB  roofline s  compiler s")
   for name, c in compiled.items():
+    plan_mib = mib(planned[name]) if name in planned else f"{'-':>10}"
     print(f"{name:<10}{mib(c.arguments)}{mib(c.outputs)}{mib(c.temporaries)}{mib(c.aliased)}"
-          f"{mib(c.peak)}{c.flops / 1e9:10.1f}{c.bytes / 1e9:10.2f}"
+          f"{mib(c.peak)}{plan_mib}{c.flops / 1e9:13.1f}{c.bytes / 1e9:12.2f}"
           f"{c.roofline_seconds(chip):12.3e}{c.optimal_seconds:12.3e}")
   step = step_estimate(s, compiled, chip, mesh.devices.size)
   for line in step.pop("lines"):
@@ -53,7 +57,15 @@ def main(argv):
                                      "roofline_seconds": c.roofline_seconds(chip)}
                                  for n, c in compiled.items()},
                     "fits": max(c.peak for c in compiled.values()) <= chip.hbm_bytes,
+                    "plan": planned,
                     **step}))
+
+
+def planned_peaks(s, chips: int) -> dict[str, int]:
+  """The memory plan's bytes of each program by its compiled name (scripts/plan.py)."""
+  programs_planned = plan.make(s, chips, "tpu").programs
+  return {"rl_step": programs_planned["train_step"], "pi_old": programs_planned["pi_old"],
+          "decode": programs_planned["decode"]}
 
 
 def step_estimate(s, compiled, chip, chips: int) -> dict:

@@ -7,8 +7,10 @@ Prints each part (params, optimizer state, gradients, activations with remat on 
 the logits chunk, sampler weights, KV cache) and each program's peak with what stays
 resident, then one JSON line: {"per_device_bytes": {...}, "device_bytes": ..., "fits": ...}.
 The device count and memory come from the config's `hardware` section (presets set it) or
---devices / --device_gib. The model of activations is checked against XLA's own memory
-analysis in tests/plan_test.py (minirl_jax/plan.py says how).
+--devices / --device_gib; a `hardware.topology` (a TPU slice) plans for XLA:TPU, whose decode
+loop also holds the sampler's weights gathered over fsdp (`plan.make`). The model of
+activations is checked against XLA's own memory analysis in tests/plan_test.py
+(minirl_jax/plan.py says how) and against XLA:TPU by scripts/compile.py.
 """
 import json
 import math
@@ -49,7 +51,9 @@ def main(argv):
   config = _CONFIG.value
   devices, device_gib, name = _hardware(config)
   s = settings.from_config(config)
-  plan = plan_lib.make(s, devices)
+  # A TPU preset names its slice; XLA:TPU keeps more in the decode loop (plan.make).
+  platform = "tpu" if dict(config.get("hardware", {})).get("topology") else ""
+  plan = plan_lib.make(s, devices, platform)
   budget = device_gib * plan_lib.GIB * (1 - _RESERVE.value)
   gib = lambda b: f"{b / plan_lib.GIB:9.2f}"
   print(f"{name}: {devices} devices x {device_gib:g} GiB; mesh {plan.mesh}; "

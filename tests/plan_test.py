@@ -57,3 +57,21 @@ def test_the_paper_length_does_not_fit_eight_h100s():
       cwd=TESTS.parent, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads(proc.stdout.strip().splitlines()[-1])["fits"] is False
+
+
+def test_on_tpu_the_decode_loop_holds_the_sampler_weights_gathered_over_fsdp():
+  """XLA:TPU hoists the loop-invariant all-gather out of the decode loop (docs/scaling.md);
+  the plan adds that copy for TPU only."""
+  from minirl_jax import config_base
+  from minirl_jax import plan
+  from minirl_jax.rl import settings
+  config = config_base.get_base_config()
+  config.mesh.update(data=1, fsdp=4, expert=2, tensor=1)
+  s = settings.from_config(config)
+  generic, tpu = plan.make(s, 8), plan.make(s, 8, "tpu")
+  gathered = tpu.parts["sampler_weights"] * 3
+  assert generic.parts["decode_gathered_weights"] == 0 < gathered
+  assert tpu.parts["decode_gathered_weights"] == gathered
+  assert tpu.peaks["decode"] - generic.peaks["decode"] == gathered
+  assert tpu.programs["decode"] - generic.programs["decode"] == gathered
+  assert tpu.peaks["train_step"] == generic.peaks["train_step"]

@@ -85,7 +85,7 @@ def metrics(old_logp, mu_logp, loss_mask, attn_mask, routing_mu, live_routing, *
   }
 
 
-def _rollouts(sampler_params, batches, key, *, sampler_cfg, old_policy, s, mesh, samples):
+def _rollouts(sampler_params, batches, key, *, sampler_cfg, pi_old, s, mesh, samples):
   """Samples every prompt batch and scores it with the trainer; host arrays, all batches
   concatenated along rows (padding rows of the held-out set masked out)."""
   parts = []
@@ -93,7 +93,7 @@ def _rollouts(sampler_params, batches, key, *, sampler_cfg, old_policy, s, mesh,
     r = rollout_lib.sample(sampler_params, prompts, jax.random.fold_in(key, i),
                            group_size=samples, model_cfg=s.model, sampler_cfg=sampler_cfg,
                            mesh=mesh)
-    forward = old_policy(r)
+    forward = pi_old(r)
     old_logp, live = forward.logp, forward.live_routing
     valid_B1 = np.repeat(np.asarray(prompts["valid"], bool), samples)[:, None]
     parts.append({
@@ -124,7 +124,7 @@ def measure(params, batches, key, *, levels, s, mesh, samples: int) -> dict[str,
     and routing_mu := the trainer's own routing (float32 is sampled for it if not listed).
   """
   axes = transformer.param_axes(s.model)
-  old_policy = functools.partial(sharding.on_mesh(mesh, jax.jit(functools.partial(
+  pi_old = functools.partial(sharding.on_mesh(mesh, jax.jit(functools.partial(
       step_lib.pi_old_forward, replay=step_lib.RoutingReplay(s.rl.routing_replay),
       model_cfg=s.model))), params)
   levels = [level for level in dict.fromkeys(levels) if level != gap_levels.ZERO]
@@ -134,7 +134,7 @@ def measure(params, batches, key, *, levels, s, mesh, samples: int) -> dict[str,
     dtype, activations = parse_level(level)
     scfg = dataclasses.replace(s.sampler, dtype=dtype, activation_dtype=activations)
     arrays[level] = _rollouts(quantize.for_sampler(params, scfg, axes), batches, key,
-                              sampler_cfg=scfg, old_policy=old_policy, s=s, mesh=mesh,
+                              sampler_cfg=scfg, pi_old=pi_old, s=s, mesh=mesh,
                               samples=samples)
   ref = arrays["float32"]
   zero = {**ref, "mu_logp": ref["old_logp"], "routing_mu": ref["live_routing"]}

@@ -20,6 +20,7 @@ from jax.experimental import topologies
 
 from minirl_jax import errors
 from minirl_jax import hlo_cost
+from minirl_jax import roofline
 from minirl_jax import sharding
 from minirl_jax.rl import programs
 
@@ -28,29 +29,19 @@ GIB = 1024 ** 3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Published per-chip peaks (bf16 dense FLOP/s, HBM bytes and bytes/s)."""
-  name: str
+  """One chip's published peaks (`roofline.PUBLISHED`): bf16 dense FLOP/s, HBM bytes/s."""
+  name: str  # the device kind, e.g. "TPU v5 lite"
   flops: float
-  hbm_bytes: float
   hbm_bandwidth: float
 
 
-# Google Cloud's TPU pages (per chip).
-CHIPS = {
-    "v4": Chip("TPU v4", 275e12, 32 * GIB, 1228e9),
-    "v5e": Chip("TPU v5e", 197e12, 16 * GIB, 819e9),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GIB, 2765e9),
-    "v6e": Chip("TPU v6e", 918e12, 32 * GIB, 1640e9),
-}
-
-
-def chip_of(topology: str) -> Chip:
-  """The chip of a topology name such as "v5p:4x4x8"."""
-  kind = topology.split(":")[0]
-  if kind not in CHIPS:
-    raise errors.UserError(f"topology {topology!r}: unknown chip {kind!r}; known: "
-                           f"{sorted(CHIPS)} (e.g. v5p:2x2x1, v5e:2x2, v6e:4x4)")
-  return CHIPS[kind]
+def chip_of(device) -> Chip:
+  """The published peaks of a (possibly described, not present) device."""
+  peaks = roofline.published_peaks(device.device_kind)
+  if peaks is None:
+    raise errors.UserError(f"no published peaks for {device.device_kind!r} "
+                           "(minirl_jax/roofline.py PUBLISHED): the roofline needs them")
+  return Chip(device.device_kind, *peaks)
 
 
 def topology_devices(topology: str) -> list:
@@ -58,7 +49,6 @@ def topology_devices(topology: str) -> list:
   if importlib.util.find_spec("libtpu") is None:
     raise errors.UserError("compiling for TPU needs libtpu, which is not installed: "
                            "pip install -e '.[tpu]'")
-  chip_of(topology)
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
   # Compiling opens no chip, so a compile may run beside another process using libtpu.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -93,7 +83,7 @@ class Compiled:
     return max(self.flops / chip.flops, self.bytes / chip.hbm_bandwidth)
 
 
-def compile_program(name: str, program, mesh, chip: Chip) -> Compiled:
+def compile_program(name: str, program, mesh) -> Compiled:
   """Compiles one `rl.programs` program on a TPU mesh; an out-of-memory compile is one
   `errors.UserError` naming the program, the bytes it needs and the bytes the chip has."""
   try:
@@ -101,7 +91,8 @@ def compile_program(name: str, program, mesh, chip: Chip) -> Compiled:
   except Exception as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    raise errors.UserError(out_of_memory_message(name, str(e), chip)) from None
+    raise errors.UserError(out_of_memory_message(
+        name, str(e), mesh.devices.flat[0].device_kind)) from None
   memory = executable.memory_analysis()
   cost = executable.cost_analysis()
   cost = (cost[0] if isinstance(cost, list) else cost) or {}
@@ -135,7 +126,7 @@ _OOM = (re.compile(r"\(" + _SIZE + r"\) exceeds available HBM \(" + _SIZE + r"\)
         re.compile(r"Used " + _SIZE + r" of " + _SIZE))
 
 
-def out_of_memory_message(name: str, error: str, chip: Chip) -> str:
+def out_of_memory_message(name: str, error: str, chip: str) -> str:
   """The compiler's RESOURCE_EXHAUSTED as one line: what the program needs, what fits."""
   for pattern in _OOM:
     match = pattern.search(error)
@@ -145,16 +136,14 @@ def out_of_memory_message(name: str, error: str, chip: Chip) -> str:
       break
   else:
     first = error.strip().splitlines()[0] if error.strip() else "RESOURCE_EXHAUSTED"
-    return (f"the {name} program does not fit a {chip.name} chip ({chip.hbm_bytes / GIB:.0f} "
-            f"GiB): XLA:TPU says {first}")
-  return (f"the {name} program does not fit a {chip.name} chip: XLA:TPU needs "
+    return f"the {name} program does not fit a {chip} chip: XLA:TPU says {first}"
+  return (f"the {name} program does not fit a {chip} chip: XLA:TPU needs "
           f"{need / GIB:,.2f} GiB of the {have / GIB:.2f} GiB of HBM it has "
           "(RESOURCE_EXHAUSTED); scripts/plan.py shows where the memory goes")
 
 
 def compile_all(s, topology: str) -> tuple[dict[str, Compiled], Any]:
   """Every program of settings `s` compiled for `topology`, and the mesh it ran on."""
-  chip = chip_of(topology)
   mesh = sharding.make_mesh(s.mesh, devices=topology_devices(topology))
-  return {name: compile_program(name, program, mesh, chip)
+  return {name: compile_program(name, program, mesh)
           for name, program in programs.build(s, mesh).items()}, mesh

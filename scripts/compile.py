@@ -37,8 +37,8 @@ def main(argv):
   config = _CONFIG.value
   topology = _TOPOLOGY.value or dict(config.get("hardware", {})).get("topology", "v5p:2x2x1")
   s = settings.from_config(config)
-  chip = aot.chip_of(topology)
   compiled, mesh = aot.compile_all(s, topology)
+  chip = aot.chip_of(mesh.devices.flat[0])
   print(f"{topology} ({chip.name}, {mesh.devices.size} chips); mesh {dict(mesh.shape)}")
   planned = planned_peaks(s, mesh.devices.size)
   mib = lambda b: f"{b / 2 ** 20:10.1f}"
@@ -56,7 +56,6 @@ def main(argv):
                     "programs": {n: {**vars(c), "peak": c.peak,
                                      "roofline_seconds": c.roofline_seconds(chip)}
                                  for n, c in compiled.items()},
-                    "fits": max(c.peak for c in compiled.values()) <= chip.hbm_bytes,
                     "plan": planned,
                     **step}))
 

@@ -5,6 +5,7 @@ Each MoE kernel, replay on and off, and an expert axis (the real ragged all-to-a
 one JSON line: {case: {program: {...memory, FLOPs, the ops the test reads}, "_expected":
 {...}}, "oom": the one-line error of a decode loop that does not fit a v5e chip}.
 """
+import dataclasses
 import json
 
 from minirl_jax import aot
@@ -44,11 +45,11 @@ def _settings(case, max_new_tokens=64):
 
 def _case(case) -> dict:
   s = _settings(case)
-  chip = aot.chip_of(TOPOLOGY)
   mesh = sharding.make_mesh(s.mesh, devices=aot.topology_devices(TOPOLOGY))
+  chip = aot.chip_of(mesh.devices.flat[0])
   out = {}
   for name, program in programs.build(s, mesh).items():
-    c = aot.compile_program(name, program, mesh, chip)
+    c = aot.compile_program(name, program, mesh)
     out[name] = {"peak": c.peak, "arguments": c.arguments, "temporaries": c.temporaries,
                  "flops": c.flops, "compiler_flops": c.compiler_flops, "bytes": c.bytes,
                  "roofline_seconds": c.roofline_seconds(chip), "ops": list(c.ops)}
@@ -64,7 +65,7 @@ def _out_of_memory() -> str:
   s = _settings(CASES["ragged_dot"], max_new_tokens=2_000_000)
   mesh = sharding.make_mesh(s.mesh, devices=aot.topology_devices("v5e:2x2"))
   try:
-    aot.compile_program("decode", programs.build(s, mesh)["decode"], mesh, aot.CHIPS["v5e"])
+    aot.compile_program("decode", programs.build(s, mesh)["decode"], mesh)
   except errors.UserError as e:
     return str(e)
   return "fitted"
@@ -73,6 +74,7 @@ def _out_of_memory() -> str:
 def main():
   out = {name: _case(case) for name, case in CASES.items()}
   out["oom"] = _out_of_memory()
+  out["chip"] = dataclasses.asdict(aot.chip_of(aot.topology_devices(TOPOLOGY)[0]))
   print(json.dumps(out))
 
 

@@ -7,6 +7,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -62,14 +63,18 @@ def test_work_is_counted_with_the_layer_loop_not_once(compiled):
 
 
 def test_a_program_that_does_not_fit_is_one_line(compiled):
-  assert re.fullmatch(r"the decode program does not fit a TPU v5e chip: XLA:TPU needs "
+  assert re.fullmatch(r"the decode program does not fit a TPU v5 lite chip: XLA:TPU needs "
                       r"[\d,.]+ GiB of the 15\.75 GiB of HBM it has \(RESOURCE_EXHAUSTED\); "
                       r"scripts/plan\.py shows where the memory goes", compiled["oom"])
 
 
-def test_without_libtpu_or_with_an_unknown_chip_one_line(monkeypatch):
-  with pytest.raises(errors.UserError, match=r"topology 'v9x:2x2': unknown chip 'v9x'"):
-    aot.chip_of("v9x:2x2")
+def test_the_chip_is_the_described_devices_with_their_published_peaks(compiled):
+  assert compiled["chip"] == {"name": "TPU v5", "flops": 459e12, "hbm_bandwidth": 2.765e12}
+
+
+def test_without_libtpu_or_published_peaks_one_line(monkeypatch):
+  with pytest.raises(errors.UserError, match=r"no published peaks for 'cpu'"):
+    aot.chip_of(types.SimpleNamespace(device_kind="cpu"))
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec",
                       lambda name, *a: None if name == "libtpu" else real(name, *a))

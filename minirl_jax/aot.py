@@ -5,10 +5,14 @@ have; a mesh of its devices and `jit(...).lower(abstract args).compile()` run th
 compiler, Mosaic kernels included. Per program and device this reports:
 - memory: XLA:TPU's own buffer assignment (`memory_analysis()`): exact for that compiler;
 - work: FLOPs and HBM bytes counted from the compiled HLO with every loop's trip count
-  (`hlo_cost`), beside the compiler's own `cost_analysis()`, which counts a loop body once;
+  (`hlo_cost`; Mosaic kernels by their cost estimates; the expert exchange at one round, a
+  balanced router), beside the compiler's own `cost_analysis()`, which counts a loop body
+  once;
 - time, both estimates: the compiler's `optimal_seconds` (per loop body; negative where its
-  cost model does not price a custom kernel) and a roofline, max(FLOPs / peak FLOP/s,
-  bytes / HBM bandwidth) at the chip's published peaks, a lower bound.
+  cost model does not price a custom kernel) and a roofline: each op at max(its FLOPs / peak
+  FLOP/s, its bytes / HBM bandwidth) at the chip's published peaks, summed with trip counts,
+  a lower bound that leaves out the interconnect's time and any overlap; the ops that take
+  most of it are kept (`slowest`).
 """
 import dataclasses
 import importlib.util
@@ -22,6 +26,7 @@ from minirl_jax import errors
 from minirl_jax import hlo_cost
 from minirl_jax import roofline
 from minirl_jax import sharding
+from minirl_jax.models import expert_parallel
 from minirl_jax.rl import programs
 
 GIB = 1024 ** 3
@@ -68,19 +73,25 @@ class Compiled:
   aliased: int
   flops: float            # counted with loop trip counts (hlo_cost)
   bytes: float            # HBM bytes, counted the same way
+  roofline_seconds: float  # each op at the chip's roofline, summed: a lower bound
   compiler_flops: float   # cost_analysis(): each loop body once
   compiler_bytes: float
   optimal_seconds: float  # the compiler's estimate, each loop body once
   uncounted_loops: int    # loops whose trip count the HLO does not state, counted once
   ops: tuple[str, ...]    # custom-call targets (Mosaic kernels) and collectives it runs
+  slowest: tuple[tuple[str, float], ...]  # the ops taking the most roofline seconds
 
   @property
   def peak(self) -> int:
     """Bytes live on the device while the program runs (donated inputs counted once)."""
     return self.arguments + self.outputs + self.temporaries - self.aliased
 
-  def roofline_seconds(self, chip: Chip) -> float:
-    return max(self.flops / chip.flops, self.bytes / chip.hbm_bandwidth)
+
+# Loops whose compiled bound is a worst case: the expert exchange scans over the rounds the
+# most skewed router could need, each a `lax.cond` that is a no-op past the rounds a step
+# needs; a balanced router needs one, which is what the estimates count.
+BALANCED_TRIPS = {expert_parallel.ROUNDS_SCOPE: 1}
+SLOWEST = 8  # ops kept per program for the breakdown
 
 
 def compile_program(name: str, program, mesh) -> Compiled:
@@ -97,15 +108,17 @@ def compile_program(name: str, program, mesh) -> Compiled:
   cost = executable.cost_analysis()
   cost = (cost[0] if isinstance(cost, list) else cost) or {}
   text = executable.as_text()
-  counted = hlo_cost.count(text)
+  chip = chip_of(mesh.devices.flat[0])
+  counted = hlo_cost.count(text, BALANCED_TRIPS, (chip.flops, chip.hbm_bandwidth))
   return Compiled(
       arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
       temporaries=memory.temp_size_in_bytes, aliased=memory.alias_size_in_bytes,
-      flops=counted.flops, bytes=counted.bytes,
+      flops=counted.flops, bytes=counted.bytes, roofline_seconds=counted.seconds,
       compiler_flops=float(cost.get("flops", 0.0)),
       compiler_bytes=float(cost.get("bytes accessed", 0.0)),
       optimal_seconds=float(cost.get("optimal_seconds", float("nan"))),
-      uncounted_loops=sum(trips is None for _, trips in counted.loops), ops=ops_in(text))
+      uncounted_loops=sum(trips is None for _, trips in counted.loops), ops=ops_in(text),
+      slowest=tuple(counted.top(SLOWEST)))
 
 
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
@@ -142,8 +155,14 @@ def out_of_memory_message(name: str, error: str, chip: str) -> str:
           "(RESOURCE_EXHAUSTED); scripts/plan.py shows where the memory goes")
 
 
-def compile_all(s, topology: str) -> tuple[dict[str, Compiled], Any]:
-  """Every program of settings `s` compiled for `topology`, and the mesh it ran on."""
+def compile_all(s, topology: str, names=None) -> tuple[dict[str, Compiled], Any]:
+  """The programs of settings `s` (those in `names`, default all) compiled for `topology`,
+  and the mesh they ran on."""
   mesh = sharding.make_mesh(s.mesh, devices=topology_devices(topology))
-  return {name: compile_program(name, program, mesh)
-          for name, program in programs.build(s, mesh).items()}, mesh
+  built = programs.build(s, mesh)
+  unknown = set(names or ()) - set(built)
+  if unknown:
+    raise errors.UserError(f"--programs: no program {sorted(unknown)[0]!r} in this run; "
+                           f"its programs: {', '.join(built)}")
+  return {name: compile_program(name, program, mesh) for name, program in built.items()
+          if names is None or name in names}, mesh

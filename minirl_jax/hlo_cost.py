@@ -7,11 +7,15 @@ and writes (a fusion's inner values stay on chip, as in XLA's own count); a loop
 multiplied by its trip count, read from its condition (`i < N` with the counter from 0, the
 form `lax.scan` and `fori_loop` compile to). A loop whose count the condition does not state
 (a `lax.while_loop` on data, like the sampler's decode loop) is counted once and listed.
+A custom kernel (a Mosaic `tpu_custom_call`: megablox) counts the FLOPs and bytes of the
+cost estimate its author attached (`pl.CostEstimate`, carried in the call's backend config);
+a custom call without one counts its operands and result as bytes and no FLOPs.
 """
 import dataclasses
 import math
 import re
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
                 "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4,
@@ -24,19 +28,41 @@ _INSTRUCTION = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = ")
 # Instructions that move no data of their own (views, plumbing, control).
 _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all",
          "partition-id", "replica-id", "opt-barrier", "while", "call", "conditional",
-         "add-dependency", "copy-start", "copy-done"}
+         "add-dependency", "copy-start", "copy-done", "slice-done"}
+# Custom calls that only reinterpret their operands (XLA:TPU joins prefetched slices so).
+_FREE_TARGETS = {"ConcatBitcast"}
 
 
 @dataclasses.dataclass
 class Cost:
-  """FLOPs and HBM bytes of a program, loops multiplied out."""
+  """FLOPs and HBM bytes of a program, loops multiplied out; with a chip's peaks, the
+  seconds of each op at its own roofline, summed, and those seconds by op."""
   flops: float = 0.0
   bytes: float = 0.0
+  seconds: float = 0.0
+  by_op: dict = dataclasses.field(default_factory=dict)  # label: seconds
   loops: list = dataclasses.field(default_factory=list)  # (body, trip count or None)
 
   def add(self, other: "Cost", times: float = 1.0) -> None:
     self.flops += times * other.flops
     self.bytes += times * other.bytes
+    self.seconds += times * other.seconds
+    for label, seconds in other.by_op.items():
+      self.by_op[label] = self.by_op.get(label, 0.0) + times * seconds
+
+  def top(self, n: int) -> list[tuple[str, float]]:
+    """The n ops that take the most seconds, with their seconds."""
+    return sorted(self.by_op.items(), key=lambda item: -item[1])[:n]
+
+
+def op_label(i: "_Instruction") -> str:
+  """What an op is, for a breakdown: its kind, the first array it makes and the jax op it
+  came from (the tail of its `op_name`)."""
+  op_name = re.search(r'op_name="([^"]*)"', i.attributes)
+  source = "/".join(op_name.group(1).split("/")[-2:]) if op_name else i.name
+  first = _ARRAY.search(i.shape)
+  array = f"{first.group(1)}[{first.group(2)}]" if first else i.shape
+  return f"{_target(i) or i.op} {array} ({source})"
 
 
 @dataclasses.dataclass
@@ -197,34 +223,82 @@ def _callees(attributes: str, key: str) -> list[str]:
   return [match.group(1)] if match else []
 
 
-def moved_bytes(i: _Instruction, shapes: dict[str, str], computations: dict) -> float:
+_KERNEL_COST = re.compile(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":"\d+",'
+                          r'"bytes_accessed":"(\d+)"')
+
+
+def _target(i: _Instruction) -> Optional[str]:
+  match = re.search(r'custom_call_target="([^"]+)"', i.attributes)
+  return match.group(1) if match else None
+
+
+def kernel_cost(i: _Instruction) -> Optional[tuple[float, float]]:
+  """(FLOPs, bytes) a custom kernel's author estimated for one call, where it says."""
+  match = _KERNEL_COST.search(i.attributes) if i.op == "custom-call" else None
+  return (float(match.group(1)), float(match.group(2))) if match else None
+
+
+def moved_bytes(i: _Instruction, shapes: dict[str, str], computations: dict,
+                seen_channels: Optional[set] = None) -> float:
   """HBM bytes an instruction reads and writes. A slice read moves the slice, not the
   buffer it reads from; an update in place (a dynamic-update-slice) moves its update, not
-  the buffer it writes into; alone or inside a fusion."""
+  the buffer it writes into; alone or inside a fusion. A kernel moves what its cost
+  estimate says. A fusion's outputs aliased to its operands move nothing where they pass
+  an operand through, and do not read the operand they overwrite; a collective XLA:TPU
+  splits over several fusions (one channel, `seen_channels` of the enclosing computation)
+  writes its result once."""
+  estimate = kernel_cost(i)
+  if estimate is not None:
+    return estimate[1]
   operands = operand_types(i, shapes)
   if i.op == "dynamic-slice":
     return 2 * array_bytes(i.shape)
   if i.op == "dynamic-update-slice" and len(operands) > 1:
     return 2 * array_bytes(operands[1])
+  if i.op == "slice-start":  # ((source), slice, context): reads the slice
+    arrays = _ARRAY.findall(i.shape)
+    return array_bytes("{}[{}]".format(*arrays[1])) if len(arrays) > 1 else 0.0
   fused = _callees(i.attributes, "calls") if i.op == "fusion" else []
   body = computations.get(fused[0], []) if fused else []
   if not body:
     return array_bytes(i.shape) + sum(array_bytes(t) for t in operands)
   read = [array_bytes(t) for t in operands]
-  written = array_bytes(i.shape)
+  by_name = {b.name: b for b in body}
+  root = body[-1]
+  outputs = ([by_name.get(n) for n in re.findall(r"%([\w.\-]+)", root.operands)]
+             if root.op == "tuple" else [root])
+  written = [array_bytes(o.shape) if o is not None else 0.0 for o in outputs]
   for parameter in (b for b in body if b.op == "parameter"):
     index = int(re.match(r"\s*(\d+)", parameter.operands).group(1))
     users = [b for b in body if f"%{parameter.name}" in re.findall(r"%[\w.\-]+", b.operands)]
     if index < len(read) and users and all(
         u.op == "dynamic-slice" and _first_operand(u) == parameter.name for u in users):
       read[index] = sum(array_bytes(u.shape) for u in users)
-    root = body[-1]
     if (root.op == "dynamic-update-slice" and _first_operand(root) == parameter.name
         and index < len(read)):
-      update = {b.name: b for b in body}.get(re.findall(r"%([\w.\-]+)", root.operands)[1])
+      update = by_name.get(re.findall(r"%([\w.\-]+)", root.operands)[1])
       read[index] = 0.0
-      written = array_bytes(update.shape) if update is not None else written
-  return written + sum(read)
+      written[0] = array_bytes(update.shape) if update is not None else written[0]
+  for output, operand in _aliasing(i.attributes):
+    if output < len(outputs) and operand < len(read):
+      read[operand] = 0.0  # overwritten in place, or passed through
+      if outputs[output] is not None and outputs[output].op == "parameter":
+        written[output] = 0.0
+  if seen_channels is not None:
+    for k, o in enumerate(outputs):
+      channel = re.search(r"channel_id=(\d+)", o.attributes) if o is not None else None
+      if channel and channel.group(1) in seen_channels:
+        written[k] = 0.0
+      elif channel:
+        seen_channels.add(channel.group(1))
+  return sum(written) + sum(read)
+
+
+def _aliasing(attributes: str) -> list[tuple[int, int]]:
+  """(output index, operand index) of a fusion's `output_to_operand_aliasing`."""
+  match = re.search(r"output_to_operand_aliasing=\{(.*?)\}(?:, [a-z_]+=|$)", attributes)
+  pairs = re.findall(r"\{(\d*)\}: \((\d+),", match.group(1)) if match else []
+  return [(int(out or 0), int(operand)) for out, operand in pairs]
 
 
 def _first_operand(i: _Instruction) -> str:
@@ -232,8 +306,24 @@ def _first_operand(i: _Instruction) -> str:
   return names[0] if names else ""
 
 
-def count(hlo_text: str) -> Cost:
-  """The program's FLOPs and bytes with every loop's body times its trip count."""
+def _scoped_trips(while_attributes: str, trips_by_scope: Mapping[str, int]) -> Optional[int]:
+  """The trip count given for a loop traced directly in one of these name scopes."""
+  op_name = re.search(r'op_name="([^"]*)"', while_attributes)
+  for scope, trips in trips_by_scope.items():
+    if op_name and f"/{op_name.group(1)}".endswith(f"/{scope}/while"):
+      return trips
+  return None
+
+
+def count(hlo_text: str, trips_by_scope: Mapping[str, int] = MappingProxyType({}),
+          peaks: Optional[tuple[float, float]] = None) -> Cost:
+  """The program's FLOPs and bytes with every loop's body times its trip count.
+
+  `trips_by_scope` sets the count of loops traced in a `jax.named_scope` (by its name), for
+  loops whose compiled bound is a worst case the caller estimates better. With `peaks`
+  (FLOP/s, HBM bytes/s), each op also takes max(its FLOPs / FLOP/s, its bytes / bytes/s):
+  the time it needs alone at the chip's roofline, no op overlapping another.
+  """
   computations, entry = parse(hlo_text)
   shapes = {name: {i.name: i.shape for i in body} for name, body in computations.items()}
   flops_memo: dict[str, float] = {}
@@ -241,6 +331,8 @@ def count(hlo_text: str) -> Cost:
   def flops_of(i: _Instruction, where: str) -> float:
     if i.op in ("dot", "convolution"):
       return dot_flops(i, shapes[where])
+    if i.op == "custom-call":
+      return (kernel_cost(i) or (0.0, 0.0))[0]
     return sum(fused_flops(c) for c in _callees(i.attributes, "calls"))
 
   def fused_flops(name: str) -> float:  # dots inside a fusion, and fusions inside it
@@ -251,12 +343,14 @@ def count(hlo_text: str) -> Cost:
   loops = []
 
   def run(name: str) -> Cost:
-    cost = Cost()
+    cost, channels = Cost(), set()
     for i in computations.get(name, []):
       if i.op == "while":
         (body,) = _callees(i.attributes, "body")
         (condition,) = _callees(i.attributes, "condition")
-        trips = trip_count(i.attributes, computations.get(condition, []), computations)
+        trips = _scoped_trips(i.attributes, trips_by_scope)
+        if trips is None:
+          trips = trip_count(i.attributes, computations.get(condition, []), computations)
         loops.append((body, trips))
         cost.add(run(body), trips if trips is not None else 1)
       elif i.op == "call":
@@ -269,9 +363,16 @@ def count(hlo_text: str) -> Cost:
         if branches:
           costs = [run(b) for b in branches]
           cost.add(max(costs, key=lambda c: (c.flops, c.bytes)))
-      elif i.op not in _FREE:
-        cost.bytes += moved_bytes(i, shapes[name], computations)
-        cost.flops += flops_of(i, name)
+      elif i.op not in _FREE and _target(i) not in _FREE_TARGETS:
+        moved = moved_bytes(i, shapes[name], computations, channels)
+        flops = flops_of(i, name)
+        cost.bytes += moved
+        cost.flops += flops
+        if peaks is not None:
+          seconds = max(flops / peaks[0], moved / peaks[1])
+          cost.seconds += seconds
+          label = op_label(i)
+          cost.by_op[label] = cost.by_op.get(label, 0.0) + seconds
     return cost
 
   total = run(entry)

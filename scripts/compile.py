@@ -12,6 +12,7 @@ chip's published peaks; beside the compiler's peak, the memory plan's (scripts/p
 one RL step estimated from them, and one JSON line. Every time is
 an estimate; memory is the compiler's. A program that does not fit is one line, exit 2.
 """
+import dataclasses
 import json
 import math
 
@@ -23,12 +24,18 @@ from minirl_jax import errors
 from minirl_jax import metrics
 from minirl_jax import plan
 from minirl_jax import roofline
+from minirl_jax import sharding
 from minirl_jax.rl import programs
 from minirl_jax.rl import settings
+from minirl_jax.sampling import sampler as sampler_lib
 
 _CONFIG = config_base.define_config_flag(__file__)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:2x2x1, v5e:4x4, "
                                 "v6e:4x4 (default: config.hardware.topology).")
+_PROGRAMS = flags.DEFINE_list("programs", None, "Compile only these programs (rl_step, "
+                              "pi_old, prefill, start, decode, sft_step); default: all.")
+_SLOWEST = flags.DEFINE_integer("slowest", 3, "Print this many of each program's slowest "
+                                "ops by the roofline (up to aot.SLOWEST).")
 
 
 def main(argv):
@@ -37,7 +44,7 @@ def main(argv):
   config = _CONFIG.value
   topology = _TOPOLOGY.value or dict(config.get("hardware", {})).get("topology", "v5p:2x2x1")
   s = settings.from_config(config)
-  compiled, mesh = aot.compile_all(s, topology)
+  compiled, mesh = aot.compile_all(s, topology, _PROGRAMS.value)
   chip = aot.chip_of(mesh.devices.flat[0])
   print(f"{topology} ({chip.name}, {mesh.devices.size} chips); mesh {dict(mesh.shape)}")
   planned = planned_peaks(s, mesh.devices.size)
@@ -48,13 +55,17 @@ def main(argv):
     plan_mib = mib(planned[name]) if name in planned else f"{'-':>10}"
     print(f"{name:<10}{mib(c.arguments)}{mib(c.outputs)}{mib(c.temporaries)}{mib(c.aliased)}"
           f"{mib(c.peak)}{plan_mib}{c.flops / 1e9:13.1f}{c.bytes / 1e9:12.2f}"
-          f"{c.roofline_seconds(chip):12.3e}{c.optimal_seconds:12.3e}")
-  step = step_estimate(s, compiled, chip, mesh.devices.size)
+          f"{c.roofline_seconds:12.3e}{c.optimal_seconds:12.3e}")
+  if _SLOWEST.value:
+    print("slowest ops by the roofline (share of the program's roofline seconds):")
+    for name, c in compiled.items():
+      for label, seconds in c.slowest[:_SLOWEST.value]:
+        print(f"  {name:<10}{seconds / c.roofline_seconds:7.1%}  {label}")
+  step = step_estimate(s, compiled, chip, mesh)
   for line in step.pop("lines"):
     print(line)
   print(json.dumps({"topology": topology, "chip": chip.name, "mesh": dict(mesh.shape),
-                    "programs": {n: {**vars(c), "peak": c.peak,
-                                     "roofline_seconds": c.roofline_seconds(chip)}
+                    "programs": {n: {**dataclasses.asdict(c), "peak": c.peak}
                                  for n, c in compiled.items()},
                     "plan": planned,
                     **step}))
@@ -67,23 +78,37 @@ def planned_peaks(s, chips: int) -> dict[str, int]:
           "decode": programs_planned["decode"]}
 
 
-def step_estimate(s, compiled, chip, chips: int) -> dict:
+def step_estimate(s, compiled, chip, mesh) -> dict:
   """One RL step from the programs' roofline times (a lower bound on each): the rollout with
   every response at the full budget (`decode` is one loop iteration, counted once), pi_old,
-  and N updates; the update's MFU is the model's FLOPs over that time at peak."""
-  r = lambda name: compiled[name].roofline_seconds(chip) if name in compiled else 0.0
-  slots = s.sampler.slots or s.rl.global_batch
+  and N updates. The update's MFU is the model's FLOPs (`roofline.train_flops`) over that
+  time at peak; decode's bandwidth utilisation is the bytes a step must read (every weight
+  but the embedding, and the whole KV cache: `roofline.decode_bytes`, as bench_device.py
+  measures it) over the slice's HBM bandwidth for that time."""
+  chips = mesh.devices.size
+  r = lambda name: compiled[name].roofline_seconds if name in compiled else 0.0
+  slots = sampler_lib.num_slots(s.sampler, s.rl.global_batch, sharding.batch_size_multiple(mesh))
   iterations = s.sampler.max_new_tokens * math.ceil(s.rl.global_batch / slots)
   rollout = r("prefill") + r("start") + r("decode") * iterations
   update = r("rl_step") * s.rl.num_minibatches
-  model_flops = roofline.train_flops(s.model, s.rl.global_batch,
+  model_flops = roofline.train_flops(s.model, s.rl.mini_batch_size,
                                      programs.sequence_length(s)) / chips
-  mfu = model_flops / (update * chip.flops) if update else float("nan")
+  mfu = model_flops / (r("rl_step") * chip.flops) if "rl_step" in compiled else math.nan
   lines = [f"RL step estimate (rooflines, lower bounds): rollout {rollout:.3g} s "
            f"({iterations} decode iterations at the full budget), pi_old {r('pi_old'):.3g} s, "
            f"{s.rl.num_minibatches} update(s) {update:.3g} s; update MFU <= {mfu:.1%}"]
-  return {"lines": lines, "step_seconds": rollout + r("pi_old") + update,
-          "rollout_seconds": rollout, "update_seconds": update, "update_mfu": mfu}
+  out = {"step_seconds": rollout + r("pi_old") + update, "rollout_seconds": rollout,
+         "update_seconds": update, "update_mfu": mfu}
+  if "decode" in compiled:
+    weights, carry, _ = programs.build(s, mesh)["decode"].args
+    must_read = roofline.decode_bytes(weights, carry.cache)
+    out["decode_tokens_per_second"] = slots / r("decode")
+    out["decode_bandwidth_utilisation"] = must_read / (r("decode") * chips * chip.hbm_bandwidth)
+    lines.append(f"decode: {out['decode_tokens_per_second']:,.0f} tokens/s on the slice "
+                 f"({slots} rows a step), {out['decode_bandwidth_utilisation']:.1%} of HBM "
+                 f"bandwidth reading what a step must ({must_read / 2 ** 30:.1f} GiB: weights "
+                 "but the embedding, and the KV cache)")
+  return {"lines": lines, **out}
 
 
 if __name__ == "__main__":

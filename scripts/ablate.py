@@ -57,7 +57,7 @@ def main(argv):
     runner.run_grid(grid, seeds=_SEEDS.value, workdir=workdir, max_jobs=_JOBS.value,
                     root=ROOT, progress=_PROGRESS.value)
   runs = report.load(report.finished_runs(grid, _SEEDS.value, workdir))
-  rows = report.write_table(runs, workdir, grid.scored)
+  rows = report.write_table(runs, workdir, grid.scored, grid.sample_sd)
   result = {"table_csv": os.path.join(workdir, "table.csv"),
             "table_md": os.path.join(workdir, "table.md"),
             "series_csv": series.write_series(runs, workdir), "rows": rows}

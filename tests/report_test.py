@@ -73,3 +73,15 @@ def test_a_score_rule_adds_the_score_column(tmp_path):
   (row,) = report.write_table(runs, str(tmp_path), first_and_last)
   assert (row.score, row.score_std) == pytest.approx((0.275, 0.025))
   assert "| 0.350 ± 0.050 | 0.275 ± 0.025 | 0/2 |" in (tmp_path / "table.md").read_text()
+
+
+def test_a_grid_can_print_the_sample_sd_and_says_so(tmp_path):
+  runs = [report.Run("a", s, [{"step": 0, "eval/accuracy": 0.2 + 0.1 * s,
+                               "policy/entropy": 0.3}], None, 1.0) for s in range(2)]
+  (row,) = report.write_table(runs, str(tmp_path), sample_sd=True)
+  assert row.start_accuracy_std == pytest.approx(0.1 / 2 ** 0.5)  # ddof = 1: sqrt(0.005)
+  lines = (tmp_path / "table.md").read_text().splitlines()
+  assert "| 0.250 ± 0.071 |" in lines[2]
+  assert lines[3:] == ["", "± : the sample SD over seeds (ddof = 1)."]
+  (one,) = report.write_table(runs[:1], str(tmp_path), sample_sd=True)
+  assert one.start_accuracy_std != one.start_accuracy_std  # one seed: no sample SD (nan)

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from minirl_jax import config_base
@@ -12,6 +13,8 @@ from minirl_jax.experiments import grids
 from minirl_jax.experiments import report
 from minirl_jax.experiments import round2
 from minirl_jax.experiments import rules
+from minirl_jax.experiments import series
+from minirl_jax.experiments import stats
 
 ROOT = pathlib.Path(__file__).parents[1]
 RESULTS = str(ROOT / "docs" / "results")
@@ -100,6 +103,51 @@ def test_each_n_is_read_alike_and_a_contrast_of_the_cold_start_says_so():
   assert "; per seed 0: +0.110, 1: +0.115, 2: +0.120;" in n2.evidence
 
 
+def test_checks_read_power_the_interval_otherwise_and_matched_steps():
+  """Seed 0's MiniRL run collapses at step 5 and scores its step-0 evaluation; every seed's
+  training reward is lower with MiniRL over the steps both runs logged."""
+  runs = []
+  for seed in range(4):
+    for arm, base in (("minirl", 0.40), ("minirl_no_is", 0.45)):
+      # scores (steps 190 and 200): MiniRL 0.405 + 0.015 seed, w/o IS 0.45 + 0.015 seed
+      run = _run(arm, seed, (0.21, base + 0.01 * seed,
+                             base + 0.02 * seed + 0.01 * (arm == "minirl")))
+      steps = range(1, 6) if arm == "minirl" and seed == 0 else range(1, 11)
+      run.records[1:1] = [{"step": s, "reward/mean": 0.3 - 0.01 * (arm == "minirl") + 0.001 * s,
+                           "policy/entropy": 0.05, "mismatch/kl_k3": 1e-3} for s in steps]
+      if arm == "minirl" and seed == 0:  # collapsed at step 5: scores its step 0, 0.21
+        run = report.Run(arm, seed, run.records[:6], 5, 1.0)
+      runs.append(run)
+  arms = rules.by_seed(runs, round2.scored_evaluations)
+  lines = round2.checks(arms)
+  assert lines[0] == "## Checks made after the runs"
+  sd = float(np.std([0.21 - 0.45, -0.045, -0.045, -0.045], ddof=1))
+  power = next(line for line in lines if line.startswith("| finding 3: MiniRL - w/o IS | 4 |"))
+  assert power.split(" | ")[2:4] == [
+      f"{sd:.3f} (0.034)", f"{stats.detectable_effect(sd, 4):.3f} "
+      f"({stats.detectable_effect(round2.PLANNED_DIFF_SD, 4):.3f})"]
+  otherwise = [line for line in lines if line.startswith("| finding 3") and "seed 0" in line]
+  assert otherwise and otherwise[0].endswith("| minirl seed 0 |")
+  assert "seed 0 -0.240" in otherwise[0]
+  reward = next(line for line in lines if "| training reward, mean |" in line)
+  assert reward.endswith("| 4 / 0 | 0.125 |")  # every seed lower with MiniRL: 2 / 2^4
+  assert "| -0.010 [-0.010, -0.010] |" in reward  # over the steps both runs logged
+  assert round2.checks({"minirl": arms["minirl"]}) == []  # no contrast: no section
+
+
+def test_the_committed_table_and_verdicts_rederive(tmp_path):
+  """round2.md's command (`--restore_from=docs/results/round2 --report_only`) remakes the
+  committed table.md and verdicts.md byte for byte from the committed series."""
+  grid = round2.GRIDS["round2"]
+  results = ROOT / "docs" / "results" / "round2"
+  series.restore(grid, str(results), str(tmp_path))
+  runs = report.load(report.finished_runs(grid, 10, str(tmp_path)))
+  report.write_table(runs, str(tmp_path), grid.scored, grid.sample_sd)
+  rules.write(grid, 10, runs, str(tmp_path))
+  for name in ("table.md", "verdicts.md"):
+    assert (tmp_path / name).read_text() == (results / name).read_text(), name
+
+
 def test_arms_keep_the_global_batch_and_plan_their_seeds():
   from minirl_jax.rl import settings as settings_lib
   grid = round2.GRIDS["round2"]
@@ -127,6 +175,9 @@ def test_round1s_contrasts_and_their_noise():
   assert round(out["accuracy"], 3) == 0.327
   # the larger training SD, the last-two-evaluations score's (round2.md: 0.031)
   assert out["train_sd_used"] == out["noise_last2"].train_sd == pytest.approx(0.0305, abs=1e-4)
+  # the paired SD the checks hold the realised one against: 1024 problems, 2 evaluations
+  (planned,) = [d for d in out["designs"] if (d["problems"], d["evals"]) == (1024, 2)]
+  assert round(planned["diff_sd"], 4) == round2.PLANNED_DIFF_SD
 
 
 def test_round1_reread_by_round2s_rules():

@@ -170,6 +170,22 @@ def test_arms_planned_with_no_seeds_are_named_not_counted_as_missing(tmp_path):
       "Not run (0 seeds planned): c; the contrasts that need them have no row.", ""]
 
 
+def test_a_grids_checks_end_its_verdicts(tmp_path):
+  def read(arms):
+    return [rules.Reading("q", rules.INCONCLUSIVE, "e")]
+  def checks(arms):
+    return ["## Checks", f"{sorted(arms)}"] if "b" in arms else []
+  grid = design.Grid("g", "configs/smoke.py", (design.Arm("a"), design.Arm("b")), "test",
+                     read=read, checks=checks)
+  runs = [_run(arm, seed, (0.3, 0.4, 0.4)) for arm in ("a", "b") for seed in range(3)]
+  rules.write(grid, 3, runs, str(tmp_path))
+  assert (tmp_path / "verdicts.md").read_text().splitlines() == [
+      "| question | reading | evidence |", "|---|---|---|", "| q | inconclusive | e |", "",
+      "## Checks", "['a', 'b']"]
+  rules.write(grid, 3, runs[:3], str(tmp_path))  # no lines: nothing added
+  assert (tmp_path / "verdicts.md").read_text().splitlines()[-1] == "| q | inconclusive | e |"
+
+
 def test_paired_differences_use_the_seeds_both_arms_have():
   assert rules.paired_differences({0: 0.5, 1: 0.4, 3: 0.1}, {1: 0.1, 0: 0.25, 2: 0.9}) == {
       0: 0.25, 1: pytest.approx(0.3)}

@@ -64,6 +64,14 @@ def test_t_interval_by_hand():
   assert mean == 0.1 and math.isnan(low) and math.isnan(high)
 
 
+def test_sign_test_is_an_exact_two_sided_binomial():
+  # 10 of 10 one way: 2 x 0.5^10 (one-sided it would be half of that)
+  assert stats.sign_test([-0.1] * 10) == (10, 0, pytest.approx(2 / 2 ** 10))
+  # 9 of 10: 2 x (1 + 10) / 2^10; zeros are dropped
+  assert stats.sign_test([0.1] * 9 + [-0.1, 0.0]) == (1, 9, pytest.approx(22 / 2 ** 10))
+  assert stats.sign_test([0.0, 0.0]) == (0, 0, 1.0)
+
+
 def test_fewest_decisive_collapses_is_the_designs_smallest_collapse_contrast():
   # 4/5 vs 0/5: p = 0.024, 3/5: 0.083 (round2.md part 1); 3/3 vs 0/3 is p = 0.05, not below
   assert stats.fewest_decisive_collapses(5, 5) == 4

@@ -36,6 +36,12 @@ class Grid:
   # report.Run -> the (step, accuracy) evaluations its score averages; None: no score
   # beyond the last evaluation (the table's final accuracy)
   scored: Optional[Callable[[object], list[tuple[int, float]]]] = None
+  # {arm: rules.ArmResult} -> Markdown lines under verdicts.md's table: checks made after
+  # the runs, which change no verdict; None: none
+  checks: Optional[Callable[[dict], list[str]]] = None
+  # the table's ± over seeds: the sample SD (ddof = 1) where True, else the population SD
+  # (round 1's committed tables print it)
+  sample_sd: bool = False
 
 
 MINIRL = {"objective.name": "minirl"}

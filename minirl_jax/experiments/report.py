@@ -98,8 +98,15 @@ def _mean_of_max(records, key) -> float:
                         for r in records]))
 
 
-def arm_row(arm: str, runs: list[Run], scored: Optional[Scored] = None) -> ArmRow:
-  """One arm's table row from its runs (all of the same arm)."""
+def _sd(values, ddof: int) -> float:
+  """The SD over seeds: population (ddof = 0) or sample (ddof = 1; nan for one seed)."""
+  return float(np.std(values, ddof=ddof)) if len(values) > ddof else float("nan")
+
+
+def arm_row(arm: str, runs: list[Run], scored: Optional[Scored] = None,
+            ddof: int = 0) -> ArmRow:
+  """One arm's table row from its runs (all of the same arm); its SDs over seeds with `ddof`
+  (0: population, 1: sample)."""
   records = [run.records for run in runs]
   accs = [run.accuracies for run in runs]
   starts, peaks, finals = [a[0] for a in accs], [max(a) for a in accs], [a[-1] for a in accs]
@@ -107,16 +114,16 @@ def arm_row(arm: str, runs: list[Run], scored: Optional[Scored] = None) -> ArmRo
   scores = [score(run, scored) for run in runs] if scored else None
   return ArmRow(
       arm=arm, seeds=len(runs), start_accuracy=float(np.mean(starts)),
-      start_accuracy_std=float(np.std(starts)), peak_accuracy=float(np.mean(peaks)),
-      peak_accuracy_std=float(np.std(peaks)), final_accuracy=float(np.mean(finals)),
-      final_accuracy_std=float(np.std(finals)), collapsed=len(collapsed),
+      start_accuracy_std=_sd(starts, ddof), peak_accuracy=float(np.mean(peaks)),
+      peak_accuracy_std=_sd(peaks, ddof), final_accuracy=float(np.mean(finals)),
+      final_accuracy_std=_sd(finals, ddof), collapsed=len(collapsed),
       collapse_step_median=float(np.median(collapsed)) if collapsed else None,
       final_entropy=float(np.mean([trajectory(r, "policy/entropy")[-1][1] for r in records])),
       max_kl=_mean_of_max(records, "mismatch/kl_k3"),
       max_staleness=_mean_of_max(records, "staleness/abs_log_pi_pi_old"),
       wall_s=float(np.mean([run.wall_s for run in runs])),
       score=float(np.mean(scores)) if scores else None,
-      score_std=float(np.std(scores)) if scores else None)
+      score_std=_sd(scores, ddof) if scores else None)
 
 
 def finished_runs(grid, seeds: int, workdir: str) -> dict[str, list[str]]:
@@ -132,10 +139,13 @@ def finished_runs(grid, seeds: int, workdir: str) -> dict[str, list[str]]:
   return dirs
 
 
-def write_table(runs: list[Run], workdir: str, scored: Optional[Scored] = None) -> list[ArmRow]:
+def write_table(runs: list[Run], workdir: str, scored: Optional[Scored] = None,
+                sample_sd: bool = False) -> list[ArmRow]:
   """DIR/table.csv and DIR/table.md, one row per arm; a score column where `scored` is
-  given (`design.Grid.scored`)."""
-  rows = [arm_row(arm, arm_runs, scored) for arm, arm_runs in by_arm(runs).items()]
+  given (`design.Grid.scored`); ± is the population SD over seeds, or the sample SD
+  (`design.Grid.sample_sd`), which table.md then names under the table."""
+  rows = [arm_row(arm, arm_runs, scored, ddof=int(sample_sd))
+          for arm, arm_runs in by_arm(runs).items()]
   fields = [f.name for f in dataclasses.fields(ArmRow)]
   with open(os.path.join(workdir, "table.csv"), "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=fields)
@@ -154,6 +164,8 @@ def write_table(runs: list[Run], workdir: str, scored: Optional[Scored] = None) 
         f"{r.final_accuracy:.3f} ± {r.final_accuracy_std:.3f} | {score_cell}"
         f"{r.collapsed}/{r.seeds}{when}"
         f" | {r.final_entropy:.3g} | {r.max_kl:.2e} | {r.max_staleness:.2e} | {r.wall_s:.0f} |")
+  if sample_sd:
+    lines += ["", "± : the sample SD over seeds (ddof = 1)."]
   with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   return rows

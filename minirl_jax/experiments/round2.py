@@ -5,9 +5,11 @@ rules (`rules.read_difference`, `rules.read_collapses`), which also re-read roun
 import dataclasses
 import itertools
 import os
+from typing import Optional
 
 import numpy as np
 
+from minirl_jax.experiments import checks as checks_lib
 from minirl_jax.experiments import design
 from minirl_jax.experiments import layout
 from minirl_jax.experiments import report
@@ -20,6 +22,20 @@ MINIRL, NO_IS, R2, R3 = design.MINIRL, design.NO_IS, design.R2, design.R3
 ROUND1_PROBLEMS = 128  # round 1's held-out problems per evaluation
 # (held-out problems, evaluations a score averages): the designs the power analysis sizes
 DESIGNS = ((128, 1), (128, 3), (512, 3), (1024, 1), (1024, 2), (1024, 3), (2048, 3))
+# The paired SD part 1 planned with: `power_analysis` at 1024 problems and a score of 2
+# evaluations (round2.md prints it as 0.034; tests/round2_test.py re-derives it).
+PLANNED_DIFF_SD = 0.0338
+# The accuracy contrasts `read` reads, as (label, arm A, arm B): A - B seed by seed.
+CONTRASTS = (("finding 3: MiniRL - w/o IS", "minirl", "minirl_no_is"),
+             ("finding 4: MiniRL + R3 - MiniRL", "minirl+r3", "minirl"),
+             ("finding 5, N = 8: MiniRL + R3 - no replay", "n8/minirl+r3", "n8/minirl"),
+             ("finding 5, N = 2: MiniRL + R3 - no replay", "n2/minirl+r3", "n2/minirl"),
+             ("finding 6, N = 8: R3 - R2", "n8/minirl+r3", "n8/minirl+r2"))
+# Per-step metrics the checks compare over matched steps: (label, key, reduce, format).
+METRICS = (("training reward, mean", "reward/mean", np.mean, ".3f"),
+           ("token entropy, mean", "policy/entropy", np.mean, ".4f"),
+           ("k3 KL, mean", "mismatch/kl_k3", np.mean, ".2e"),
+           ("k3 KL, max", "mismatch/kl_k3", np.max, ".2e"))
 
 
 def _round1_runs(results: str) -> dict[str, dict[str, dict[int, report.Run]]]:
@@ -217,6 +233,102 @@ def read(arms: dict[str, rules.ArmResult]) -> list[rules.Reading]:
   return readings
 
 
+def _final_only(arm: rules.ArmResult) -> dict[int, float]:
+  """Each run scored by the last full evaluation its score reads, alone."""
+  out = {}
+  for seed, steps in arm.scored_steps.items():
+    full = {r["step"]: r["eval/accuracy_full"] for r in arm.records[seed]
+            if "eval/accuracy_full" in r}
+    out[seed] = full[steps[-1]]
+  return out
+
+
+def _interval(mean_low_high, spec: str = "+.3f") -> str:
+  mean, low, high = mean_low_high
+  return f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
+
+
+def _power_row(label: str, a: rules.ArmResult, b: rules.ArmResult) -> str:
+  p = checks_lib.realised_power(a.score, b.score, PLANNED_DIFF_SD)
+  found = f"{p.detectable:.3f}" if p.diff_sd > 0 else "none: no spread"
+  r = f"{p.correlation:+.2f}" if p.correlation == p.correlation else "-"
+  return (f"| {label} | {p.seeds} | {p.diff_sd:.3f} ({p.planned_sd:.3f}) | {found} "
+          f"({p.planned_detectable:.3f}) | {r} |")
+
+
+def _read_otherwise_row(label: str, names: tuple[str, str], a: rules.ArmResult,
+                        b: rules.ArmResult) -> Optional[str]:
+  """The score difference with each seed left out, scored by the final evaluation alone, its
+  two largest seeds and its step-0 scores; None when every seed's difference is the same."""
+  diffs = rules.paired_differences(a.score, b.score)
+  if not np.std(list(diffs.values())) > 0:
+    return None
+  loo = [s for s, (_, low, high) in checks_lib.leave_one_out(diffs).items() if low <= 0 <= high]
+  final = rules.paired_differences(_final_only(a), _final_only(b))
+  top = sorted(diffs, key=lambda s: -abs(diffs[s]))[:2]
+  cold = [f"{name} seed {s}" for name, arm in zip(names, (a, b)) for s in diffs
+          if arm.scored_steps.get(s) == [0]]
+  return (f"| {label} | {_interval(stats.t_interval(list(diffs.values())))} | "
+          f"{'seeds ' + ', '.join(map(str, loo)) if loo else 'none'} | "
+          f"{_interval(stats.t_interval(list(final.values())))} | "
+          + ", ".join(f"seed {s} {diffs[s]:+.3f}" for s in top)
+          + f" ({sum(diffs[s] for s in top):+.3f} of {sum(diffs.values()):+.3f}) | "
+          f"{', '.join(cold) or 'none'} |")
+
+
+def _per_step_rows(label: str, a: rules.ArmResult, b: rules.ArmResult) -> list[str]:
+  rows = []
+  for name, key, reduce, spec in METRICS:
+    pairs = checks_lib.matched(a.records, b.records, key, reduce)
+    if len(pairs) < 2:
+      continue
+    m = checks_lib.Paired.of(pairs)
+    ratio = f"{m.a / m.b:.2f}" if m.b else "-"
+    rows.append(f"| {label} | {name} | {m.a:{spec}} | {m.b:{spec}} | {ratio} | "
+                f"{_interval(m.diff, '+' + spec)} | {m.below} / {m.above} | {m.p:.3g} |")
+  return rows
+
+
+def checks(arms: dict[str, rules.ArmResult]) -> list[str]:
+  """Round 2's checks after its runs (`checks_lib`), as Markdown under its verdicts: per
+  accuracy contrast with two or more seeds, the realised power against part 1's plan, the
+  score difference read otherwise (where the seeds' differences spread), and the arms'
+  per-step metrics over matched steps with their sign tests."""
+  contrasts = [(label, (a, b), arms[a], arms[b]) for label, a, b in CONTRASTS
+               if a in arms and b in arms and len(arms[a].score.keys() & arms[b].score) >= 2]
+  if not contrasts:
+    return []
+  power = [_power_row(label, a, b) for label, _, a, b in contrasts]
+  otherwise = [row for row in (_read_otherwise_row(*c) for c in contrasts) if row]
+  per_step = sum((_per_step_rows(label, a, b) for label, _, a, b in contrasts), [])
+  lines = ["## Checks made after the runs", "",
+           "Computed from the same runs once they had finished (added 2026-12-07): no rule "
+           "stated them before the runs, so they change no verdict above; they say how much "
+           "a verdict rests on. A contrast is A - B seed by seed; an SD is the sample SD over "
+           "seeds (ddof = 1).", "",
+           f"**Power, realised and planned.** Part 1 planned with a paired SD of "
+           f"{PLANNED_DIFF_SD:.3f}; the smallest effect found is the paired t-test's at the "
+           "seeds run (two-sided 5%, power 80%, `stats.detectable_effect`), as part 1 "
+           "computed it.", "",
+           "| contrast, A - B | seeds | paired SD, realised (planned) | smallest effect found "
+           "(80%), realised (planned) | r of A's and B's scores over seeds |",
+           "|---|---|---|---|---|", *power]
+  if otherwise:
+    lines += ["", "**The score difference, read otherwise.**", "",
+              "| contrast, A - B | as scored, 95% t | 0 inside the interval with one seed left "
+              "out | scored by the final evaluation alone | the two largest differences (their "
+              "sum, of the total) | scores that are the RL step-0 evaluation |",
+              "|---|---|---|---|---|---|", *otherwise]
+  if per_step:
+    lines += ["", "**Per-step metrics over matched steps**: each seed's mean (or max) over the "
+              "RL steps both runs logged, so a run that stopped at its collapse is compared "
+              "over its own steps; A and B are means over seeds; the sign test is exact "
+              "binomial, two-sided (ties dropped).", "",
+              "| contrast, A - B | metric | A | B | A / B | A - B, 95% t | seeds A below / "
+              "above B | sign test p |", "|---|---|---|---|---|---|---|---|", *per_step]
+  return lines
+
+
 def _arms() -> tuple[design.Arm, ...]:
   """The contrasts the power analysis ranked, each arm with its seeds: 10 for rank 1 and 5
   for rank 2. Ranks 3-4 (seeds=0) wait until ranks 1-2 have finished: the first arm took 29
@@ -243,5 +355,6 @@ GRIDS = {
     "round2": design.Grid("round2", "configs/paper_moe.py", _arms(),
                           "round 2: findings 3-6 in long runs of a model whose routing "
                           "matters, seeds by the power analysis (docs/results/round2.md)",
-                          read=read, scored=scored_evaluations),
+                          read=read, scored=scored_evaluations, checks=checks,
+                          sample_sd=True),
 }

@@ -178,7 +178,7 @@ def write(grid, seeds: int, runs: list[report.Run], workdir: str) -> Optional[li
   Returns:
     The readings, or None for a grid without stated rules (and no verdicts.md). The file
     says "Partial, not verdicts" while an arm has fewer than its planned seeds (at least
-    MIN_SEEDS), and names the arms planned with 0 seeds.
+    MIN_SEEDS), names the arms planned with 0 seeds, and ends with the grid's `checks`.
   """
   if grid.read is None:
     return None
@@ -206,6 +206,9 @@ def write(grid, seeds: int, runs: list[report.Run], workdir: str) -> Optional[li
               "them have no row.", ""]
   lines += ["| question | reading | evidence |", "|---|---|---|"]
   lines += [f"| {r.question} | {r.verdict} | {r.evidence} |" for r in readings]
+  extra = grid.checks(arms) if grid.checks is not None else []
+  if extra:  # checks made after the runs: beside the verdicts, never in their place
+    lines += ["", *extra]
   with open(os.path.join(workdir, "verdicts.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   return readings

@@ -101,6 +101,16 @@ def t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, floa
   return mean, mean - half, mean + half
 
 
+def sign_test(diffs: Sequence[float]) -> tuple[int, int, float]:
+  """(differences below 0, above 0, two-sided exact binomial p that either sign is as likely);
+  zeros are dropped. 10 of 10 one way gives p = 2 / 2^10 = 0.002."""
+  d = np.asarray(diffs, float)
+  below, above = int((d < 0).sum()), int((d > 0).sum())
+  if not below + above:
+    return 0, 0, 1.0
+  return below, above, float(stats.binomtest(below, below + above, 0.5).pvalue)
+
+
 def fisher_one_sided(a_events: int, a_runs: int, b_events: int, b_runs: int) -> float:
   """One-sided Fisher exact p that arm a has the higher event (collapse) rate."""
   table = [[a_events, a_runs - a_events], [b_events, b_runs - b_events]]

@@ -5,9 +5,9 @@ have; a mesh of its devices and `jit(...).lower(abstract args).compile()` run th
 compiler, Mosaic kernels included. Per program and device this reports:
 - memory: XLA:TPU's own buffer assignment (`memory_analysis()`): exact for that compiler;
 - work: FLOPs and HBM bytes counted from the compiled HLO with every loop's trip count
-  (`hlo_cost`; Mosaic kernels by their cost estimates; the expert exchange at one round, a
-  balanced router), beside the compiler's own `cost_analysis()`, which counts a loop body
-  once;
+  (`hlo_cost`; Mosaic kernels by their cost estimates, flash attention's by the blocks it
+  computes; the expert exchange at one round, a balanced router), beside the compiler's
+  own `cost_analysis()`, which counts a loop body once;
 - time, both estimates: the compiler's `optimal_seconds` (per loop body; negative where its
   cost model does not price a custom kernel) and a roofline: each op at max(its FLOPs / peak
   FLOP/s, its bytes / HBM bandwidth) at the chip's published peaks, summed with trip counts,
@@ -27,6 +27,7 @@ from minirl_jax import hlo_cost
 from minirl_jax import roofline
 from minirl_jax import sharding
 from minirl_jax.models import expert_parallel
+from minirl_jax.models import flash
 from minirl_jax.rl import programs
 
 GIB = 1024 ** 3
@@ -109,7 +110,8 @@ def compile_program(name: str, program, mesh) -> Compiled:
   cost = (cost[0] if isinstance(cost, list) else cost) or {}
   text = executable.as_text()
   chip = chip_of(mesh.devices.flat[0])
-  counted = hlo_cost.count(text, BALANCED_TRIPS, (chip.flops, chip.hbm_bandwidth))
+  counted = hlo_cost.count(text, BALANCED_TRIPS, (chip.flops, chip.hbm_bandwidth),
+                           flash.kernel_flops)
   return Compiled(
       arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
       temporaries=memory.temp_size_in_bytes, aliased=memory.alias_size_in_bytes,
@@ -126,10 +128,13 @@ _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
 
 
 def ops_in(hlo_text: str) -> tuple[str, ...]:
-  """The custom-call targets and collectives a compiled module runs."""
+  """The custom-call targets, Pallas kernels (`pallas:` and the function that called
+  `pallas_call`) and collectives a compiled module runs."""
   targets = set(re.findall(r'custom_call_target="([^"]+)"', hlo_text))
+  kernels = {"pallas:" + re.sub(r"^jit\((.*)\)$", r"\1", name) for name in re.findall(
+      r'op_name="[^"]*/([^/"]+)/pallas_call"', hlo_text)}
   collectives = {op for op in _COLLECTIVES if re.search(rf"[ =]{op}(-start)?\(", hlo_text)}
-  return tuple(sorted(targets | collectives))
+  return tuple(sorted(targets | kernels | collectives))
 
 
 _SIZE = r"([\d.]+)([KMGT]?)"

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import re
 from types import MappingProxyType
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
                 "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4,
@@ -316,13 +316,16 @@ def _scoped_trips(while_attributes: str, trips_by_scope: Mapping[str, int]) -> O
 
 
 def count(hlo_text: str, trips_by_scope: Mapping[str, int] = MappingProxyType({}),
-          peaks: Optional[tuple[float, float]] = None) -> Cost:
+          peaks: Optional[tuple[float, float]] = None,
+          kernel_flops: Optional[Callable[[str, list], Optional[float]]] = None) -> Cost:
   """The program's FLOPs and bytes with every loop's body times its trip count.
 
   `trips_by_scope` sets the count of loops traced in a `jax.named_scope` (by its name), for
   loops whose compiled bound is a worst case the caller estimates better. With `peaks`
   (FLOP/s, HBM bytes/s), each op also takes max(its FLOPs / FLOP/s, its bytes / bytes/s):
   the time it needs alone at the chip's roofline, no op overlapping another.
+  `kernel_flops(op_name, operand dims)` prices custom kernels the caller knows (None: not
+  one of them); they move their operands and results.
   """
   computations, entry = parse(hlo_text)
   shapes = {name: {i.name: i.shape for i in body} for name, body in computations.items()}
@@ -332,8 +335,16 @@ def count(hlo_text: str, trips_by_scope: Mapping[str, int] = MappingProxyType({}
     if i.op in ("dot", "convolution"):
       return dot_flops(i, shapes[where])
     if i.op == "custom-call":
-      return (kernel_cost(i) or (0.0, 0.0))[0]
+      priced = known_kernel(i, where)
+      return priced if priced is not None else (kernel_cost(i) or (0.0, 0.0))[0]
     return sum(fused_flops(c) for c in _callees(i.attributes, "calls"))
+
+  def known_kernel(i: _Instruction, where: str) -> Optional[float]:
+    if kernel_flops is None:
+      return None
+    op_name = re.search(r'op_name="([^"]*)"', i.attributes)
+    operands = [d for t in operand_types(i, shapes[where]) for d in _array_dims(t)]
+    return kernel_flops(op_name.group(1), operands) if op_name else None
 
   def fused_flops(name: str) -> float:  # dots inside a fusion, and fusions inside it
     if name not in flops_memo:
@@ -364,7 +375,9 @@ def count(hlo_text: str, trips_by_scope: Mapping[str, int] = MappingProxyType({}
           costs = [run(b) for b in branches]
           cost.add(max(costs, key=lambda c: (c.flops, c.bytes)))
       elif i.op not in _FREE and _target(i) not in _FREE_TARGETS:
-        moved = moved_bytes(i, shapes[name], computations, channels)
+        moved = (array_bytes(i.shape) + sum(array_bytes(t) for t in operand_types(i, shapes[name]))
+                 if i.op == "custom-call" and known_kernel(i, name) is not None
+                 else moved_bytes(i, shapes[name], computations, channels))
         flops = flops_of(i, name)
         cost.bytes += moved
         cost.flops += flops

@@ -25,7 +25,8 @@ MODEL = dict(vocab_size=1024, d_model=256, num_layers=2, num_heads=4, num_kv_hea
 MESH_FSDP = dict(data=1, fsdp=4, expert=1, tensor=1)
 CASES = {
     "ragged_dot": dict(moe_impl="ragged_dot", mesh=MESH_FSDP),
-    "megablox_r3": dict(moe_impl="megablox", mesh=MESH_FSDP, routing_replay="r3"),
+    "megablox_flash_r3": dict(moe_impl="megablox", attention_impl="flash", mesh=MESH_FSDP,
+                              routing_replay="r3"),
     "blocks_expert_r2": dict(moe_impl="blocks", mesh=dict(data=1, fsdp=2, expert=2, tensor=1),
                              routing_replay="r2"),
 }
@@ -33,7 +34,8 @@ CASES = {
 
 def _settings(case, max_new_tokens=64):
   config = config_base.get_base_config()
-  config.model.update(MODEL, moe_impl=case["moe_impl"])
+  config.model.update(MODEL, moe_impl=case["moe_impl"],
+                      attention_impl=case.get("attention_impl", "xla"))
   config.mesh.update(case["mesh"])
   config.data.max_prompt_len = 64
   config.sampler.update(max_new_tokens=max_new_tokens, prompt_bucket=64)

@@ -38,7 +38,17 @@ def test_every_program_of_every_case_compiles(compiled):
 
 def test_megablox_runs_its_mosaic_kernel_and_an_expert_axis_the_ragged_all_to_all(compiled):
   for program in MODEL_PROGRAMS:
-    assert "tpu_custom_call" in compiled["megablox_r3"][program]["ops"], program
+    assert "pallas:gmm" in compiled["megablox_flash_r3"][program]["ops"], program
+  # The gradient kernels where there is a gradient: megablox's and flash attention's.
+  for program in ("rl_step", "sft_step"):
+    ops = compiled["megablox_flash_r3"][program]["ops"]
+    assert {"pallas:tgmm", "pallas:flash_attention"} <= set(ops), program
+    assert [op for op in ops if op.startswith("pallas:flash_mha_bwd_d")], program
+  # Flash attention runs over whole sequences; the sampler's cached attention is XLA's.
+  for program in ("pi_old", "sft_step"):
+    assert "pallas:flash_attention" in compiled["megablox_flash_r3"][program]["ops"]
+  for program in ("prefill", "decode"):
+    assert "pallas:flash_attention" not in compiled["megablox_flash_r3"][program]["ops"]
   for program in ("rl_step", "pi_old", "decode"):
     assert "ragged-all-to-all" in compiled["blocks_expert_r2"][program]["ops"], program
     assert "ragged-all-to-all" not in compiled["ragged_dot"][program]["ops"], program
@@ -53,11 +63,11 @@ def test_memory_holds_the_train_state_and_training_holds_more_than_a_forward(com
     assert programs["rl_step"]["peak"] > programs["pi_old"]["peak"] > 0, case
 
 
-@pytest.mark.parametrize("case", ["blocks_expert_r2", "megablox_r3"])
+@pytest.mark.parametrize("case", ["blocks_expert_r2", "megablox_flash_r3"])
 def test_work_is_counted_with_the_layer_loop_not_once(compiled, case):
-  # Every FLOP of the update is in dots or, for megablox, in its Mosaic kernels' cost
-  # estimates: the count with trip counts reaches the model's FLOPs; the compiler's, a loop
-  # body once (and no kernel), does not.
+  # Every FLOP of the update is in dots or in Mosaic kernels (megablox's cost estimates,
+  # flash attention's computed blocks): the count with trip counts reaches the model's
+  # FLOPs; the compiler's, a loop body once (and no kernel), does not.
   rl_step = compiled[case]["rl_step"]
   update = compiled[case]["_expected"]["update_flops"]
   assert rl_step["compiler_flops"] < update <= rl_step["flops"] < 2 * update

@@ -155,7 +155,7 @@ HloModule kernel
   %p = (s32[], f32[64,128]{1,0}) parameter(0)
   %i = s32[] get-tuple-element(%p), index=0
   %x = f32[64,128]{1,0} get-tuple-element(%p), index=1
-  %gmm = f32[64,128]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", backend_config=CONFIG
+  %gmm = f32[64,128]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/my_kernel/pallas_call"}, backend_config=CONFIG
   %one = s32[] constant(1)
   %next = s32[] add(%i, %one)
   ROOT %t = (s32[], f32[64,128]{1,0}) tuple(%next, %gmm)
@@ -183,6 +183,15 @@ def test_a_kernel_counts_its_cost_estimate_per_call():
   assert cost.loops == [("body", 4)]
   assert cost.flops == 4 * 1000
   assert cost.bytes == 4 * (300 + 3 * 4)  # the kernel's bytes, and the counter's add
+
+
+def test_a_kernel_the_caller_prices_moves_its_operands_and_result():
+  def price(op_name, operand_dims):
+    return 77.0 if "/my_kernel/" in op_name and operand_dims == [[64, 128]] else None
+  cost = hlo_cost.count(KERNEL_TEXT, kernel_flops=price)
+  assert cost.flops == 4 * 77
+  assert cost.bytes == 4 * (2 * 4 * 64 * 128 + 3 * 4)
+  assert hlo_cost.count(KERNEL_TEXT, kernel_flops=lambda *_: None).flops == 4 * 1000
 
 
 ASYNC_TEXT = """

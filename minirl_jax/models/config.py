@@ -18,6 +18,12 @@ class MoeImpl(sections.Choice):
   MEGABLOX = "megablox"
 
 
+class AttentionImpl(sections.Choice):
+  """`model.attention_impl`: how self-attention over whole sequences runs (`ModelConfig`)."""
+  XLA = "xla"
+  FLASH = "flash"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Hyper-parameters of the decoder. Field names follow Hugging Face's Qwen3MoeConfig.
@@ -46,8 +52,13 @@ class ModelConfig:
       drops tokens (overflow runs another round); larger costs compute, smaller rounds.
     remat: recompute each layer's activations in the backward pass (`jax.checkpoint`)
       instead of storing them: memory for compute, what large models train with.
+    attention_impl: "xla" (`layers.attend`: matmuls XLA compiles, a query chunk's scores in
+      memory at a time) or "flash" (`models.flash`: on TPU, the Pallas flash attention
+      kernel for self-attention over whole sequences, scores kept on chip, causal blocks
+      skipped; `layers.attend` elsewhere and in the sampler's cached attention).
     attention_chunk: queries whose attention scores are held at once (`layers.attend`),
-      each chunk recomputed in the backward pass; 0: all queries.
+      each chunk recomputed in the backward pass; 0: all queries. With "flash", the
+      kernel's query and key blocks (rounded up to 128).
     logits_chunk: positions whose logits the trainer holds at once when it takes token
       log-probs and entropies (`models.logprobs`); 0: all positions.
     vocab_chunk: vocabulary columns per step of those log-probs' online log-sum-exp; 0:
@@ -78,6 +89,7 @@ class ModelConfig:
   expert_capacity_factor: float = 1.25
   init_std: Optional[float] = None  # None: 1/sqrt(fan_in)
   remat: bool = False
+  attention_impl: AttentionImpl = AttentionImpl.XLA
   attention_chunk: int = 512
   logits_chunk: int = 512
   vocab_chunk: int = 0
@@ -111,6 +123,7 @@ class ModelConfig:
         sections.fail(f"model.{field}",
                       f"must be one of {sorted(known)}, got {getattr(self, field)!r}")
     sections.set_choice(self, "moe_impl", MoeImpl, "model.moe_impl")
+    sections.set_choice(self, "attention_impl", AttentionImpl, "model.attention_impl")
     for field in ("rope_theta", "rms_norm_eps", "expert_capacity_factor"):
       if getattr(self, field) <= 0:
         sections.fail(f"model.{field}", f"must be > 0, got {getattr(self, field)}")

@@ -58,12 +58,16 @@ def gmm(lhs_MK: jax.Array, rhs_EKN: jax.Array, group_sizes_E: jax.Array,
   grouped_M = jnp.arange(lhs_MK.shape[0]) < jnp.sum(group_sizes_E)
   lhs_MK = jnp.where(grouped_M[:, None], lhs_MK, jax.lax.stop_gradient(lhs_MK))
 
+  # The kernel accumulates in float32 and rounds once to its output's dtype, as ragged_dot's
+  # float32 result cast would: writing `out_dtype` directly moves half the bytes for bf16.
+  kernel_out = out_dtype if out_dtype in KERNEL_DTYPES else jnp.float32
+
   def kernel(interpret):
-    return lambda x, w, g: megablox_ops.gmm(x, w, g, jnp.float32, tiles, None, None, False,
+    return lambda x, w, g: megablox_ops.gmm(x, w, g, kernel_out, tiles, None, None, False,
                                             interpret)
 
   def ragged(x, w, g):
-    return jax.lax.ragged_dot(x, w, g, preferred_element_type=jnp.float32)
+    return jax.lax.ragged_dot(x, w, g, preferred_element_type=jnp.float32).astype(kernel_out)
 
   out = jax.lax.platform_dependent(lhs_MK, rhs_EKN, group_sizes_E, tpu=kernel(False),
                                    cpu=kernel(True), default=ragged)

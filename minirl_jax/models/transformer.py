@@ -12,6 +12,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from minirl_jax.models import flash
 from minirl_jax.models import layers
 from minirl_jax.models import logprobs
 from minirl_jax.models import linear
@@ -166,8 +167,11 @@ def _attention(p, x_BTD, positions_BT, visible, cfg, kv, end):
     k, k_scale = _cache_write(kv[0], kv[2], k, end)
     v, v_scale = _cache_write(kv[1], kv[3], v, end)
     kv = (k, v, k_scale, v_scale)
-  out = layers.attend(q, _cache_read(k, k_scale, q.dtype), _cache_read(v, v_scale, q.dtype),
-                      *visible, chunk=cfg.attention_chunk)
+  if kv is None and cfg.attention_impl == "flash":
+    out = flash.self_attend(q, k, v, visible[0], cfg.attention_chunk)
+  else:
+    out = layers.attend(q, _cache_read(k, k_scale, q.dtype), _cache_read(v, v_scale, q.dtype),
+                        *visible, chunk=cfg.attention_chunk)
   return linear.einsum("bthk,hkd->btd", out, p["wo"]), kv
 
 

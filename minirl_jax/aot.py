@@ -59,10 +59,19 @@ def topology_devices(topology: str) -> list:
   # Compiling opens no chip, so a compile may run beside another process using libtpu.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    return list(topologies.get_topology_desc(platform="tpu",
-                                             topology_name=topology).devices)
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                             **_host_bounds(topology)).devices)
   except Exception as e:  # libtpu names what it does not know in its message
     raise errors.UserError(f"topology {topology!r}: {str(e).splitlines()[0]}") from e
+
+
+def _host_bounds(topology: str) -> dict:
+  """libtpu describes a slice as hosts of 2x2x1 chips; a slice smaller than one host (a
+  single chip, "v6e:1x1") is one host of its own size."""
+  dims = [int(n) for n in re.findall(r"\d+", topology.partition(":")[2])]
+  if dims and any(d < h for d, h in zip(dims, (2, 2, 1))):
+    return {"chips_per_host_bounds": (dims + [1, 1])[:3]}
+  return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,18 +102,25 @@ class Compiled:
 # needs; a balanced router needs one, which is what the estimates count.
 BALANCED_TRIPS = {expert_parallel.ROUNDS_SCOPE: 1}
 SLOWEST = 8  # ops kept per program for the breakdown
+# XLA:TPU's words for a slice whose interconnect the ragged all-to-all does not support.
+_NO_RAGGED = "Ragged all-to-all is currently not supported in limited ICI routing"
 
 
 def compile_program(name: str, program, mesh) -> Compiled:
   """Compiles one `rl.programs` program on a TPU mesh; an out-of-memory compile is one
   `errors.UserError` naming the program, the bytes it needs and the bytes the chip has."""
+  chip_kind = mesh.devices.flat[0].device_kind
   try:
     executable = programs.compiled(program, mesh)
   except Exception as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    raise errors.UserError(out_of_memory_message(
-        name, str(e), mesh.devices.flat[0].device_kind)) from None
+    if "RESOURCE_EXHAUSTED" in str(e):
+      raise errors.UserError(out_of_memory_message(name, str(e), chip_kind)) from None
+    if _NO_RAGGED in str(e):
+      raise errors.UserError(
+          f"the {name} program cannot run on this {chip_kind} slice: XLA:TPU does not "
+          "support the ragged all-to-all on its interconnect (limited ICI routing); set "
+          "model.expert_exchange=padded") from None
+    raise
   memory = executable.memory_analysis()
   cost = executable.cost_analysis()
   cost = (cost[0] if isinstance(cost, list) else cost) or {}

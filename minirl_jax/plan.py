@@ -23,6 +23,7 @@ from jax.sharding import AbstractMesh
 from minirl_jax import errors
 from minirl_jax import sharding
 from minirl_jax.models import expert_parallel
+from minirl_jax.models import flash
 from minirl_jax.models import linear
 from minirl_jax.models import moe
 from minirl_jax.models import transformer
@@ -71,6 +72,10 @@ class Shapes:
   length: int        # tokens per sequence (prompt + completion)
   cfg: ModelConfig
   mesh: dict
+  flash: bool = False  # self-attention by the flash kernel (attention_impl="flash" on TPU)
+  # XLA:TPU fuses a forward softmax into the matmul that reads it: one float32 buffer per
+  # chunk of scores or logits, not two (its buffer assignment, docs/scaling.md).
+  fused_softmax: bool = False
 
   @property
   def tokens(self) -> int:
@@ -118,6 +123,13 @@ def _moe_working_bytes(n_tok: int, cfg: ModelConfig, mesh, backward: bool,
     return kernel + padded
   forward = kernel + weights + padded
   if not backward:
+    grouped = not (moe.uses_dense_pass(rows, local, cfg.moe_dense_max_group)
+                   or cfg.moe_impl == "blocks")
+    if grouped and local == cfg.num_experts:
+      # Without an exchange, a grouped matmul's forward holds the rows in and out (`kernel`)
+      # and the gate and up projections together, which their product then replaces
+      # (XLA:TPU's buffer assignment for moe_1b's pi_old, docs/scaling.md).
+      return gathered + kernel + rows * 2 * f * c
     return gathered + forward
   # The backward holds a round's forward buffers, their gradients and recomputed rows;
   # expert parallelism also keeps one [assignments, D] carry per possible round.
@@ -130,15 +142,23 @@ def _moe_working_bytes(n_tok: int, cfg: ModelConfig, mesh, backward: bool,
 
 
 def _attention_working_bytes(s: Shapes, keys: int, backward: bool) -> int:
-  """One attention sublayer's transient buffers: q, k, v, output, one query chunk's
-  float32 scores and probabilities (and their gradients in the backward)."""
+  """One attention sublayer's transient buffers: q, k, v, output, and one query chunk's
+  float32 scores and probabilities (and their gradients in the backward); with the flash
+  kernel (`models.flash`) no scores, but what its wrapper makes: queries, keys and values
+  in [B, H, T, K] with the kv heads repeated per query head, the output, and the kernel's
+  float32 row maxima and sums (kept 128 lanes wide), and in the backward the gradients
+  of the repeated keys and values too."""
   cfg = s.cfg
   c = jnp.dtype(cfg.dtype).itemsize
   heads = cfg.num_heads // _divides(cfg.num_heads, s.mesh["tensor"])
   kv = cfg.num_kv_heads // _divides(cfg.num_kv_heads, s.mesh["tensor"])
-  chunk = min(cfg.attention_chunk or s.length, s.length)
   qkv = s.rows * (s.length * 2 * heads + keys * 2 * kv) * cfg.head_dim * c
-  scores = s.rows * heads * chunk * keys * 4 * 2
+  if s.flash:
+    per_head = s.rows * s.length * heads * cfg.head_dim * c  # one [B, H, T, K] array
+    forward = qkv + 4 * per_head + 2 * s.rows * heads * s.length * flash.LANES * 4
+    return 2 * forward + 2 * per_head if backward else forward
+  chunk = min(cfg.attention_chunk or s.length, s.length)
+  scores = s.rows * heads * chunk * keys * 4 * (1 if s.fused_softmax and not backward else 2)
   return (2 if backward else 1) * (qkv + scores)
 
 
@@ -155,7 +175,8 @@ def _logits_bytes(s: Shapes, backward: bool) -> int:
   if cfg.vocab_chunk:
     vocab = min(vocab, cfg.vocab_chunk)
   chunk = min(cfg.logits_chunk or s.length, s.length)
-  return head + s.rows * chunk * vocab * 4 * (3 if backward else 2)
+  return head + s.rows * chunk * vocab * 4 * (3 if backward else
+                                              1 if s.fused_softmax else 2)
 
 
 def _layer_carry_bytes(s: Shapes) -> int:
@@ -236,10 +257,12 @@ def make(s: settings_lib.Settings, num_devices: int, platform: str = "") -> Plan
   shards = math.prod(sizes[a] for a in sharding.BATCH_AXES)
   length = _bucket(s.data.max_prompt_len, s.sampler.prompt_bucket) + s.sampler.max_new_tokens
   rl = s.rl
+  flash_kernel = platform == "tpu" and cfg.attention_impl == "flash"
+  tpu = dict(flash=flash_kernel, fused_softmax=platform == "tpu")
   train = Shapes(rows=max(1, rl.mini_batch_size // rl.micro_per_update // shards),
-                 length=length, cfg=cfg, mesh=sizes)
+                 length=length, cfg=cfg, mesh=sizes, **tpu)
   old = Shapes(rows=max(1, rl.global_batch // rl.micro_per_global_batch // shards),
-               length=length, cfg=cfg, mesh=sizes)
+               length=length, cfg=cfg, mesh=sizes, **tpu)
   rollout_rows = max(1, rl.global_batch // shards)
   decode_rows = sampler_lib.num_slots(s.sampler, rl.global_batch, shards) // shards
   engine = sampler_lib.engine_config(cfg, s.sampler)
@@ -253,7 +276,7 @@ def make(s: settings_lib.Settings, num_devices: int, platform: str = "") -> Plan
   # cached keys once per slot it starts (prefilled once per prompt).
   decode_state = (rollout_rows * length * (4 * 4 + 1 + cfg.num_moe_layers * cfg.top_k)
                   + kv_bytes(rl.prompts_per_step, prompt))
-  decode = Shapes(rows=decode_rows, length=1, cfg=engine, mesh=sizes)
+  decode = Shapes(rows=decode_rows, length=1, cfg=engine, mesh=sizes, **tpu)
   replay = s.rl.routing_replay != "none"
   mini = train_batch_bytes(max(1, s.rl.mini_batch_size // shards), length, cfg, replay)
   # Gradients: the layer scan's backward double-buffers its stacked gradients, micro-batches
@@ -278,6 +301,14 @@ def make(s: settings_lib.Settings, num_devices: int, platform: str = "") -> Plan
       # docs/scaling.md); XLA:CPU does not (tests/plan_test.py).
       "decode_gathered_weights": (sampler_weights * (sizes["fsdp"] - 1)
                                   if platform == "tpu" else 0),
+      # With a head_dim that is not whole 128-lane tiles, XLA:TPU keeps per-layer caches
+      # with the sequence minor and gives the decode step a copy with the head minor,
+      # padded to whole lanes (moe_1b's buffer assignment: 32 copies of 32 MiB for 16 MiB
+      # caches of head_dim 64; docs/scaling.md).
+      "decode_cache_relayout": (
+          cache_bytes * flash.LANES // cfg.head_dim
+          if platform == "tpu" and cfg.head_dim % flash.LANES and not s.sampler.scan_layers
+          else 0),
   }
   activations = parts["activations_remat" if cfg.remat else "activations_no_remat"]
   rollout_batch = train_batch_bytes(rollout_rows, length, cfg, replay)
@@ -288,14 +319,15 @@ def make(s: settings_lib.Settings, num_devices: int, platform: str = "") -> Plan
       "train_step": params + moments + parts["gradients"] + activations + mini,
       "pi_old": params + parts["pi_old_activations"] + rollout_batch,
       "decode": (sampler_weights + caches * cache_bytes + decode_state
-                 + parts["decode_activations"] + parts["decode_gathered_weights"]),
+                 + parts["decode_activations"] + parts["decode_gathered_weights"]
+                 + parts["decode_cache_relayout"]),
   }
   resident = params + moments + sampler_weights
   peaks = {
       "train_step": resident + parts["gradients"] + activations + rollout_batch,
       "pi_old": resident + parts["pi_old_activations"] + rollout_batch,
       "decode": (resident + caches * cache_bytes + decode_state + parts["decode_activations"]
-                 + parts["decode_gathered_weights"]),
+                 + parts["decode_gathered_weights"] + parts["decode_cache_relayout"]),
   }
   return Plan(mesh=sizes, parts=parts, programs=programs, peaks=peaks)
 

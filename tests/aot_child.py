@@ -35,7 +35,8 @@ CASES = {
 def _settings(case, max_new_tokens=64):
   config = config_base.get_base_config()
   config.model.update(MODEL, moe_impl=case["moe_impl"],
-                      attention_impl=case.get("attention_impl", "xla"))
+                      attention_impl=case.get("attention_impl", "xla"),
+                      expert_exchange=case.get("expert_exchange", "ragged"))
   config.mesh.update(case["mesh"])
   config.data.max_prompt_len = 64
   config.sampler.update(max_new_tokens=max_new_tokens, prompt_bucket=64)
@@ -72,9 +73,31 @@ def _out_of_memory() -> str:
   return "fitted"
 
 
+def _v5e_exchanges() -> dict:
+  """An expert axis on a 64-chip v5e slice (its interconnect has limited routing): the
+  padded exchange compiles, the ragged one is refused in one line."""
+  out = {}
+  for exchange in ("padded", "ragged"):
+    config = config_base.get_base_config()
+    config.model.update(MODEL, moe_impl="blocks", expert_exchange=exchange)
+    config.mesh.update(data=1, fsdp=32, expert=2, tensor=1)
+    config.data.max_prompt_len = 64
+    config.sampler.update(max_new_tokens=64, prompt_bucket=64)
+    config.rl.update(prompts_per_step=32, group_size=2, mini_batch_size=64)
+    s = settings_lib.from_config(config)
+    mesh = sharding.make_mesh(s.mesh, devices=aot.topology_devices("v5e:8x8"))
+    try:
+      out[exchange] = list(aot.compile_program("pi_old", programs.build(s, mesh)["pi_old"],
+                                               mesh).ops)
+    except errors.UserError as e:
+      out[exchange] = str(e)
+  return out
+
+
 def main():
   out = {name: _case(case) for name, case in CASES.items()}
   out["oom"] = _out_of_memory()
+  out["v5e_exchanges"] = _v5e_exchanges()
   out["chip"] = dataclasses.asdict(aot.chip_of(aot.topology_devices(TOPOLOGY)[0]))
   print(json.dumps(out))
 

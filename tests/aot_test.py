@@ -74,6 +74,14 @@ def test_work_is_counted_with_the_layer_loop_not_once(compiled, case):
   assert rl_step["roofline_seconds"] > 0
 
 
+def test_on_v5e_the_padded_exchange_compiles_and_the_ragged_one_is_one_line(compiled):
+  padded, ragged = compiled["v5e_exchanges"]["padded"], compiled["v5e_exchanges"]["ragged"]
+  assert "all-to-all" in padded and "ragged-all-to-all" not in padded
+  assert ragged == ("the pi_old program cannot run on this TPU v5 lite slice: XLA:TPU does not "
+                    "support the ragged all-to-all on its interconnect (limited ICI routing); "
+                    "set model.expert_exchange=padded")
+
+
 def test_a_program_that_does_not_fit_is_one_line(compiled):
   assert re.fullmatch(r"the decode program does not fit a TPU v5 lite chip: XLA:TPU needs "
                       r"[\d,.]+ GiB of the 15\.75 GiB of HBM it has \(RESOURCE_EXHAUSTED\); "
@@ -93,3 +101,13 @@ def test_without_libtpu_or_published_peaks_one_line(monkeypatch):
   with pytest.raises(errors.UserError, match=r"needs libtpu, which is not installed: "
                      r"pip install -e '\.\[tpu\]'"):
     aot.topology_devices("v5p:2x2x1")
+
+
+ONE_CHIP_HOST = {"chips_per_host_bounds": [1, 1, 1]}
+
+
+@pytest.mark.parametrize("topology,bounds", [
+    ("v6e:1x1", ONE_CHIP_HOST), ("v5p:1x1x1", ONE_CHIP_HOST), ("v5p:2x2x1", {}),
+    ("v5e:16x16", {}), ("v5p:4x4x8", {})])
+def test_a_slice_smaller_than_a_host_is_one_host_of_its_size(topology, bounds):
+  assert aot._host_bounds(topology) == bounds

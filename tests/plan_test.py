@@ -72,6 +72,44 @@ def test_on_tpu_the_decode_loop_holds_the_sampler_weights_gathered_over_fsdp():
   gathered = tpu.parts["sampler_weights"] * 3
   assert generic.parts["decode_gathered_weights"] == 0 < gathered
   assert tpu.parts["decode_gathered_weights"] == gathered
-  assert tpu.peaks["decode"] - generic.peaks["decode"] == gathered
-  assert tpu.programs["decode"] - generic.programs["decode"] == gathered
-  assert tpu.peaks["train_step"] == generic.peaks["train_step"]
+  tpu_only = gathered + tpu.parts["decode_cache_relayout"] + (
+      tpu.parts["decode_activations"] - generic.parts["decode_activations"])
+  assert tpu.peaks["decode"] - generic.peaks["decode"] == tpu_only
+  assert tpu.programs["decode"] - generic.programs["decode"] == tpu_only
+  assert tpu.peaks["train_step"] == generic.peaks["train_step"]  # the backward's buffers
+
+
+def _tpu_and_generic(**model):
+  from minirl_jax import config_base
+  from minirl_jax import plan
+  from minirl_jax.rl import settings
+  config = config_base.get_base_config()
+  config.model.update(model)
+  config.mesh.update(data=1, fsdp=4, expert=1, tensor=1)
+  s = settings.from_config(config)
+  return s, plan.make(s, 4, "tpu"), plan.make(s, 4)
+
+
+def test_on_tpu_a_head_dim_under_128_lanes_adds_a_lane_padded_cache_copy_to_decode():
+  s, tpu, generic = _tpu_and_generic(head_dim=64)
+  cache = tpu.parts["kv_cache"]
+  assert tpu.parts["decode_cache_relayout"] == 2 * cache  # 64 of 128 lanes
+  assert generic.parts["decode_cache_relayout"] == 0
+  assert _tpu_and_generic(head_dim=128)[1].parts["decode_cache_relayout"] == 0
+
+
+def test_on_tpu_a_forward_holds_one_float32_buffer_of_scores_and_the_flash_kernel_none():
+  from minirl_jax import plan
+  s, _, _ = _tpu_and_generic(head_dim=64, attention_chunk=128)
+  shapes = dict(rows=2, length=1024, cfg=s.model, mesh=dict(data=1, fsdp=4, expert=1, tensor=1))
+  xla = plan._attention_working_bytes(plan.Shapes(**shapes), 1024, backward=False)
+  fused = plan._attention_working_bytes(plan.Shapes(**shapes, fused_softmax=True), 1024,
+                                        backward=False)
+  scores = 2 * s.model.num_heads * 128 * 1024 * 4
+  assert xla - fused == scores
+  flash_bytes = plan._attention_working_bytes(plan.Shapes(**shapes, flash=True), 1024,
+                                              backward=True)
+  per_head = 2 * 1024 * s.model.num_heads * 64 * 4  # float32 model: 4 bytes
+  qkv = 2 * 1024 * (2 * s.model.num_heads + 2 * s.model.num_kv_heads) * 64 * 4
+  lm = 2 * 2 * s.model.num_heads * 1024 * 128 * 4
+  assert flash_bytes == 2 * (qkv + 4 * per_head + lm) + 2 * per_head

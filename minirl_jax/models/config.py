@@ -18,6 +18,12 @@ class MoeImpl(sections.Choice):
   MEGABLOX = "megablox"
 
 
+class ExpertExchange(sections.Choice):
+  """`model.expert_exchange`: how expert parallelism moves rows (`ModelConfig`)."""
+  RAGGED = "ragged"
+  PADDED = "padded"
+
+
 class AttentionImpl(sections.Choice):
   """`model.attention_impl`: how self-attention over whole sequences runs (`ModelConfig`)."""
   XLA = "xla"
@@ -36,7 +42,8 @@ class ModelConfig:
       batched matmul; fast everywhere) or "ragged_dot" (`jax.lax.ragged_dot`, the TPU/GPU
       grouped-matmul kernel; on CPU it lowers to a dense masked matmul) or "megablox" (the
       Pallas TPU kernel, `models.megablox`; interpret mode on CPU, ragged_dot on GPU).
-      Pick by measuring (scripts/bench_moe.py), never by platform.
+      Pick by measuring (scripts/bench_moe.py) or, for a TPU slice, by the compiled
+      programs' estimate (scripts/compile.py: megablox on the 30B TPU presets).
     moe_block_size: upper bound on the rows per block of the "blocks" kernel, and the
       rows per tile of "megablox".
     moe_dense_max_group: a MoE call with at most this many token-expert assignments per
@@ -50,6 +57,10 @@ class ModelConfig:
     expert_capacity_factor: under expert parallelism (`models.expert_parallel`), the rows
       one all-to-all round moves per device pair, as a multiple of a balanced share. Never
       drops tokens (overflow runs another round); larger costs compute, smaller rounds.
+    expert_exchange: "ragged" (`jax.lax.ragged_all_to_all` on TPU and GPU, only each
+      pair's rows move; the padded exchange on CPU) or "padded" (`jax.lax.all_to_all` of
+      the capacity-padded slots everywhere: for TPU slices whose interconnect XLA:TPU's
+      ragged all-to-all does not support, v5e among them).
     remat: recompute each layer's activations in the backward pass (`jax.checkpoint`)
       instead of storing them: memory for compute, what large models train with.
     attention_impl: "xla" (`layers.attend`: matmuls XLA compiles, a query chunk's scores in
@@ -87,6 +98,7 @@ class ModelConfig:
   moe_block_size: int = 128
   moe_dense_max_group: int = 16
   expert_capacity_factor: float = 1.25
+  expert_exchange: ExpertExchange = ExpertExchange.RAGGED
   init_std: Optional[float] = None  # None: 1/sqrt(fan_in)
   remat: bool = False
   attention_impl: AttentionImpl = AttentionImpl.XLA
@@ -124,6 +136,7 @@ class ModelConfig:
                       f"must be one of {sorted(known)}, got {getattr(self, field)!r}")
     sections.set_choice(self, "moe_impl", MoeImpl, "model.moe_impl")
     sections.set_choice(self, "attention_impl", AttentionImpl, "model.attention_impl")
+    sections.set_choice(self, "expert_exchange", ExpertExchange, "model.expert_exchange")
     for field in ("rope_theta", "rms_norm_eps", "expert_capacity_factor"):
       if getattr(self, field) <= 0:
         sections.fail(f"model.{field}", f"must be > 0, got {getattr(self, field)}")

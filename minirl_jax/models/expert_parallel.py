@@ -23,11 +23,13 @@ is one round's buffers, whatever the worst case.
 How rows travel depends on the platform the program is lowered for: on TPU and GPU by
 `jax.lax.ragged_all_to_all` (only each pair's rows move), on CPU by `jax.lax.all_to_all` of
 the padded slots (XLA:CPU does not implement the ragged collective: UNIMPLEMENTED in jax
-0.10). The tests check the padded exchange against the reference on fake CPU devices, the
-ragged one against the padded one through an emulation of the collective's documented
-semantics (`ragged_collective`; tests/expert_parallel_child.py), and lower it for `tpu` and
-`cuda` (tests/lowering_test.py); the real collective has not run on two accelerators
-(docs/device.md).
+0.10); `model.expert_exchange="padded"` takes the padded slots everywhere (XLA:TPU does not
+support the ragged collective on slices with limited ICI routing, v5e: scripts/compile.py
+says so before any hardware is booked). The tests check the padded exchange against the
+reference on fake CPU devices, the ragged one against the padded one through an emulation of
+the collective's documented semantics (`ragged_collective`; tests/expert_parallel_child.py),
+and lower it for `tpu` and `cuda` (tests/lowering_test.py); the real collective has not run
+on two accelerators (docs/device.md).
 With `tensor` > 1 the layer is left to XLA's partitioner, which splits the experts' hidden
 dim over `tensor` (no expert parallelism then).
 """
@@ -61,7 +63,7 @@ def active_mesh(num_experts: int):
 
 
 def experts_ffn(x_ND, ids_Nk, p, mesh, *, local_ffn: Callable, capacity_factor: float,
-                ragged_collective: Optional[Callable] = None):
+                padded: bool = False, ragged_collective: Optional[Callable] = None):
   """Per-assignment expert outputs [N, k, D], the experts split over `mesh`'s expert axis.
 
   Args:
@@ -73,6 +75,7 @@ def experts_ffn(x_ND, ids_Nk, p, mesh, *, local_ffn: Callable, capacity_factor: 
       assignment a reading row a // k.
     capacity_factor: slot rows per (sender, owner) pair and round, as a multiple of a
       perfectly balanced share.
+    padded: the padded exchange on every platform (`model.expert_exchange="padded"`).
     ragged_collective: moves rows with this `jax.lax.ragged_all_to_all` stand-in on every
       platform (the tests' emulation checks the ragged exchange on CPU); None: by platform.
   """
@@ -80,7 +83,7 @@ def experts_ffn(x_ND, ids_Nk, p, mesh, *, local_ffn: Callable, capacity_factor: 
   weights = {name: p[name] for name in EXPERT_WEIGHTS}
   body = functools.partial(_exchange, local_ffn=local_ffn, capacity_factor=capacity_factor,
                            ep=mesh.shape["expert"], axes=tuple(mesh.axis_names),
-                           ragged_collective=ragged_collective)
+                           padded=padded, ragged_collective=ragged_collective)
   return jax.shard_map(body, mesh=mesh, in_specs=(P(rows), P(rows), P("expert")),
                        out_specs=P(rows), check_vma=False)(x_ND, ids_Nk, weights)
 
@@ -90,7 +93,7 @@ def rounds_bound(num_tokens: int, top_k: int, local_experts: int, slots: int) ->
   return math.ceil(num_tokens * min(top_k, local_experts) / slots)
 
 
-def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes,
+def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes, padded=False,
               ragged_collective=None):
   """One device's side of the layer (inside shard_map): n local tokens, E / ep experts."""
   n, k = ids_nk.shape
@@ -143,6 +146,8 @@ def _exchange(x_nD, ids_nk, weights, *, local_ffn, capacity_factor, ep, axes,
     return ragged(y_RD, y_sorted_AD, slot_starts_P, recv_P, their_at_P, size_P)
 
   def one_round(y_sorted_AD, r):
+    if padded:
+      return padded_round(y_sorted_AD, r)
     if ragged_collective is not None:
       return ragged_round(y_sorted_AD, r, ragged_collective)
     # XLA:CPU does not implement ragged_all_to_all: the padded exchange runs there.

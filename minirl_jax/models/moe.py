@@ -164,7 +164,8 @@ def experts_ffn(x_ND, ids_Nk, p, *, cfg):
   mesh = expert_parallel.active_mesh(cfg.num_experts)
   if mesh is not None:
     return expert_parallel.experts_ffn(x_ND, ids_Nk, p, mesh, local_ffn=local_ffn,
-                                       capacity_factor=cfg.expert_capacity_factor)
+                                       capacity_factor=cfg.expert_capacity_factor,
+                                       padded=cfg.expert_exchange == "padded")
   y_AD = local_ffn(x_ND, ids_Nk.reshape(n * k), p, k=k)
   return y_AD.reshape(n, k, -1)
 

@@ -3,13 +3,15 @@ pip install -e '.[tpu]').
 
   python scripts/compile.py                                   # tiny, on a 4-chip v5p
   python scripts/compile.py --config=configs/qwen3_30b_a3b_math.py:v5p   # its v5p-256 slice
+  python scripts/compile.py --config=configs/moe_1b.py --topology=v5p:1x1x1 --programs=rl_step
 
 The slice is --topology, else the config's `hardware.topology`. Per program and device:
 XLA:TPU's memory (arguments, outputs, temporaries, aliased, the peak), the FLOPs and HBM bytes
 counted from the compiled module with loop trip counts (minirl_jax/hlo_cost.py), the
 compiler's own counts and `optimal_seconds` (each loop body once), and a roofline time at the
-chip's published peaks; beside the compiler's peak, the memory plan's (scripts/plan.py). Then
-one RL step estimated from them, and one JSON line. Every time is
+chip's published peaks, each op at its own roofline; beside the compiler's peak, the memory
+plan's (scripts/plan.py); each program's slowest ops. Then one RL step estimated from them
+(update MFU, decode tokens/s and HBM-bandwidth utilisation), and one JSON line. Every time is
 an estimate; memory is the compiler's. A program that does not fit is one line, exit 2.
 """
 import dataclasses

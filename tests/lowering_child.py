@@ -22,8 +22,11 @@ PRESETS_FILE = pathlib.Path(__file__).parents[1] / "configs" / "qwen3_30b_a3b_ma
 
 # The preset's mesh, micro-batches, slots and chunks; a model small enough to trace fast,
 # with experts that split over the v5p preset's expert axis (16 / 8) and top-k 4.
+# XLA's attention: the Pallas kernels these tests look for are the MoE's (flash attention is
+# compiled in tests/aot_test.py, and the full-size preset lowers with it below).
 MODEL = dict(vocab_size=1024, d_model=256, num_layers=2, num_heads=4, num_kv_heads=2,
-             head_dim=64, num_experts=16, top_k=4, expert_ffn_dim=128, moe_layers_skip=())
+             head_dim=64, num_experts=16, top_k=4, expert_ffn_dim=128, moe_layers_skip=(),
+             attention_impl="xla")
 CASES = {
     "ragged_dot": dict(moe_impl="ragged_dot"),
     "blocks": dict(moe_impl="blocks"),

@@ -17,7 +17,7 @@ from minirl_jax import errors
 import aot_child
 
 TESTS = pathlib.Path(__file__).parent
-PROGRAMS = ("sft_step", "rl_step", "pi_old", "prefill", "start", "decode")
+PROGRAMS = ("rl_step", "pi_old", "prefill", "start", "decode")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def compiled():
 
 def test_every_program_of_every_case_compiles(compiled):
   for case in aot_child.CASES:
-    assert sorted(p for p in compiled[case] if not p.startswith("_")) == sorted(PROGRAMS)
+    sft = ("sft_step",) if case == "megablox_flash_r3" else ()
+    assert sorted(p for p in compiled[case] if not p.startswith("_")) == sorted(PROGRAMS + sft)
 
 
 def test_megablox_runs_its_mosaic_kernel_and_an_expert_axis_the_ragged_all_to_all(compiled):

@@ -262,6 +262,13 @@ def moved_bytes(i: _Instruction, shapes: dict[str, str], computations: dict,
   body = computations.get(fused[0], []) if fused else []
   if not body:
     return array_bytes(i.shape) + sum(array_bytes(t) for t in operands)
+  return _fusion_bytes(i, operands, body, seen_channels)
+
+
+def _fusion_bytes(i: _Instruction, operands: list[str], body: list[_Instruction],
+                  seen_channels: Optional[set]) -> float:
+  """`moved_bytes` of a fusion: what its operands and outputs move, given what its body
+  does with each (slices, in-place updates, pass-throughs, split collectives)."""
   read = [array_bytes(t) for t in operands]
   by_name = {b.name: b for b in body}
   root = body[-1]

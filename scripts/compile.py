@@ -96,9 +96,12 @@ def step_estimate(s, compiled, chip, mesh) -> dict:
   model_flops = roofline.train_flops(s.model, s.rl.mini_batch_size,
                                      programs.sequence_length(s)) / chips
   mfu = model_flops / (r("rl_step") * chip.flops) if "rl_step" in compiled else math.nan
-  lines = [f"RL step estimate (rooflines, lower bounds): rollout {rollout:.3g} s "
-           f"({iterations} decode iterations at the full budget), pi_old {r('pi_old'):.3g} s, "
-           f"{s.rl.num_minibatches} update(s) {update:.3g} s; update MFU <= {mfu:.1%}"]
+  parts = [f"rollout {rollout:.3g} s ({iterations} decode iterations at the full budget)"
+           if "decode" in compiled else "",
+           f"pi_old {r('pi_old'):.3g} s" if "pi_old" in compiled else "",
+           f"{s.rl.num_minibatches} update(s) {update:.3g} s; update MFU <= {mfu:.1%}"
+           if "rl_step" in compiled else ""]  # only the programs compiled
+  lines = ["RL step estimate (rooflines, lower bounds): " + ", ".join(p for p in parts if p)]
   out = {"step_seconds": rollout + r("pi_old") + update, "rollout_seconds": rollout,
          "update_seconds": update, "update_mfu": mfu}
   if "decode" in compiled:

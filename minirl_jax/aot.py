@@ -18,14 +18,12 @@ import dataclasses
 import importlib.util
 import os
 import re
-from typing import Any
 
 from jax.experimental import topologies
 
 from minirl_jax import errors
 from minirl_jax import hlo_cost
 from minirl_jax import roofline
-from minirl_jax import sharding
 from minirl_jax.models import expert_parallel
 from minirl_jax.models import flash
 from minirl_jax.rl import programs
@@ -176,14 +174,12 @@ def out_of_memory_message(name: str, error: str, chip: str) -> str:
           "(RESOURCE_EXHAUSTED); scripts/plan.py shows where the memory goes")
 
 
-def compile_all(s, topology: str, names=None) -> tuple[dict[str, Compiled], Any]:
-  """The programs of settings `s` (those in `names`, default all) compiled for `topology`,
-  and the mesh they ran on."""
-  mesh = sharding.make_mesh(s.mesh, devices=topology_devices(topology))
-  built = programs.build(s, mesh)
+def compile_all(built: dict, mesh, names=None) -> dict[str, Compiled]:
+  """The programs `rl.programs.build` made on `mesh` (those in `names`, default all),
+  compiled."""
   unknown = set(names or ()) - set(built)
   if unknown:
     raise errors.UserError(f"--programs: no program {sorted(unknown)[0]!r} in this run; "
                            f"its programs: {', '.join(built)}")
   return {name: compile_program(name, program, mesh) for name, program in built.items()
-          if names is None or name in names}, mesh
+          if names is None or name in names}

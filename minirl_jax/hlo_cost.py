@@ -342,8 +342,7 @@ def count(hlo_text: str, trips_by_scope: Mapping[str, int] = MappingProxyType({}
     if i.op in ("dot", "convolution"):
       return dot_flops(i, shapes[where])
     if i.op == "custom-call":
-      priced = known_kernel(i, where)
-      return priced if priced is not None else (kernel_cost(i) or (0.0, 0.0))[0]
+      return (kernel_cost(i) or (0.0, 0.0))[0]
     return sum(fused_flops(c) for c in _callees(i.attributes, "calls"))
 
   def known_kernel(i: _Instruction, where: str) -> Optional[float]:
@@ -382,10 +381,14 @@ def count(hlo_text: str, trips_by_scope: Mapping[str, int] = MappingProxyType({}
           costs = [run(b) for b in branches]
           cost.add(max(costs, key=lambda c: (c.flops, c.bytes)))
       elif i.op not in _FREE and _target(i) not in _FREE_TARGETS:
-        moved = (array_bytes(i.shape) + sum(array_bytes(t) for t in operand_types(i, shapes[name]))
-                 if i.op == "custom-call" and known_kernel(i, name) is not None
-                 else moved_bytes(i, shapes[name], computations, channels))
-        flops = flops_of(i, name)
+        priced = known_kernel(i, name) if i.op == "custom-call" else None
+        if priced is not None:  # operands and results, once
+          flops = priced
+          moved = array_bytes(i.shape) + sum(array_bytes(t)
+                                             for t in operand_types(i, shapes[name]))
+        else:
+          flops = flops_of(i, name)
+          moved = moved_bytes(i, shapes[name], computations, channels)
         cost.bytes += moved
         cost.flops += flops
         if peaks is not None:

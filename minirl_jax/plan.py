@@ -257,8 +257,8 @@ def make(s: settings_lib.Settings, num_devices: int, platform: str = "") -> Plan
   shards = math.prod(sizes[a] for a in sharding.BATCH_AXES)
   length = _bucket(s.data.max_prompt_len, s.sampler.prompt_bucket) + s.sampler.max_new_tokens
   rl = s.rl
-  flash_kernel = platform == "tpu" and cfg.attention_impl == "flash"
-  tpu = dict(flash=flash_kernel, fused_softmax=platform == "tpu")
+  on_tpu = platform == "tpu"
+  tpu = dict(flash=on_tpu and cfg.attention_impl == "flash", fused_softmax=on_tpu)
   train = Shapes(rows=max(1, rl.mini_batch_size // rl.micro_per_update // shards),
                  length=length, cfg=cfg, mesh=sizes, **tpu)
   old = Shapes(rows=max(1, rl.global_batch // rl.micro_per_global_batch // shards),
@@ -299,15 +299,14 @@ def make(s: settings_lib.Settings, num_devices: int, platform: str = "") -> Plan
       # XLA:TPU moves the loop-invariant FSDP all-gather of the sampler's weights out of the
       # decode loop, so the loop holds them gathered over fsdp (its buffer assignment:
       # docs/scaling.md); XLA:CPU does not (tests/plan_test.py).
-      "decode_gathered_weights": (sampler_weights * (sizes["fsdp"] - 1)
-                                  if platform == "tpu" else 0),
+      "decode_gathered_weights": sampler_weights * (sizes["fsdp"] - 1) if on_tpu else 0,
       # With a head_dim that is not whole 128-lane tiles, XLA:TPU keeps per-layer caches
       # with the sequence minor and gives the decode step a copy with the head minor,
       # padded to whole lanes (moe_1b's buffer assignment: 32 copies of 32 MiB for 16 MiB
       # caches of head_dim 64; docs/scaling.md).
       "decode_cache_relayout": (
           cache_bytes * flash.LANES // cfg.head_dim
-          if platform == "tpu" and cfg.head_dim % flash.LANES and not s.sampler.scan_layers
+          if on_tpu and cfg.head_dim % flash.LANES and not s.sampler.scan_layers
           else 0),
   }
   activations = parts["activations_remat" if cfg.remat else "activations_no_remat"]
@@ -315,19 +314,19 @@ def make(s: settings_lib.Settings, num_devices: int, platform: str = "") -> Plan
   # A layer scan writes a new stacked cache (two exist during a step); per-layer caches
   # are updated in place.
   caches = 2 if s.sampler.scan_layers else 1
+  decode_working = (caches * cache_bytes + decode_state + parts["decode_activations"]
+                    + parts["decode_gathered_weights"] + parts["decode_cache_relayout"])
+  pi_old_working = parts["pi_old_activations"] + rollout_batch
   programs = {
       "train_step": params + moments + parts["gradients"] + activations + mini,
-      "pi_old": params + parts["pi_old_activations"] + rollout_batch,
-      "decode": (sampler_weights + caches * cache_bytes + decode_state
-                 + parts["decode_activations"] + parts["decode_gathered_weights"]
-                 + parts["decode_cache_relayout"]),
+      "pi_old": params + pi_old_working,
+      "decode": sampler_weights + decode_working,
   }
   resident = params + moments + sampler_weights
   peaks = {
       "train_step": resident + parts["gradients"] + activations + rollout_batch,
-      "pi_old": resident + parts["pi_old_activations"] + rollout_batch,
-      "decode": (resident + caches * cache_bytes + decode_state + parts["decode_activations"]
-                 + parts["decode_gathered_weights"] + parts["decode_cache_relayout"]),
+      "pi_old": resident + pi_old_working,
+      "decode": resident + decode_working,
   }
   return Plan(mesh=sizes, parts=parts, programs=programs, peaks=peaks)
 

@@ -46,7 +46,9 @@ def main(argv):
   config = _CONFIG.value
   topology = _TOPOLOGY.value or dict(config.get("hardware", {})).get("topology", "v5p:2x2x1")
   s = settings.from_config(config)
-  compiled, mesh = aot.compile_all(s, topology, _PROGRAMS.value)
+  mesh = sharding.make_mesh(s.mesh, devices=aot.topology_devices(topology))
+  built = programs.build(s, mesh)
+  compiled = aot.compile_all(built, mesh, _PROGRAMS.value)
   chip = aot.chip_of(mesh.devices.flat[0])
   print(f"{topology} ({chip.name}, {mesh.devices.size} chips); mesh {dict(mesh.shape)}")
   planned = planned_peaks(s, mesh.devices.size)
@@ -63,7 +65,7 @@ def main(argv):
     for name, c in compiled.items():
       for label, seconds in c.slowest[:_SLOWEST.value]:
         print(f"  {name:<10}{seconds / c.roofline_seconds:7.1%}  {label}")
-  step = step_estimate(s, compiled, chip, mesh)
+  step = step_estimate(s, compiled, chip, mesh, built["decode"].args)
   for line in step.pop("lines"):
     print(line)
   print(json.dumps({"topology": topology, "chip": chip.name, "mesh": dict(mesh.shape),
@@ -80,7 +82,7 @@ def planned_peaks(s, chips: int) -> dict[str, int]:
           "decode": programs_planned["decode"]}
 
 
-def step_estimate(s, compiled, chip, mesh) -> dict:
+def step_estimate(s, compiled, chip, mesh, decode_args) -> dict:
   """One RL step from the programs' roofline times (a lower bound on each): the rollout with
   every response at the full budget (`decode` is one loop iteration, counted once), pi_old,
   and N updates. The update's MFU is the model's FLOPs (`roofline.train_flops`) over that
@@ -105,7 +107,7 @@ def step_estimate(s, compiled, chip, mesh) -> dict:
   out = {"step_seconds": rollout + r("pi_old") + update, "rollout_seconds": rollout,
          "update_seconds": update, "update_mfu": mfu}
   if "decode" in compiled:
-    weights, carry, _ = programs.build(s, mesh)["decode"].args
+    weights, carry, _ = decode_args
     must_read = roofline.decode_bytes(weights, carry.cache)
     out["decode_tokens_per_second"] = slots / r("decode")
     out["decode_bandwidth_utilisation"] = must_read / (r("decode") * chips * chip.hbm_bandwidth)

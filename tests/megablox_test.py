@@ -35,13 +35,22 @@ def test_values_and_gradients_equal_ragged_dot(block_rows):
 
 
 def test_8bit_operands_accumulate_exactly():
-  """int8 x int8 through bfloat16 with float32 accumulation equals int32 accumulation."""
+  """int8 goes to XLA's grouped matmul as it is (no kernel, no widening: the TPU lowering
+  holds ragged_dot); fp8 through bfloat16 with float32 sums equals float32 throughout."""
   kx, kw = jax.random.split(jax.random.key(1))
   x = jax.random.randint(kx, (40, 64), -127, 128).astype(jnp.int8)
   w = jax.random.randint(kw, (4, 64, 16), -127, 128).astype(jnp.int8)
-  got = megablox.gmm(x, w, SIZES, preferred_element_type=jnp.int32)
-  want = jax.lax.ragged_dot(x, w, SIZES, preferred_element_type=jnp.int32)
+  gmm = lambda x, w: megablox.gmm(x, w, SIZES, preferred_element_type=jnp.int32)
+  got = gmm(x, w)
   assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, jax.lax.ragged_dot(x, w, SIZES,
+                                                        preferred_element_type=jnp.int32))
+  tpu = jax.export.export(jax.jit(gmm), platforms=("tpu",))(x, w).mlir_module()
+  assert "chlo.ragged_dot" in tpu and "tpu_custom_call" not in tpu
+  x8, w8 = (a.astype(jnp.float32).astype(jnp.float8_e4m3fn) for a in (x // 8, w // 8))
+  got = megablox.gmm(x8, w8, SIZES, preferred_element_type=jnp.float32)
+  want = jax.lax.ragged_dot(x8.astype(jnp.float32), w8.astype(jnp.float32), SIZES,
+                            preferred_element_type=jnp.float32)
   np.testing.assert_array_equal(got, want)
 
 

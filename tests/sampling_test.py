@@ -384,11 +384,3 @@ def test_gap_grows_with_coarser_formats(params, rollout, teacher, fwd):
 def test_w8a8_engines_keep_the_grouped_kernel(dtype, dense_max_group):
   engine = sampler.engine_config(CFG, SamplerConfig(dtype=dtype))
   assert engine.moe_dense_max_group == dense_max_group
-
-
-def test_an_int8_sampler_runs_xlas_grouped_matmul_not_megablox():
-  """The Pallas kernel would widen int8 weights to bfloat16 every decode step."""
-  megablox_cfg = dataclasses.replace(CFG, moe_impl="megablox")
-  assert sampler.engine_config(megablox_cfg, SamplerConfig(dtype="int8")).moe_impl == "ragged_dot"
-  for dtype in ("bfloat16", "fp8"):
-    assert sampler.engine_config(megablox_cfg, SamplerConfig(dtype=dtype)).moe_impl == "megablox"

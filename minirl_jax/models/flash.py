@@ -93,7 +93,8 @@ def _per_device(kernel, q_shape, k_shape, mesh):
   """`kernel` under shard_map: rows split as the batch is, heads as `tensor` splits them."""
   rows = sharding.logical_spec(q_shape[:1], ("batch",), mesh)[0]
   tensor = mesh.shape.get("tensor", 1)
-  heads = "tensor" if tensor > 1 and q_shape[2] % tensor == 0 == k_shape[2] % tensor else None
+  splits = tensor > 1 and q_shape[2] % tensor == 0 and k_shape[2] % tensor == 0
+  heads = "tensor" if splits else None
   qkv = P(rows, None, heads, None)
   return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows, None)),
                        out_specs=qkv, check_vma=False)

@@ -8,10 +8,10 @@ so one traced program serves all three:
   kernel's values and gradients on any machine);
 - anything else (GPU): `jax.lax.ragged_dot`, the platform's own grouped matmul.
 
-The kernel takes float32 or bfloat16 operands. 8-bit grids (int8, fp8 e4m3) hold only values
-that bfloat16 represents exactly, and their products and float32 sums are exact well past
-any layer width here, so the W8A8 sampler runs them as bfloat16 with float32 accumulation
-and gets the values of an integer accumulation.
+The kernel takes float32 or bfloat16 operands. int8 operands go to `jax.lax.ragged_dot`,
+which takes them as they are. fp8 (e4m3) grids hold only values that bfloat16 represents
+exactly, and their products and float32 sums are exact well past any layer width here, so
+the W8A8 sampler runs them as bfloat16 with float32 accumulation.
 """
 import functools
 
@@ -47,6 +47,12 @@ def gmm(lhs_MK: jax.Array, rhs_EKN: jax.Array, group_sizes_E: jax.Array,
   Rows past the last group come back zero. `block_rows` bounds the kernel's rows per tile.
   """
   out_dtype = jnp.dtype(preferred_element_type or lhs_MK.dtype)
+  if lhs_MK.dtype == rhs_EKN.dtype == jnp.int8:
+    # The kernel takes float operands, so int8 ones would be widened to bfloat16 at every
+    # call (17% of the 30B v5p decode step, scripts/compile.py); XLA's grouped matmul takes
+    # int8 as it is, with the same exact integer sums.
+    return jax.lax.ragged_dot(lhs_MK, rhs_EKN, group_sizes_E,
+                              preferred_element_type=out_dtype)
   if lhs_MK.dtype not in KERNEL_DTYPES or rhs_EKN.dtype not in KERNEL_DTYPES:
     lhs_MK, rhs_EKN = lhs_MK.astype(jnp.bfloat16), rhs_EKN.astype(jnp.bfloat16)
   m, k = lhs_MK.shape

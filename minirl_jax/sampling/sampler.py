@@ -73,19 +73,13 @@ class Slots:
 
 
 def engine_config(model_cfg: ModelConfig, sampler_cfg: SamplerConfig) -> ModelConfig:
-  """The model config the sampler runs: the sampler's activation dtype, no MoE dense pass
-  for W8A8 weights (int8, fp8), and XLA's grouped matmul instead of megablox for int8.
-  W8A8's 8-bit dots are the costly part on XLA:CPU and the blocks kernel gathers only a
-  quarter of float32's bytes, so the grouped kernel stays faster there (0.84x with the
-  dense pass at configs/bench.py, batch 16)."""
+  """The model config the sampler runs: the sampler's activation dtype, and no MoE dense
+  pass for W8A8 weights (int8, fp8). Their 8-bit dots are the costly part on XLA:CPU and
+  the blocks kernel gathers only a quarter of float32's bytes, so the grouped kernel
+  stays faster there (0.84x with the dense pass at configs/bench.py, batch 16)."""
   cfg = dataclasses.replace(model_cfg, compute_dtype=sampler_cfg.compute_dtype)
   if quantize.is_w8a8(sampler_cfg.dtype):
     cfg = dataclasses.replace(cfg, moe_dense_max_group=0)
-  if sampler_cfg.dtype == "int8" and cfg.moe_impl == "megablox":
-    # The Pallas kernel takes float operands, so int8 weights would be widened to bfloat16
-    # every decode step (17% of the 30B v5p decode step, scripts/compile.py); XLA's
-    # ragged_dot takes int8 as it is, with the same exact integer sums.
-    cfg = dataclasses.replace(cfg, moe_impl="ragged_dot")
   return cfg
 
 

@@ -176,6 +176,13 @@ class Manager:
                              f"(step {step}): {_one_line(error)}") from error
     return None
 
+  def steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def restore_step(self, step: int, state):
+    """(state, Progress) of global step `step`, without the iterators."""
+    return self._restore(step, state, None, None)
+
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
@@ -208,18 +215,26 @@ def _one_line(error: Exception) -> str:
   return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def read_latest(workdir: str, s, mesh):
-  """The newest checkpoint of a training workdir, restored for settings `s` on `mesh`:
-  (state, Progress), without its iterators.
+def read_latest(workdir: str, s, mesh, rl_step: Optional[int] = None):
+  """The newest checkpoint of a training workdir (or the one at RL step `rl_step`),
+  restored for settings `s` on `mesh`: (state, Progress), without its iterators.
 
-  Raises errors.MissingPath (and creates nothing) when the workdir holds no checkpoint.
+  Raises errors.MissingPath (and creates nothing) when the workdir holds no checkpoint, or
+  none at `rl_step`.
   """
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise errors.MissingPath(f"no checkpoint under {os.path.abspath(directory)}")
-  mngr = Manager(directory, s.checkpoint, create=False)
+  # Reading never saves, so it never prunes: keep every step whatever the config says.
+  mngr = Manager(directory, dataclasses.replace(s.checkpoint, keep=10 ** 9), create=False)
   try:
     restored = mngr.restore_latest(train_state.abstract_state(s, mesh))
+    if restored is not None and rl_step is not None and restored[1].rl_step != rl_step:
+      step = restored[1].global_step - restored[1].rl_step + rl_step
+      if step not in mngr.steps():
+        raise errors.MissingPath(f"no checkpoint at RL step {rl_step} under {mngr.directory} "
+                                 f"(steps saved: {sorted(mngr.steps())})")
+      restored = mngr.restore_step(step, train_state.abstract_state(s, mesh))
   finally:
     mngr.close()
   if restored is None:

@@ -48,6 +48,9 @@ class SamplerConfig:
       (default): per-layer weights and cache (`transformer.unstack_layers`), run as an
       unrolled loop that reads them in place; a scan inside the decode loop copies each
       layer's weights out of the stack every step. `generate` runs whichever form it gets.
+    logit_noise: standard deviation of Gaussian noise added to every logit before anything
+      else (a dial for the train-inference gap beyond what a number format gives; round 3's
+      widest level). mu is the noisy distribution the token came from. 0: none.
   """
   dtype: quantize.SamplerDtype = quantize.SamplerDtype.FLOAT32
   activation_dtype: Optional[str] = None
@@ -63,6 +66,7 @@ class SamplerConfig:
   prompt_bucket: int = 16
   slots: int = 0
   scan_layers: bool = False
+  logit_noise: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
@@ -78,6 +82,8 @@ class SamplerConfig:
         sections.fail(f"sampler.{field}", f"must be a bool, got {getattr(self, field)!r}")
     if not self.temperature >= 0:
       sections.fail("sampler.temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+    if not self.logit_noise >= 0:
+      sections.fail("sampler.logit_noise", f"must be >= 0, got {self.logit_noise}")
     if not 0 < self.top_p <= 1:
       sections.fail("sampler.top_p", f"must be in (0, 1], got {self.top_p}")
     for field, low in (("top_k", 0), ("max_new_tokens", 1), ("pad_id", 0),

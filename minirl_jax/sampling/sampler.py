@@ -108,6 +108,11 @@ def sample_token(logits_BV: jax.Array, keys_B: jax.Array, sampler_cfg: SamplerCo
      sample_logp_B: log-prob under the processed distribution; 0 when greedy).
   """
   logits_BV = logits_BV.astype(jnp.float32)
+  if sampler_cfg.logit_noise:
+    # Its own stream of each row's key: the token draw is left as it was.
+    noise_BV = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1),
+                                                    logits_BV.shape[-1:]))(keys_B)
+    logits_BV = logits_BV + sampler_cfg.logit_noise * noise_BV
   mu_all_BV = jax.nn.log_softmax(logits_BV, axis=-1)
   if sampler_cfg.greedy:
     tokens_B = jnp.argmax(logits_BV, axis=-1)

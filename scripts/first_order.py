@@ -1,0 +1,53 @@
+"""Round 3, part 2: each objective's gradient estimator against the true policy gradient.
+
+  python scripts/first_order.py --workdir=runs/round3 --chunks=32
+  python scripts/first_order.py --workdir=runs/round3 --pilot --chunks=64   # g* only
+  python scripts/first_order.py --workdir=runs/round3 --report_only
+
+--workdir holds the checkpoints (coldstart/: round 2's cold start; minirl_seed0/: a
+round-2-style MiniRL run, for rl50 and rl150) and writes <workdir>/first_order/<point>.npz
+(the Gram matrix of the chunk vectors, `experiments.round3`) and .json (its statistics),
+one point at a time: a finished point is never measured again, so the grid resumes where
+it stopped. The grid is `round3.grid()` (docs/results/round3.md, part 1); --points keeps
+the points whose name contains any of the given strings. The last line is one JSON object.
+"""
+import json
+import os
+
+from absl import flags
+
+from minirl_jax import config_base
+from minirl_jax import errors
+from minirl_jax import metrics
+from minirl_jax.experiments import round3
+from minirl_jax.rl import first_order
+
+_CONFIG = config_base.define_config_flag(__file__, default="paper_moe")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/round3", "Checkpoints in, series out.")
+_CHUNKS = flags.DEFINE_integer("chunks", 32, "C: global batches per point (n = C x "
+                               "prompts_per_step x group_size responses per set).")
+_POINTS = flags.DEFINE_list("points", [], "Only points whose name contains one of these.")
+_PILOT = flags.DEFINE_bool("pilot", False, "Measure only the base point's true gradient and "
+                           "print its noise ceiling as chunks accumulate (sizes --chunks).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Summarise the finished points.")
+
+
+def main(argv):
+  del argv
+  metrics.quiet_library_logs()
+  out = os.path.join(_WORKDIR.value, "first_order")
+  os.makedirs(out, exist_ok=True)
+  points = [p for p in round3.grid()
+            if not _POINTS.value or any(s in p.name for s in _POINTS.value)]
+  if _PILOT.value:
+    result = first_order.pilot(_CONFIG.value, _WORKDIR.value, _CHUNKS.value)
+  elif _REPORT_ONLY.value:
+    result = {"points": sum(os.path.exists(first_order.path(out, p, ".json"))
+                            for p in points)}
+  else:
+    result = first_order.run(_CONFIG.value, _WORKDIR.value, points, _CHUNKS.value, out)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  errors.run(main)

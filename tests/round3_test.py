@@ -1,0 +1,97 @@
+"""Round 3's statistics from Gram matrices, against the same numbers from the vectors."""
+import numpy as np
+import pytest
+
+from minirl_jax.experiments import round3
+
+
+def _chunks(rng, signal, noise, chunks):
+  return signal[None] + noise * rng.standard_normal((chunks, signal.size))
+
+
+def _gram(*sets):
+  rows = np.concatenate(sets)
+  return rows @ rows.T
+
+
+def test_cosine_and_ceiling_match_the_vectors():
+  rng = np.random.default_rng(0)
+  g = rng.standard_normal(400)
+  h = g + 0.5 * rng.standard_normal(400)  # a biased estimator of g's direction
+  truth, est = _chunks(rng, g, 3.0, 32), _chunks(rng, h, 3.0, 32)
+  stats = round3.point_stats(_gram(truth, est), [round3.TRUE, "e"])["e"]
+  m_t, m_e = truth.mean(0), est.mean(0)
+  assert stats["cosine"] == pytest.approx(m_t @ m_e / np.linalg.norm(m_t) / np.linalg.norm(m_e))
+  # The noise-free cosine the ratio estimates, within sampling error.
+  true_cos = g @ h / np.linalg.norm(g) / np.linalg.norm(h)
+  assert stats["ratio"] == pytest.approx(true_cos, abs=0.05)
+  assert stats["cosine"] < stats["ratio"]  # noise lowers the raw cosine
+  # reliability: ||E a||^2 / E||mean a||^2 with noise variance 9 per entry over 32 chunks
+  expected = h @ h / (h @ h + 9 * 400 / 32)
+  assert stats["reliability"] == pytest.approx(expected, abs=0.06)
+  assert stats["rel_error"] == pytest.approx(np.sqrt(1 - stats["cosine"] ** 2))
+
+
+def test_unbiased_estimator_reads_one_and_split_half_matches_reliability():
+  rng = np.random.default_rng(1)
+  g = rng.standard_normal(300)
+  truth, est = _chunks(rng, g, 2.0, 64), _chunks(rng, g, 2.0, 64)
+  K = _gram(truth, est)
+  stats = round3.point_stats(K, [round3.TRUE, "e"])["e"]
+  assert stats["ratio"] == pytest.approx(1.0, abs=0.03)
+  K4 = round3.blocks(K, 2)
+  half = round3.split_half(K4, 1)
+  # Spearman-Brown: the reliability of the full mean from the halves' cosine.
+  assert 2 * half / (1 + half) == pytest.approx(stats["reliability"], abs=0.03)
+
+
+def test_variance_is_scale_free_and_matches_the_chunks():
+  rng = np.random.default_rng(2)
+  g = rng.standard_normal(200)
+  truth, est = _chunks(rng, g, 1.0, 40), _chunks(rng, g, 1.0, 40)
+  a = round3.point_stats(_gram(truth, est), [round3.TRUE, "e"])["e"]
+  b = round3.point_stats(_gram(truth, 7.0 * est), [round3.TRUE, "e"])["e"]
+  assert a["trace_rel"] == pytest.approx(b["trace_rel"])
+  assert a["proj_rel"] == pytest.approx(b["proj_rel"])
+  m = est.mean(0)
+  trace = np.sum(np.var(est, axis=0, ddof=1))
+  assert a["trace_rel"] == pytest.approx(trace / (m @ m))
+  u = truth.mean(0) / np.linalg.norm(truth.mean(0))
+  proj = est @ u
+  assert a["proj_rel"] == pytest.approx(np.var(proj, ddof=1) / proj.mean() ** 2)
+
+
+def test_bootstrap_weights_are_resamples_and_contrasts_pair_them():
+  w = round3.bootstrap_weights(10, draws=50)
+  assert w.shape == (50, 10) and np.all(w.sum(1) == 10)
+  rng = np.random.default_rng(3)
+  g = rng.standard_normal(300)
+  truth = _chunks(rng, g, 2.0, 32)
+  good = _chunks(rng, g, 2.0, 32)
+  bad = _chunks(rng, g + 1.5 * rng.standard_normal(300), 2.0, 32)
+  sets = [round3.TRUE, "minirl"]
+  diff = round3.contrast(_gram(truth, good), _gram(truth, bad), sets, "minirl/ratio",
+                         draws=200)
+  assert diff[1] < diff[0] < diff[2] and diff[1] > 0.02
+  assert round3.reading(diff, +1) == "counts"
+  assert round3.reading(diff, -1) == "counts against"
+  assert round3.reading([0.001, -0.01, 0.012], +1) == "equal"
+  assert round3.reading([0.03, -0.01, 0.07], +1) == "inconclusive"
+
+
+def test_grid_varies_one_factor_at_a_time_around_the_base():
+  points = round3.grid(("cold",))
+  assert points[0] == round3.Point()
+  base = round3.Point()
+  for p in points:
+    differs = [f for f in ("staleness", "length", "gap", "replay")
+               if getattr(p, f) != getattr(base, f)]
+    # replay is measured at the base gap and at int4: two factors at most, then
+    assert len(differs) <= 1 or (set(differs) == {"gap", "replay"} and p.gap == "int4")
+  assert {p.gap for p in points} == set(round3.GAPS)
+  assert {p.staleness for p in points} == set(round3.STALENESS)
+  assert {p.replay for p in points} == set(round3.REPLAYS)
+  assert len({p.name for p in points}) == len(points)
+  # points sharing a true gradient share checkpoint, staleness and length
+  assert round3.Point(gap="int4").truth_key == base.truth_key != round3.Point(
+      staleness=1).truth_key

@@ -43,6 +43,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.init_from = config_dict.placeholder(str)
   config.model = model_section()
   config.mesh = sections.to_config(settings.MeshConfig)
+  # The sampler's mesh when it has its own devices (rl.placement=disaggregated).
+  config.sampler_mesh = sections.to_config(settings.MeshConfig)
   data = sections.to_config(settings.DataConfig, exclude=("task_options",))
   data.update(settings.TASK_KNOBS)  # data.num_operands, data.max_steps, ...: the tasks'
   config.data = data

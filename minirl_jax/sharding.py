@@ -37,6 +37,15 @@ RULES = {
 def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
   """Builds the mesh; one axis may be -1 (all remaining devices), absent axes are 1."""
   devices = list(devices if devices is not None else jax.devices())
+  sizes = mesh_sizes(axis_sizes, len(devices))
+  # jax.make_mesh orders devices by the physical topology (TPU ICI rings). Auto axes: jit
+  # propagates shardings from in/out_shardings (jax.make_mesh defaults to Explicit).
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def mesh_sizes(axis_sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Every axis's size on `num_devices` devices (the -1 filled in), or errors.UserError."""
   unknown = sorted(set(axis_sizes) - set(MESH_AXES))
   if unknown:
     raise errors.UserError(f"mesh has unknown axes {unknown}; known: {MESH_AXES}")
@@ -47,17 +56,14 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
     raise errors.UserError(f"mesh sizes must be positive with at most one -1, got {sizes}")
   known = math.prod(s for s in sizes.values() if s != -1)
   if fill:
-    if len(devices) % known:
-      raise errors.UserError(f"mesh: {len(devices)} devices do not divide by the fixed axes "
+    if num_devices % known:
+      raise errors.UserError(f"mesh: {num_devices} devices do not divide by the fixed axes "
                              f"{sizes}")
-    sizes[fill[0]] = len(devices) // known
-  if math.prod(sizes.values()) != len(devices):
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
     raise errors.UserError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, "
-                           f"found {len(devices)}")
-  # jax.make_mesh orders devices by the physical topology (TPU ICI rings). Auto axes: jit
-  # propagates shardings from in/out_shardings (jax.make_mesh defaults to Explicit).
-  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+                           f"found {num_devices}")
+  return sizes
 
 
 def _axis_size(mesh, axis) -> int:

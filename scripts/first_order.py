@@ -1,7 +1,7 @@
 """Round 3, part 2: each objective's gradient estimator against the true policy gradient.
 
-  python scripts/first_order.py --workdir=runs/round3 --chunks=32
-  python scripts/first_order.py --workdir=runs/round3 --pilot --chunks=64   # g* only
+  python scripts/first_order.py --workdir=runs/round3 --chunks=64 --truth_chunks=256
+  python scripts/first_order.py --workdir=runs/round3 --pilot --truth_chunks=64  # g* only
   python scripts/first_order.py --workdir=runs/round3 --report_only
 
 --workdir holds the checkpoints (coldstart/: round 2's cold start; minirl_seed0/: a
@@ -24,8 +24,10 @@ from minirl_jax.rl import first_order
 
 _CONFIG = config_base.define_config_flag(__file__, default="paper_moe")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/round3", "Checkpoints in, series out.")
-_CHUNKS = flags.DEFINE_integer("chunks", 32, "C: global batches per point (n = C x "
-                               "prompts_per_step x group_size responses per set).")
+_CHUNKS = flags.DEFINE_integer("chunks", 64, "Prompt chunks (global batches: "
+                               "prompts_per_step x group_size responses) per estimator.")
+_TRUTH_CHUNKS = flags.DEFINE_integer("truth_chunks", 256, "Prompt chunks of the true "
+                                     "gradient (the estimators use the first --chunks).")
 _POINTS = flags.DEFINE_list("points", [], "Only points whose name contains one of these.")
 _PILOT = flags.DEFINE_bool("pilot", False, "Measure only the base point's true gradient and "
                            "print its noise ceiling as chunks accumulate (sizes --chunks).")
@@ -40,12 +42,17 @@ def main(argv):
   points = [p for p in round3.grid()
             if not _POINTS.value or any(s in p.name for s in _POINTS.value)]
   if _PILOT.value:
-    result = first_order.pilot(_CONFIG.value, _WORKDIR.value, _CHUNKS.value)
+    result = first_order.pilot(_CONFIG.value, _WORKDIR.value, _TRUTH_CHUNKS.value)
   elif _REPORT_ONLY.value:
     result = {"points": sum(os.path.exists(first_order.path(out, p, ".json"))
                             for p in points)}
   else:
-    result = first_order.run(_CONFIG.value, _WORKDIR.value, points, _CHUNKS.value, out)
+    if _CHUNKS.value > _TRUTH_CHUNKS.value:
+      raise errors.UserError(f"--chunks ({_CHUNKS.value}) must be <= --truth_chunks "
+                             f"({_TRUTH_CHUNKS.value}): the estimators use the true "
+                             "gradient's first prompt chunks")
+    result = first_order.run(_CONFIG.value, _WORKDIR.value, points, _CHUNKS.value,
+                             _TRUTH_CHUNKS.value, out)
   print(json.dumps(result))
 
 

@@ -26,7 +26,8 @@ XLA_FLAGS = xla_flags(8)
 
 def run(program: pathlib.Path, *args: str, timeout: int = 600, num_devices: int = 8) -> dict:
   """The JSON object the program prints last; asserts it exited 0."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(num_devices)}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(num_devices),
+         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
   code = (f"import runpy, sys; sys.argv = {[str(program), *args]!r}; "
           "runpy.run_path(sys.argv[0], run_name='__main__')")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,

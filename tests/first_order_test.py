@@ -29,17 +29,11 @@ def _cos(a, b):
   return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def odd_length(prompt, completion, answer):
-  """A reward a random model earns about half the time."""
-  del prompt, answer
-  return float(len(completion) % 2)
-
-
 @pytest.fixture(scope="module")
 def smoke():
   config = config_base.sibling(str(ROOT / "configs" / "smoke.py"), "smoke")
   with config.unlocked():
-    config.data.reward = f"{__name__}:odd_length"
+    config.data.reward = "rewards_testlib:odd_length"
   return config
 
 
@@ -117,14 +111,15 @@ def test_stale_params_are_the_first_k_updates(smoke):
 
 
 def test_rows_gram_restores_the_scales():
-  rows = first_order.Rows(2, 2, 3)
-  vectors = np.array([[1.0, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
-  scales = [2.0, 1e20, 0.5, 3.0]
+  rows, other = first_order.Rows(3, 3), first_order.Rows(1, 3)
+  vectors = np.array([[1.0, 0, 0], [0, 1, 0], [1, 1, 0]])
+  scales = [2.0, 1e20, 0.5]
   for i, (v, sc) in enumerate(zip(vectors, scales)):
-    rows.put(i // 2, i % 2, v, sc)
-  K = rows.gram()
+    rows.put(i, v, sc)
+  other.put(0, np.array([0, 0.5, 1.0]), 3.0)
   full = vectors * np.array(scales)[:, None]
-  np.testing.assert_allclose(K, full @ full.T, rtol=1e-6)
+  np.testing.assert_allclose(rows.gram(), full @ full.T, rtol=1e-6)
+  np.testing.assert_allclose(rows.gram(other), full @ np.array([[0, 1.5, 3.0]]).T, rtol=1e-6)
 
 
 def test_settings_for_each_factor(smoke):
@@ -150,13 +145,13 @@ def test_script_measures_points_once_and_resumes(tmp_path):
   import sys
   env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}  # the reward, by module name
   smoke = [f"--config={ROOT / 'configs' / 'smoke.py'}",
-           f"--config.data.reward={__name__}:odd_length"]
+           "--config.data.reward=rewards_testlib:odd_length"]
   subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *smoke,
                   "--config.rl.steps=0", "--config.sft.max_steps=2", "--config.log.plots=False",
                   f"--workdir={tmp_path / 'coldstart'}"], cwd=ROOT / "tests", check=True,
                  capture_output=True, timeout=900, env=env)
   command = [sys.executable, str(ROOT / "scripts" / "first_order.py"), *smoke,
-             f"--workdir={tmp_path}", "--chunks=3",
+             f"--workdir={tmp_path}", "--chunks=2", "--truth_chunks=3",
              "--points=cold/k0/medium/fp8/none,cold/k0/medium/zero/none"]
   run = lambda: json.loads(subprocess.run(command, cwd=ROOT / "tests", check=True,
                                           capture_output=True, text=True, timeout=900,
@@ -164,19 +159,21 @@ def test_script_measures_points_once_and_resumes(tmp_path):
   assert run()["measured"] == ["cold/k0/medium/fp8/none", "cold/k0/medium/zero/none"]
   out = tmp_path / "first_order"
   zero = np.load(out / "cold__k0__medium__zero__none.npz")
-  sets = list(zero["sets"])
-  assert sets == [round3.TRUE, *first_order.ESTIMATORS]
-  K4 = round3.blocks(zero["gram"], len(sets))
-  m, seq = sets.index("minirl"), sets.index("seq_is")
-  for c in range(3):  # the zero gap: MiniRL parallel to J_seq, chunk by chunk
-    cos = K4[m, seq, c, c] / np.sqrt(K4[m, m, c, c] * K4[seq, seq, c, c])
+  gram = round3.Gram(zero["gram"], zero["sets"], zero["prompts"])
+  assert gram.names == [round3.TRUE, *first_order.ESTIMATORS]
+  assert list(zero["prompts"][:3]) == [0, 1, 2] and len(gram.rows("minirl")) == 2
+  m, seq = gram.rows("minirl"), gram.rows("seq_is")
+  for c in range(2):  # the zero gap: MiniRL parallel to J_seq, chunk by chunk
+    K = gram.K
+    cos = K[m[c], seq[c]] / np.sqrt(K[m[c], m[c]] * K[seq[c], seq[c]])
     assert cos == pytest.approx(1.0, abs=1e-5)
   summary = json.loads((out / "cold__k0__medium__zero__none.json").read_text())
-  assert summary["responses_per_set"] == 3 * 4 * 4 and len(summary["chunk_stats"]) == 3
+  assert summary["responses_per_chunk"] == 4 * 4 and len(summary["chunk_stats"]) == 2
+  assert len(summary["truth_chunk_stats"]) == 3
   assert summary["chunk_stats"][0]["mismatch/kl_k3"] == 0.0
   fp8 = json.loads((out / "cold__k0__medium__fp8__none.json").read_text())
   assert fp8["chunk_stats"][0]["mismatch/kl_k3"] > 0
-  assert fp8["truth_chunks"] == summary["truth_chunks"]  # one true gradient, shared
-  low, high = fp8["stats"]["minirl/cosine"][1:]
-  assert -1 <= low <= fp8["stats"]["minirl/cosine"][0] <= high <= 1
+  assert fp8["truth_chunk_stats"] == summary["truth_chunk_stats"]  # one true gradient
+  estimate, low, high = fp8["stats"]["minirl/cosine"]
+  assert -1 <= low <= estimate <= high <= 1
   assert run()["measured"] == []

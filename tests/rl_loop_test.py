@@ -79,10 +79,10 @@ def test_main_job_outputs_and_resume_equivalence(tmp_path):
   resumed = str(tmp_path / "resumed")
   run = smoke_run(resumed, **RL_4)
   rl_step = run._rl_step
-  def preempted_in_step_2(step, sampler_params):
+  def preempted_in_step_2(step):
     if step == 2:
       os.kill(os.getpid(), signal.SIGTERM)
-    return rl_step(step, sampler_params)
+    return rl_step(step)
   run._rl_step = preempted_in_step_2
   with pytest.raises(errors.RunStopped, match=r"SIGTERM after rl step 2: checkpoint 6 saved "
                      r"under .*; run the same command to resume") as stop:
@@ -105,9 +105,9 @@ def test_run_stops_at_its_collapse_and_stays_stopped(tmp_path, caplog):
   workdir = str(tmp_path / "run")
   run = smoke_run(workdir, **{"rl.steps": 4, "rl.stop_on_collapse": True})
   rl_step = run._rl_step
-  def entropy_gone_at_step_2(step, sampler_params):
-    m, sampler_params = rl_step(step, sampler_params)
-    return (m | {"policy/entropy": 0.0} if step == 2 else m), sampler_params
+  def entropy_gone_at_step_2(step):
+    m = rl_step(step)
+    return m | {"policy/entropy": 0.0} if step == 2 else m
   run._rl_step = entropy_gone_at_step_2
   with caplog.at_level("WARNING"):
     summary = run.run()

@@ -9,9 +9,13 @@ def _chunks(rng, signal, noise, chunks):
   return signal[None] + noise * rng.standard_normal((chunks, signal.size))
 
 
-def _gram(*sets):
-  rows = np.concatenate(sets)
-  return rows @ rows.T
+def _gram(truth, *estimators, names=("e",)):
+  """A Gram over the true gradient's chunks and each estimator's, prompt chunk c of
+  every set on row c of its block."""
+  rows = np.concatenate([truth, *estimators])
+  sets = [round3.TRUE] * len(truth) + [n for n, e in zip(names, estimators) for _ in e]
+  prompts = np.concatenate([np.arange(len(truth))] + [np.arange(len(e)) for e in estimators])
+  return round3.Gram(rows @ rows.T, np.array(sets), prompts)
 
 
 def test_cosine_and_ceiling_match_the_vectors():
@@ -19,7 +23,7 @@ def test_cosine_and_ceiling_match_the_vectors():
   g = rng.standard_normal(400)
   h = g + 0.5 * rng.standard_normal(400)  # a biased estimator of g's direction
   truth, est = _chunks(rng, g, 3.0, 32), _chunks(rng, h, 3.0, 32)
-  stats = round3.point_stats(_gram(truth, est), [round3.TRUE, "e"])["e"]
+  stats = round3.point_stats(_gram(truth, est))["e"]
   m_t, m_e = truth.mean(0), est.mean(0)
   assert stats["cosine"] == pytest.approx(m_t @ m_e / np.linalg.norm(m_t) / np.linalg.norm(m_e))
   # The noise-free cosine the ratio estimates, within sampling error.
@@ -36,11 +40,10 @@ def test_unbiased_estimator_reads_one_and_split_half_matches_reliability():
   rng = np.random.default_rng(1)
   g = rng.standard_normal(300)
   truth, est = _chunks(rng, g, 2.0, 64), _chunks(rng, g, 2.0, 64)
-  K = _gram(truth, est)
-  stats = round3.point_stats(K, [round3.TRUE, "e"])["e"]
+  g = _gram(truth, est)
+  stats = round3.point_stats(g)["e"]
   assert stats["ratio"] == pytest.approx(1.0, abs=0.03)
-  K4 = round3.blocks(K, 2)
-  half = round3.split_half(K4, 1)
+  half = round3.split_half(g, "e")
   # Spearman-Brown: the reliability of the full mean from the halves' cosine.
   assert 2 * half / (1 + half) == pytest.approx(stats["reliability"], abs=0.03)
 
@@ -49,8 +52,8 @@ def test_variance_is_scale_free_and_matches_the_chunks():
   rng = np.random.default_rng(2)
   g = rng.standard_normal(200)
   truth, est = _chunks(rng, g, 1.0, 40), _chunks(rng, g, 1.0, 40)
-  a = round3.point_stats(_gram(truth, est), [round3.TRUE, "e"])["e"]
-  b = round3.point_stats(_gram(truth, 7.0 * est), [round3.TRUE, "e"])["e"]
+  a = round3.point_stats(_gram(truth, est))["e"]
+  b = round3.point_stats(_gram(truth, 7.0 * est))["e"]
   assert a["trace_rel"] == pytest.approx(b["trace_rel"])
   assert a["proj_rel"] == pytest.approx(b["proj_rel"])
   m = est.mean(0)
@@ -69,14 +72,44 @@ def test_bootstrap_weights_are_resamples_and_contrasts_pair_them():
   truth = _chunks(rng, g, 2.0, 32)
   good = _chunks(rng, g, 2.0, 32)
   bad = _chunks(rng, g + 1.5 * rng.standard_normal(300), 2.0, 32)
-  sets = [round3.TRUE, "minirl"]
-  diff = round3.contrast(_gram(truth, good), _gram(truth, bad), sets, "minirl/ratio",
-                         draws=200)
+  names = ("minirl",)
+  diff = round3.contrast(_gram(truth, good, names=names), _gram(truth, bad, names=names),
+                         "minirl/ratio", draws=200)
   assert diff[1] < diff[0] < diff[2] and diff[1] > 0.02
   assert round3.reading(diff, +1) == "counts"
   assert round3.reading(diff, -1) == "counts against"
   assert round3.reading([0.001, -0.01, 0.012], +1) == "equal"
   assert round3.reading([0.03, -0.01, 0.07], +1) == "inconclusive"
+
+
+def test_shared_prompts_do_not_count_as_agreement():
+  """Truth and estimator on the same prompt chunks share each chunk's own gradient; the
+  signal cosine leaves same-prompt pairs out, so an estimator that is pure prompt noise
+  (no population signal in common) reads ~0, however much its raw cosine says."""
+  rng = np.random.default_rng(4)
+  d, chunks = 2000, 16
+  g = rng.standard_normal(d)
+  prompt_part = 5.0 * rng.standard_normal((chunks, d))  # each chunk's prompts' own gradient
+  truth = g + prompt_part + 0.5 * rng.standard_normal((chunks, d))
+  unrelated = rng.standard_normal(d)  # shares no population direction with g
+  est = unrelated + prompt_part + 0.5 * rng.standard_normal((chunks, d))
+  stats = round3.point_stats(_gram(truth, est))["e"]
+  assert stats["cosine"] > 0.5  # the shared prompts, read as agreement
+  assert abs(stats["ratio"] - g @ unrelated / np.linalg.norm(g) / np.linalg.norm(unrelated)) < 0.15
+
+
+def test_more_truth_chunks_than_estimator_chunks():
+  rng = np.random.default_rng(5)
+  g = rng.standard_normal(300)
+  truth, est = _chunks(rng, g, 2.0, 128), _chunks(rng, g, 2.0, 32)
+  gram = _gram(truth, est)
+  assert gram.num_prompts == 128
+  stats = round3.point_stats(gram)
+  assert stats["e"]["ratio"] == pytest.approx(1.0, abs=0.05)
+  assert stats[round3.TRUE]["reliability"] > stats["e"]["reliability"]
+  summary = round3.summarise(gram, draws=100)
+  low, high = summary["e/ratio"][1:]
+  assert low < 1.0 < high + 0.02
 
 
 def test_grid_varies_one_factor_at_a_time_around_the_base():

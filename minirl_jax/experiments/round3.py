@@ -2,11 +2,11 @@
 (docs/results/round3.md, whose part 1 fixed both before any measurement).
 
 A point measures, at one checkpoint, staleness, response length, sampler format and
-routing replay, C chunks of the true gradient and of each estimator (`rl.first_order`).
-Its series is the Gram matrix of those chunk vectors (sets x chunks, `TRUE` first), so
-every figure here re-derives from the committed files without the vectors: means over
-chunks are weighted sums, and a bootstrap over chunks only reweights the Gram matrix.
-No JAX here.
+routing replay, chunks of the true gradient and of each estimator (`rl.first_order`). Its
+series is the Gram matrix of those chunk vectors, each row labelled by its set and prompt
+chunk, so every figure here re-derives from the committed files without the vectors:
+means over chunks are weighted sums, and a bootstrap over prompt chunks only reweights the
+Gram matrix. No JAX here.
 """
 import dataclasses
 from typing import Optional
@@ -51,109 +51,147 @@ def grid(checkpoints=CHECKPOINTS) -> list[Point]:
   points = []
   for checkpoint in checkpoints:
     at = lambda **kw: Point(**{**BASE, "checkpoint": checkpoint, **kw})
-    points += [at()] + [at(gap=g) for g in GAPS if g != BASE["gap"]]
+    # Measured in this order (the widest contrasts first); each factor's levels are
+    # part 1's.
+    points += [at()] + [at(gap=g) for g in ("zero", "int4", "int4+noise")]
+    points += [at(replay="r3")] + [at(gap=g) for g in ("bfloat16", "int8")]
+    points += [at(replay="r2"), at(replay="r3", gap="int4"), at(replay="r2", gap="int4")]
     points += [at(staleness=k) for k in STALENESS if k]
-    points += [at(replay=r, gap=g) for g in ("fp8", "int4") for r in REPLAYS
-               if not (r == "none" and g == "fp8")]
     points += [at(length="short")]
   points += [Point(**{**BASE, "checkpoint": c, "length": "long"}) for c in checkpoints]
   return list(dict.fromkeys(points))
 
 
 # -------------------------------------------------------------------------------------
-# Statistics of one point's Gram matrix. `K` is [S*C, S*C] over sets x chunks; `w` are
-# chunk multiplicities (ones: the estimate; a bootstrap draw: counts).
+# Statistics of one point's Gram matrix. Its rows are chunk vectors, each labelled by its
+# set (the true gradient or an estimator) and its prompt chunk; `w` weights prompt chunks
+# (ones: the estimate; a bootstrap draw: counts), so a set's mean is a weighted mean of its
+# rows. Pairs of rows on the same prompt chunk share the prompts' own gradient, so the
+# signal terms (U-statistics) leave them out.
 
-def blocks(K: np.ndarray, sets: int) -> np.ndarray:
-  """[S, S, C, C] view of the Gram matrix."""
-  c = K.shape[0] // sets
-  return K.reshape(sets, c, sets, c).transpose(0, 2, 1, 3)
+@dataclasses.dataclass(frozen=True)
+class Gram:
+  K: np.ndarray        # [R, R] inner products of the rows
+  sets: np.ndarray     # [R] set name of each row
+  prompts: np.ndarray  # [R] prompt chunk of each row
+
+  def rows(self, name: str) -> np.ndarray:
+    return np.flatnonzero(self.sets == name)
+
+  @property
+  def names(self) -> list[str]:
+    return list(dict.fromkeys(self.sets.tolist()))
+
+  @property
+  def num_prompts(self) -> int:
+    return int(self.prompts.max()) + 1
 
 
-def mean_inner(B: np.ndarray, w: np.ndarray) -> float:
-  """<mean_w a, mean_w b> of two sets' chunk vectors, from their block B = <a_i, b_j>."""
-  return float(w @ B @ w) / float(w.sum()) ** 2
+def _pair(g: Gram, a: str, b: str, w: np.ndarray):
+  ra, rb = g.rows(a), g.rows(b)
+  wa, wb = w[g.prompts[ra]], w[g.prompts[rb]]
+  same = g.prompts[ra][:, None] == g.prompts[rb][None, :]
+  return g.K[np.ix_(ra, rb)], wa, wb, same
 
 
-def signal_inner(B: np.ndarray, w: np.ndarray) -> float:
-  """<E a, E b> estimated without the chunks' own noise: the mean over pairs of DIFFERENT
-  chunks (a U-statistic; a chunk drawn twice by the bootstrap is not paired with itself)."""
-  total = float(w @ B @ w) - float(np.sum(w ** 2 * np.diag(B)))
-  pairs = float(w.sum()) ** 2 - float(np.sum(w ** 2))
-  return total / pairs if pairs > 0 else float("nan")  # nan: one chunk drawn every time
+def mean_inner(g: Gram, a: str, b: str, w: np.ndarray) -> float:
+  """<weighted mean of a's rows, weighted mean of b's rows>."""
+  K, wa, wb, _ = _pair(g, a, b, w)
+  return _ratio(float(wa @ K @ wb), float(wa.sum() * wb.sum()))
+
+
+def signal_inner(g: Gram, a: str, b: str, w: np.ndarray) -> float:
+  """<E a, E b> without the rows' own noise or their prompts' shared part: the weighted
+  mean over pairs of rows on DIFFERENT prompt chunks (a U-statistic; nan if none)."""
+  K, wa, wb, same = _pair(g, a, b, w)
+  total = float(wa @ K @ wb) - float(wa @ (K * same) @ wb)
+  pairs = float(wa.sum() * wb.sum()) - float(wa @ same @ wb)
+  return _ratio(total, pairs)
 
 
 def _ratio(num: float, den: float) -> float:
   return num / den if den > 0 else float("nan")
 
 
-def cosine(K4: np.ndarray, a: int, b: int, w: np.ndarray) -> float:
-  """Cosine of the two sets' chunk means (nan if either is zero)."""
-  return _ratio(mean_inner(K4[a, b], w),
-                float(np.sqrt(mean_inner(K4[a, a], w) * mean_inner(K4[b, b], w))))
+def cosine(g: Gram, a: str, b: str, w: np.ndarray) -> float:
+  """Cosine of the two sets' means: what the measurement reads, noise included."""
+  return _ratio(mean_inner(g, a, b, w),
+                float(np.sqrt(mean_inner(g, a, a, w) * mean_inner(g, b, b, w))))
 
 
-def reliability(K4: np.ndarray, a: int, w: np.ndarray) -> float:
+def signal_cosine(g: Gram, a: str, b: str, w: np.ndarray) -> float:
+  """cos(E a, E b), every term a U-statistic: the bias, with the noise taken out. Equals
+  cosine / ceiling when the two sets share no prompt chunk (nan where a signal norm is
+  not positive: too few chunks to see it)."""
+  aa, bb = signal_inner(g, a, a, w), signal_inner(g, b, b, w)
+  if not (aa > 0 and bb > 0):
+    return float("nan")
+  return signal_inner(g, a, b, w) / float(np.sqrt(aa * bb))
+
+
+def reliability(g: Gram, a: str, w: np.ndarray) -> float:
   """||E a||^2 / E||mean a||^2: the share of the mean's squared norm that is signal, so
   that the cosine of two independent means is at most sqrt(r_a r_b) (their noise
   ceiling). Equal in expectation to Spearman-Brown from split halves."""
-  return _ratio(signal_inner(K4[a, a], w), mean_inner(K4[a, a], w))
+  return _ratio(signal_inner(g, a, a, w), mean_inner(g, a, a, w))
 
 
-def ceiling(K4: np.ndarray, a: int, b: int, w: np.ndarray) -> float:
-  r_a, r_b = reliability(K4, a, w), reliability(K4, b, w)
+def ceiling(g: Gram, a: str, b: str, w: np.ndarray) -> float:
+  r_a, r_b = reliability(g, a, w), reliability(g, b, w)
   return float(np.sqrt(r_a * r_b)) if r_a > 0 and r_b > 0 else float("nan")
 
 
-def split_half(K4: np.ndarray, a: int, splits: int = 50, seed: int = 0) -> float:
-  """Mean cosine between the means of two random halves of one set's chunks (the design's
+def split_half(g: Gram, a: str, splits: int = 50, seed: int = 0) -> float:
+  """Mean cosine between the means of two random halves of one set's rows (the design's
   ceiling, as measured)."""
-  c = K4.shape[-1]
+  rows = g.rows(a)
+  K = g.K[np.ix_(rows, rows)]
+  c = len(rows)
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(splits):
-    half = np.zeros(c)
-    half[rng.permutation(c)[:c // 2]] = 1.0
-    other = 1.0 - half
-    if c % 2:
-      other[np.argmax(other)] = 0.0  # equal halves
-    ab = float(half @ K4[a, a] @ other)
-    out.append(_ratio(ab, float(np.sqrt(float(half @ K4[a, a] @ half)
-                                        * float(other @ K4[a, a] @ other)))))
+    order = rng.permutation(c)
+    half, other = np.zeros(c), np.zeros(c)
+    half[order[:c // 2]], other[order[c // 2:2 * (c // 2)]] = 1.0, 1.0
+    out.append(_ratio(float(half @ K @ other),
+                      float(np.sqrt(float(half @ K @ half) * float(other @ K @ other)))))
   return float(np.mean(out))
 
 
-def variance(K4: np.ndarray, a: int, truth: int, w: np.ndarray) -> dict:
-  """The chunks' spread, scale-free: the trace of their covariance over the mean's squared
+def variance(g: Gram, a: str, truth: str, w: np.ndarray) -> dict:
+  """The rows' spread, scale-free: the trace of their covariance over the mean's squared
   norm, and the variance of their projection on the true gradient's direction over the
   mean projection squared."""
-  c = float(w.sum())
-  Kaa = K4[a, a]
-  mean_sq = mean_inner(Kaa, w)
-  unit = np.sqrt(mean_inner(K4[truth, truth], w))
+  rows = g.rows(a)
+  wa = w[g.prompts[rows]]
+  c = float(wa.sum())
+  unit = np.sqrt(mean_inner(g, truth, truth, w))
   if not unit > 0 or not c > 1:
     return {"trace_rel": float("nan"), "proj_rel": float("nan")}
-  proj = (K4[a, truth] @ w) / c / unit  # <a_i, mean truth> / ||mean truth||
-  proj_mean = float(w @ proj) / c
-  proj_var = (float(w @ proj ** 2) / c - proj_mean ** 2) * c / (c - 1)
-  trace = (float(w @ np.diag(Kaa)) / c - mean_sq) * c / (c - 1)
+  mean_sq = mean_inner(g, a, a, w)
+  rt = g.rows(truth)
+  wt = w[g.prompts[rt]]
+  proj = (g.K[np.ix_(rows, rt)] @ wt) / wt.sum() / unit  # <row, mean truth> / ||mean truth||
+  proj_mean = float(wa @ proj) / c
+  proj_var = (float(wa @ proj ** 2) / c - proj_mean ** 2) * c / (c - 1)
+  trace = (float(wa @ np.diag(g.K)[rows]) / c - mean_sq) * c / (c - 1)
   return {"trace_rel": _ratio(trace, mean_sq), "proj_rel": _ratio(proj_var, proj_mean ** 2)}
 
 
-def point_stats(K: np.ndarray, sets: list[str], w: Optional[np.ndarray] = None) -> dict:
-  """Every estimator's statistics against the true gradient at one resampling `w`."""
-  K4 = blocks(K, len(sets))
-  w = np.ones(K4.shape[-1]) if w is None else w
-  t = sets.index(TRUE)
+def point_stats(g: Gram, w: Optional[np.ndarray] = None) -> dict:
+  """Every estimator's statistics against the true gradient at one weighting `w` of the
+  prompt chunks. `ratio` is the bias read by the rules: cos(E estimator, E truth)."""
+  w = np.ones(g.num_prompts) if w is None else w
   out = {}
-  for i, name in enumerate(sets):
+  for name in g.names:
     if name == TRUE:
-      out[name] = {"reliability": reliability(K4, t, w)}
+      out[name] = {"reliability": reliability(g, TRUE, w)}
       continue
-    cos, ceil = cosine(K4, i, t, w), ceiling(K4, i, t, w)
-    out[name] = {"cosine": cos, "ceiling": ceil, "ratio": _ratio(cos, ceil),
+    cos = cosine(g, name, TRUE, w)
+    out[name] = {"cosine": cos, "ceiling": ceiling(g, name, TRUE, w),
+                 "ratio": signal_cosine(g, name, TRUE, w),
                  "rel_error": float(np.sqrt(max(0.0, 1.0 - cos ** 2))),
-                 "reliability": reliability(K4, i, w), **variance(K4, i, t, w)}
+                 "reliability": reliability(g, name, w), **variance(g, name, TRUE, w)}
   return out
 
 
@@ -169,32 +207,28 @@ def flat(stats: dict) -> dict[str, float]:
   return {f"{s}/{k}": v for s, d in stats.items() for k, v in d.items()}
 
 
-def summarise(K: np.ndarray, sets: list[str], draws: int = 1000) -> dict:
+def _interval(samples) -> list[float]:
+  samples = np.asarray(samples, np.float64)
+  samples = samples[np.isfinite(samples)]
+  return list(map(float, np.percentile(samples, [2.5, 97.5]))) if samples.size else [
+      float("nan")] * 2
+
+
+def summarise(g: Gram, draws: int = 1000) -> dict:
   """{"<set>/<stat>": [estimate, 2.5%, 97.5%]} plus the split-half cosines."""
-  est = flat(point_stats(K, sets))
-  boot = [flat(point_stats(K, sets, w))
-          for w in bootstrap_weights(K.shape[0] // len(sets), draws)]
-  out = {}
-  for key, value in est.items():
-    samples = np.array([b[key] for b in boot], np.float64)
-    samples = samples[np.isfinite(samples)]
-    low, high = (np.percentile(samples, [2.5, 97.5]) if samples.size else (np.nan, np.nan))
-    out[key] = [value, float(low), float(high)]
-  K4 = blocks(K, len(sets))
-  for i, name in enumerate(sets):
-    out[f"{name}/split_half"] = [split_half(K4, i)]
+  est = flat(point_stats(g))
+  boot = [flat(point_stats(g, w)) for w in bootstrap_weights(g.num_prompts, draws)]
+  out = {key: [value, *_interval([b[key] for b in boot])] for key, value in est.items()}
+  for name in g.names:
+    out[f"{name}/split_half"] = [split_half(g, name)]
   return out
 
 
-def contrast(K_a: np.ndarray, K_b: np.ndarray, sets: list[str], stat: str,
-             draws: int = 1000) -> list[float]:
-  """stat(a) - stat(b) for two points measured on the same prompts and chunks (paired: the
-  same bootstrap draws), as [estimate, 2.5%, 97.5%]."""
-  diff = lambda w: flat(point_stats(K_a, sets, w))[stat] - flat(point_stats(K_b, sets, w))[stat]
-  est = diff(None)
-  samples = np.array([diff(w) for w in bootstrap_weights(K_a.shape[0] // len(sets), draws)])
-  samples = samples[np.isfinite(samples)]
-  return [est, *map(float, np.percentile(samples, [2.5, 97.5]))]
+def contrast(a: Gram, b: Gram, stat: str, draws: int = 1000) -> list[float]:
+  """stat(a) - stat(b) for two points measured on the same prompt chunks (paired: the same
+  bootstrap draws), as [estimate, 2.5%, 97.5%]."""
+  diff = lambda w: flat(point_stats(a, w))[stat] - flat(point_stats(b, w))[stat]
+  return [diff(None), *_interval([diff(w) for w in bootstrap_weights(a.num_prompts, draws)])]
 
 
 def reading(diff: list[float], predicted_sign: int) -> str:

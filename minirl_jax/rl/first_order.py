@@ -15,7 +15,7 @@ import itertools
 import json
 import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from absl import logging
 
@@ -154,22 +154,21 @@ def stale_params(steps, state, prompts: dict, key, *, k: int):
 
 
 class Rows:
-  """Chunk vectors of several sets written into one preallocated [sets x chunks, D] float32
-  matrix (its Gram matrix is one BLAS product; no copy of the vectors is ever made)."""
+  """Chunk vectors written into one preallocated [rows, D] float32 matrix (no copy of the
+  vectors is ever made), each with its scale (`flat_norm_scale`)."""
 
-  def __init__(self, sets: int, chunks: int, dim: int):
-    self.chunks = chunks
-    self.u = np.zeros((sets * chunks, dim), np.float32)
-    self.scale = np.zeros(sets * chunks, np.float64)
+  def __init__(self, rows: int, dim: int):
+    self.u = np.zeros((rows, dim), np.float32)
+    self.scale = np.zeros(rows, np.float64)
 
-  def put(self, set_index: int, chunk: int, vector: np.ndarray, scale: float):
-    row = set_index * self.chunks + chunk
+  def put(self, row: int, vector: np.ndarray, scale: float):
     self.u[row], self.scale[row] = vector, scale
 
-  def gram(self) -> np.ndarray:
-    """K_ij = s_i s_j <u_i, u_j> in float64."""
-    inner = np.asarray(self.u @ self.u.T, np.float64)
-    return inner * self.scale[:, None] * self.scale[None, :]
+  def gram(self, other: Optional["Rows"] = None) -> np.ndarray:
+    """K_ij = s_i s'_j <u_i, u'_j> in float64 (`other` = self by default)."""
+    other = self if other is None else other
+    inner = np.asarray(self.u @ other.u.T, np.float64)
+    return inner * self.scale[:, None] * other.scale[None, :]
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,9 +211,9 @@ class Group:
   mesh: object
   old_params: object  # theta_old: the weights every sampler under study quantises
   params: object      # pi_theta: after `staleness` updates
-  prompts: list       # one prompt batch per chunk
-  truth: np.ndarray   # [C, D] scaled true-gradient chunk vectors
-  truth_scale: np.ndarray
+  prompts: list       # one prompt batch per chunk (the estimators use the first ones)
+  truth: Rows         # the true gradient's chunk vectors, one per prompt chunk
+  truth_gram: np.ndarray
   truth_stats: list
   updates: int        # N mini-batches of the stale step (0 at staleness 0)
 
@@ -224,14 +223,14 @@ def _bind(s, mesh):
   return wiring.bind(s, mesh, data.tokenizer, data.reward_fn), data
 
 
-def group(config, workdir: str, point: round3.Point, chunks: int) -> Group:
+def group(config, workdir: str, point: round3.Point, truth_chunks: int) -> Group:
   """Loads the checkpoint, makes the stale policy, and measures the true gradient."""
   s = settings_for(config, truth_point(point))
   mesh = sharding.make_mesh(s.mesh)
   run_dir, rl_step = CHECKPOINT_DIRS[point.checkpoint]
   state, _ = checkpointing.read_latest(os.path.join(workdir, run_dir), s, mesh, rl_step)
   steps, data = _bind(s, mesh)
-  prompts = list(itertools.islice(data.rl_iterator(s), chunks))
+  prompts = list(itertools.islice(data.rl_iterator(s), truth_chunks))
   params, updates = state.params, 0
   if point.staleness:
     base = settings_for(config, dataclasses.replace(point, gap=round3.BASE["gap"]))
@@ -243,42 +242,46 @@ def group(config, workdir: str, point: round3.Point, chunks: int) -> Group:
   grad_fn = grad_program(s)
   est = tuple(estimators(s.objective, ("seq_is",)))
   sampler_params = steps.quantize(params)
-  vectors, scales, stats = [], [], []
+  truth, stats = None, []
   for c, batch in enumerate(prompts):
     chunk = measure_chunk(steps, sampler_params, batch,
                           jax.random.fold_in(jax.random.key(_TRUE_KEY), c),
                           old_params=params, params=params, ests=est, grad_fn=grad_fn)
-    vectors.append(chunk.vectors[0])
-    scales.append(chunk.scales[0])
+    if truth is None:
+      truth = Rows(len(prompts), chunk.vectors.shape[1])
+    truth.put(c, chunk.vectors[0], chunk.scales[0])
     stats.append(chunk.stats)
+    if (c + 1) % 16 == 0:
+      logging.info("true gradient of %s: %d of %d chunks", point.truth_key, c + 1,
+                   len(prompts))
   steps.close()
-  return Group(mesh, state.params, params, prompts, np.stack(vectors), np.array(scales),
-               stats, updates)
+  return Group(mesh, state.params, params, prompts, truth, truth.gram(), stats, updates)
 
 
-def measure_point(config, point: round3.Point, g: Group, noise: float = 0.0):
-  """(Gram matrix over [true, *estimators] x chunks, set names, per-chunk stats)."""
+def measure_point(config, point: round3.Point, g: Group, chunks: int,
+                  noise: float = 0.0) -> tuple[round3.Gram, list]:
+  """(the Gram matrix of the true gradient's chunks and each estimator's on the first
+  `chunks` prompt chunks, per-chunk stats)."""
   s = settings_for(config, point, noise)
   steps, _ = _bind(s, g.mesh)
   ests = tuple(estimators(s.objective))
-  sets = [TRUE] + [e.name for e in ests]
-  chunks = len(g.prompts)
-  rows = Rows(len(sets), chunks, g.truth.shape[1])
-  for c in range(chunks):
-    rows.put(0, c, g.truth[c], g.truth_scale[c])
   grad_fn = grad_program(s)
   sampler_params = steps.quantize(g.old_params)
-  stats = []
-  for c, batch in enumerate(g.prompts):
+  rows, stats = Rows(len(ests) * chunks, g.truth.u.shape[1]), []
+  for c, batch in enumerate(g.prompts[:chunks]):
     chunk = measure_chunk(steps, sampler_params, batch,
                           jax.random.fold_in(jax.random.key(_ESTIMATOR_KEY), c),
                           old_params=g.old_params, params=g.params, ests=ests,
                           grad_fn=grad_fn)
     for e in range(len(ests)):
-      rows.put(e + 1, c, chunk.vectors[e], chunk.scales[e])
+      rows.put(e * chunks + c, chunk.vectors[e], chunk.scales[e])
     stats.append(chunk.stats)
   steps.close()
-  return rows.gram(), sets, stats
+  t = len(g.prompts)
+  K = np.block([[g.truth_gram, rows.gram(g.truth).T], [rows.gram(g.truth), rows.gram()]])
+  sets = np.array([TRUE] * t + [e.name for e in ests for _ in range(chunks)])
+  prompts = np.concatenate([np.arange(t), np.tile(np.arange(chunks), len(ests))])
+  return round3.Gram(K, sets, prompts), stats
 
 
 NOISE_LADDER = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -317,8 +320,10 @@ def calibrate_noise(config, point: round3.Point, g: Group, chunks: int = 2) -> d
           "ladder": [[n, k] for n, k in ladder]}
 
 
-def run(config, workdir: str, points: list, chunks: int, out: str) -> dict:
-  """Measures every point not yet written, group by group (resumable)."""
+def run(config, workdir: str, points: list, chunks: int, truth_chunks: int, out: str) -> dict:
+  """Measures every point not yet written, group by group (resumable): each group's true
+  gradient on `truth_chunks` prompt chunks, each point's estimators on the first
+  `chunks`."""
   done = []
   groups = {}
   for point in points:  # in the grid's order, base group first
@@ -328,50 +333,51 @@ def run(config, workdir: str, points: list, chunks: int, out: str) -> dict:
     if not todo:
       continue
     start = time.time()
-    g = group(config, workdir, todo[0], chunks)
+    g = group(config, workdir, todo[0], truth_chunks)
     logging.info("true gradient of %s: %.0f s", todo[0].truth_key, time.time() - start)
     for point in todo:
       start = time.time()
-      noise = 0.0
-      if point.gap.endswith("+noise"):
-        noise_file = os.path.join(out, f"noise_{point.checkpoint}.json")
-        if not os.path.exists(noise_file):
-          with open(noise_file, "w") as f:
-            json.dump(calibrate_noise(config, point, g), f)
-        with open(noise_file) as f:
-          noise = json.load(f)["noise"]
-      K, sets, stats = measure_point(config, point, g, noise)
-      np.savez_compressed(path(out, point, ".npz"), gram=K, sets=np.array(sets))
+      noise = _noise(config, point, g, out)
+      gram, stats = measure_point(config, point, g, chunks, noise)
+      np.savez_compressed(path(out, point, ".npz"), gram=gram.K, sets=gram.sets,
+                          prompts=gram.prompts)
       summary = {"point": point.name, **dataclasses.asdict(point), "chunks": chunks,
-                 "logit_noise": noise,
-                 "responses_per_set": sum(len(b["prompt"]) for b in g.prompts)
-                 * config.rl.group_size,
+                 "truth_chunks": truth_chunks, "logit_noise": noise,
+                 "responses_per_chunk": len(g.prompts[0]["prompt"]) * config.rl.group_size,
                  "updates": g.updates, "seconds": round(time.time() - start, 1),
-                 "truth_chunks": g.truth_stats, "chunk_stats": stats,
-                 "stats": round3.summarise(K, sets)}
+                 "truth_chunk_stats": g.truth_stats, "chunk_stats": stats,
+                 "stats": round3.summarise(gram)}
       with open(path(out, point, ".json"), "w") as f:
         json.dump(summary, f)
-      logging.info("%s: %.0f s, minirl cosine %.3f (ceiling %.3f)", point.name,
-                   time.time() - start, summary["stats"]["minirl/cosine"][0],
-                   summary["stats"]["minirl/ceiling"][0])
+      logging.info("%s: %.0f s, minirl cosine %.3f (ceiling %.3f, signal cosine %.3f)",
+                   point.name, time.time() - start, summary["stats"]["minirl/cosine"][0],
+                   summary["stats"]["minirl/ceiling"][0], summary["stats"]["minirl/ratio"][0])
       done.append(point.name)
   return {"measured": done}
 
 
-def pilot(config, workdir: str, chunks: int) -> dict:
-  """The base point's true gradient alone: its split-half ceiling as chunks accumulate
-  (nothing about any estimator), to fix C before the grid."""
-  base = round3.Point()
-  g = group(config, workdir, base, chunks)
-  rows = Rows(1, chunks, g.truth.shape[1])
-  for c in range(chunks):
-    rows.put(0, c, g.truth[c], g.truth_scale[c])
-  K = rows.gram()
+def _noise(config, point: round3.Point, g: Group, out: str) -> float:
+  """The logit noise of an int4 + noise point, calibrated once per checkpoint (kept)."""
+  if not point.gap.endswith("+noise"):
+    return 0.0
+  noise_file = os.path.join(out, f"noise_{point.checkpoint}.json")
+  if not os.path.exists(noise_file):
+    with open(noise_file, "w") as f:
+      json.dump(calibrate_noise(config, point, g), f)
+  with open(noise_file) as f:
+    return json.load(f)["noise"]
+
+
+def pilot(config, workdir: str, truth_chunks: int) -> dict:
+  """The base point's true gradient alone: its split-half cosine and reliability as
+  chunks accumulate (nothing about any estimator), to fix the chunk counts."""
+  g = group(config, workdir, round3.Point(), truth_chunks)
   out = {}
-  for c in sorted({n for n in (4, 8, 16, 32, 64, 128, 256) if n <= chunks} | {chunks}):
-    K4 = round3.blocks(K[:c, :c], 1)
-    out[c] = {"split_half": round3.split_half(K4, 0),
-              "reliability": round3.reliability(K4, 0, np.ones(c))}
+  for c in sorted({n for n in (4, 8, 16, 32, 64, 128, 256, 512) if n <= truth_chunks}
+                  | {truth_chunks}):
+    sub = round3.Gram(g.truth_gram[:c, :c], np.array([TRUE] * c), np.arange(c))
+    out[c] = {"split_half": round3.split_half(sub, TRUE),
+              "reliability": round3.reliability(sub, TRUE, np.ones(c))}
     logging.info("pilot: %d chunks: split half %.3f, reliability %.3f", c,
                  out[c]["split_half"], out[c]["reliability"])
-  return {"pilot": out, "truth_chunks": g.truth_stats}
+  return {"pilot": out, "truth_chunk_stats": g.truth_stats}

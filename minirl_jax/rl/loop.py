@@ -17,8 +17,11 @@ from minirl_jax import errors
 from minirl_jax import metrics as metrics_lib
 from minirl_jax import sharding
 from minirl_jax.rl import checkpointing
+from minirl_jax import objectives
 from minirl_jax.rl import data as rl_data
+from minirl_jax.rl import inflight
 from minirl_jax.rl import keys as keys_lib
+from minirl_jax.rl import placement
 from minirl_jax.rl import rollout as rollout_lib
 from minirl_jax.rl import settings as settings_lib
 from minirl_jax.rl import train_state
@@ -37,8 +40,9 @@ class Run:
       checkpointing.check_model_dir(s.init_from)
     self.s, self.workdir = s, workdir
     self.data = data or rl_data.build(s)  # validates data before anything compiles
-    self.mesh = sharding.make_mesh(s.mesh)
-    _check_batch_sizes(s, self.mesh, len(self.data.eval_records))
+    self.meshes = placement.meshes(s)
+    self.mesh = self.meshes.trainer
+    _check_batch_sizes(s, self.meshes, len(self.data.eval_records))
     # Held until `close`: another process on the workdir, or a resume with another
     # config, is refused here, before anything compiles or a checkpoint is read.
     self.claim = workdir_lib.claim(workdir, s, lead=jax.process_index() == 0)
@@ -54,7 +58,13 @@ class Run:
     self.state, self.state_sharding = checkpointing.initial_state(s, self.mesh,
                                                                   self.keys.init)
     self.fns = wiring.bind(s, self.mesh, self.data.tokenizer, self.data.reward_fn,
-                           self.state_sharding)
+                           self.state_sharding, sampler_mesh=self.meshes.sampler)
+    self.sampler_sharding = (placement.sampler_shardings(
+        s, checkpointing.abstract_like(self.state.params), self.meshes.sampler)
+        if self.meshes.disaggregated else None)
+    self.inflight_dir = os.path.join(self.workdir, "inflight")
+    self.rollouts: Optional[inflight.Rollouts] = None
+    self.versions = {}  # version -> the trainer's weights (staleness metrics, k > 0)
     self.sft_iter = self.data.sft_iterator(s)
     self.rl_iter = self.data.rl_iterator(s)
     self.progress = checkpointing.Progress()
@@ -113,11 +123,18 @@ class Run:
       self.state, self.progress = restored
     return restored is not None
 
+  def publish(self, params):
+    """The sampler's weights made from `params`: quantised where they are (the smaller
+    tree to move), then placed on the sampler's devices if it has its own."""
+    sampler_params = self.fns.quantize(params)
+    if self.sampler_sharding is not None:
+      sampler_params = placement.to_sampler(sampler_params, self.sampler_sharding)
+    return sampler_params
+
   def evaluate(self, size: int, key, samples: int = 1) -> dict[str, float]:
     """Held-out avg@k and pass@k of the current params (sampler dtype, temperature)."""
     batches = self.data.eval_batches(self.s, size, rollout_lib.EVAL_BATCH)
-    return self.fns.evaluate(self.fns.quantize(self.state.params), batches, key,
-                             samples=samples)
+    return self.fns.evaluate(self.publish(self.state.params), batches, key, samples=samples)
 
   def _logged_before(self, record) -> bool:
     """Whether a metrics record precedes the restored checkpoint (else it is redone)."""
@@ -176,6 +193,9 @@ class Run:
 
   def _save(self):
     self.ckpt.save(self.progress, self.state, self.sft_iter, self.rl_iter)
+    if self.rollouts is not None and self.s.rl.max_staleness:
+      inflight.save(self.inflight_dir, self.progress.global_step, self.rollouts.pending,
+                    self.versions, self.ckpt.steps())
 
   def _stop_for_signal(self, stage: str):
     """Saves the state after the finished step and stops (the same command resumes)."""
@@ -196,12 +216,12 @@ class Run:
       acc = self.evaluate(self.s.data.eval_size, eval_key)["avg@1"]
       self._record("rl", 0, {"eval/accuracy": acc, **self._full_evaluation(0, eval_key)})
       self.progress.start_accuracy = acc
-    sampler_params = self.fns.quantize(self.state.params)
+    self._start_rollouts()
     bar = self._bar(cfg.steps, self.progress.rl_step, "rl")
     acc = self.progress.start_accuracy if cfg.steps == 0 else None
     while self.progress.rl_step < cfg.steps and not self.collapse.stopped:
       step = self.progress.rl_step + 1
-      m, sampler_params = self._rl_step(step, sampler_params)
+      m = self._rl_step(step)
       if step % cfg.eval_every == 0 or step == cfg.steps:
         acc = m["eval/accuracy"] = self.evaluate(self.s.data.eval_size, eval_key)["avg@1"]
       m.update(self._full_evaluation(step, eval_key))
@@ -231,21 +251,70 @@ class Run:
       return {}
     return {"eval/accuracy_full": self.evaluate(size, key)["avg@1"]}
 
-  def _rl_step(self, step, sampler_params):
-    """The five calls of one RL step (`rl.step`), timed, then re-quantise."""
-    f, clock = self.fns, watchers.Clock()
-    prompts = next(self.rl_iter)
-    rollout = clock.lap("sample", f.sample(sampler_params, prompts, self.keys.rollout(step)))
+  def _start_rollouts(self):
+    """The sampler's queue at the current step: the current weights published, and on a
+    resume the rollouts (and older weights) the checkpoint saved in flight."""
+    k = self.s.rl.max_staleness
+    self.rollouts = inflight.Rollouts(k, self.fns.sample, self.rl_iter, self.keys.rollout)
+    version = self.progress.rl_step
+    self.rollouts.publish(version, self.publish(self.state.params))
+    if not k:
+      return
+    self.versions = {version: self._copy(self.state.params)}
+    saved = inflight.restore(self.inflight_dir, self.progress.global_step,
+                             lambda r: sharding.shard_batch(r, self.meshes.trainer),
+                             self.state.params) if version else None
+    if saved is not None:  # the sampler needs only the current weights from here on
+      self.rollouts.pending, older = saved
+      self.versions.update(older)
+
+  @staticmethod
+  def _copy(params):
+    return jax.tree.map(lambda x: x.copy(), params)  # the update donates the state
+
+  def _rl_step(self, step):
+    """The five calls of one RL step (`rl.step`), timed, then the new weights published.
+
+    With `rl.max_staleness` = k the sampler has steps up to step + k dispatched before the
+    trainer starts on this one (their weights are already published), so on its own
+    devices it samples them while the trainer scores, forms pi_old and updates; `sample`
+    then times the trainer's wait for this step's rollout.
+    """
+    f, clock, k = self.fns, watchers.Clock(), self.s.rl.max_staleness
+    self.rollouts.dispatch_through(min(step + k, self.s.rl.steps), step)
+    prompts, rollout, version = self.rollouts.take(step)
+    rollout = clock.lap("sample", rollout)
     rewards, reward_m = clock.lap("score", f.score(rollout, prompts))
     advantages, adv_m = f.advantages(rewards)
+    rollout = sharding.shard_batch(rollout, self.meshes.trainer)
     batch, batch_m = clock.lap("pi_old", f.pi_old(self.state.params, rollout, advantages))
+    stale_m = self._staleness_metrics(rollout, batch, version) if k else {}
     self.state, train_m = f.update(self.state, batch, step)
-    sampler_params = clock.lap("train", f.quantize(self.state.params))
-    m = {**metrics_lib.to_python({**reward_m, **adv_m, **batch_m}), **train_m,
-         **clock.metrics}
+    clock.lap("train", self.state)
+    self.rollouts.publish(step, clock.lap("publish", self.publish(self.state.params)))
+    if k:
+      self.versions[step] = self._copy(self.state.params)
+      for old in [v for v in self.versions if v < step - k]:
+        del self.versions[old]
+    m = {**metrics_lib.to_python({**reward_m, **adv_m, **batch_m, **stale_m}), **train_m,
+         **clock.metrics, "staleness/versions": float(step - 1 - version)}
     m["time/step_s"] = time.perf_counter() - clock.start
     m["throughput/tok_s"] = m["rollout/tokens"] / m["time/step_s"]
-    return m, sampler_params
+    return m
+
+  def _staleness_metrics(self, rollout, batch, version: int) -> dict:
+    """The train-infer KL split: the rollout scored by the trainer with the weights that
+    sampled it (`version`) separates the format's part, KL(mu || pi_version), from the
+    staleness's, KL(pi_version || pi_old) (k3 estimates on the sampled tokens)."""
+    if version == self.progress.rl_step:
+      stale_logp = batch.old_logp
+    else:
+      stale_logp, _ = self.fns.pi_old(self.versions[version], rollout, batch.advantages)
+      stale_logp = stale_logp.old_logp
+    fmt = objectives.diagnostics.mismatch_metrics(batch.replace(old_logp=stale_logp))
+    stale = objectives.diagnostics.mismatch_metrics(batch.replace(mu_logp=stale_logp))
+    return {"mismatch/kl_k3_format": fmt["mismatch/kl_k3"],
+            "mismatch/kl_k3_staleness": stale["mismatch/kl_k3"]}
 
   # --- progress display ----------------------------------------------------------------------
 
@@ -263,19 +332,25 @@ _LABELS = {"sft/loss": "loss", "eval/accuracy": "acc", "reward/mean": "reward",
            "mismatch/kl_k3": "kl"}
 
 
-def _check_batch_sizes(s: settings_lib.Settings, mesh, num_eval_records: int) -> None:
-  """Every batch must split evenly over the mesh's batch axes (data x fsdp x expert)."""
-  multiple = sharding.batch_size_multiple(mesh)
+def _check_batch_sizes(s: settings_lib.Settings, meshes: placement.Meshes,
+                       num_eval_records: int) -> None:
+  """Every batch must split evenly over its mesh's batch axes (data x fsdp x expert): the
+  trainer's batches over the trainer's mesh, the sampler's slots over the sampler's."""
   eval_batch = lambda size: min(rollout_lib.EVAL_BATCH, size, num_eval_records)
-  for field, value in (("rl.mini_batch_size", s.rl.mini_batch_size),
-                       ("rl.micro_batch_size", s.rl.micro_batch_size or multiple),
-                       ("sft.batch_size", s.sft.batch_size),
-                       ("sft.micro_batch_size", s.sft.micro_batch_size or multiple),
-                       ("sampler.slots", s.sampler.slots or multiple),
-                       ("data.eval_size", eval_batch(s.data.eval_size)),
-                       ("sft.eval_size", eval_batch(s.sft.eval_size)),
-                       ("data.full_eval_size",
-                        eval_batch(s.data.full_eval_size) if s.data.full_eval_size else multiple)):
+  trainer = sharding.batch_size_multiple(meshes.trainer)
+  sampler = sharding.batch_size_multiple(meshes.sampler)
+  mesh_name = "sampler_mesh" if meshes.disaggregated else "mesh"
+  for field, value, multiple, name in (
+      ("rl.mini_batch_size", s.rl.mini_batch_size, trainer, "mesh"),
+      ("rl.micro_batch_size", s.rl.micro_batch_size or trainer, trainer, "mesh"),
+      ("sft.batch_size", s.sft.batch_size, trainer, "mesh"),
+      ("sft.micro_batch_size", s.sft.micro_batch_size or trainer, trainer, "mesh"),
+      ("sampler.slots", s.sampler.slots or sampler, sampler, mesh_name),
+      ("data.eval_size", eval_batch(s.data.eval_size), trainer, "mesh"),
+      ("sft.eval_size", eval_batch(s.sft.eval_size), trainer, "mesh"),
+      ("data.full_eval_size",
+       eval_batch(s.data.full_eval_size) if s.data.full_eval_size else trainer, trainer,
+       "mesh")):
     if value % multiple:
       raise errors.UserError(f"{field} ({value}) must be a multiple of the data-parallel "
-                             f"size ({multiple} = mesh data x fsdp x expert)")
+                             f"size ({multiple} = {name} data x fsdp x expert)")

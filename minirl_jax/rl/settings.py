@@ -96,6 +96,12 @@ class DataConfig:
       _fail("data.eval_path", "must be set with data.path (a held-out set to report accuracy on)")
 
 
+class Placement(sections.Choice):
+  """`rl.placement`: where the sampler runs (docs/placement.md)."""
+  COLOCATED = "colocated"  # on the trainer's devices, in turn with it
+  DISAGGREGATED = "disaggregated"  # on its own devices (`rl.sampler_devices`)
+
+
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
   """The synchronous loop. N = prompts_per_step * group_size / mini_batch_size updates."""
@@ -122,6 +128,15 @@ class RLConfig:
   # fires, checkpointed there; rerunning the command does not resume past it. False: a
   # warning names that step and the run goes on.
   stop_on_collapse: bool = False
+  # "disaggregated": the sampler on the first `sampler_devices` devices (0: half) with its
+  # own mesh (`sampler_mesh`), the trainer on the rest (`mesh`); weights go one way after
+  # each update, rollouts the other.
+  placement: Placement = Placement.COLOCATED
+  sampler_devices: int = 0
+  # Step s's rollouts are sampled with the weights of step s - 1 - max_staleness (those of
+  # step 0 while s <= max_staleness), so the sampler can generate the next steps' rollouts
+  # while the trainer updates: 0 is synchronous.
+  max_staleness: int = 0
 
   def __post_init__(self):
     if not isinstance(self.steps, int) or self.steps < 0:
@@ -140,6 +155,13 @@ class RLConfig:
             f"rl.prompts_per_step * rl.group_size = {self.global_batch}")
     _check_micro("rl", self.micro_batch_size, "mini_batch_size", self.mini_batch_size)
     sections.set_choice(self, "routing_replay", RoutingReplay, "rl.routing_replay")
+    sections.set_choice(self, "placement", Placement, "rl.placement")
+    for field in ("sampler_devices", "max_staleness"):
+      if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+        _fail(f"rl.{field}", f"must be an integer >= 0, got {getattr(self, field)!r}")
+    if self.sampler_devices and self.placement is Placement.COLOCATED:
+      _fail("rl.sampler_devices", f"({self.sampler_devices}) is only read with "
+            "rl.placement=disaggregated; the colocated sampler uses the trainer's devices")
 
   @property
   def global_batch(self) -> int:
@@ -307,6 +329,7 @@ class Settings:
   init_from: Optional[str]  # an orbax params directory (scripts/convert_hf.py) or None
   model: ModelConfig
   mesh: MeshConfig
+  sampler_mesh: MeshConfig  # the sampler's own axes (rl.placement=disaggregated)
   data: DataConfig
   sampler: SamplerConfig
   objective: objectives.ObjectiveConfig
@@ -345,7 +368,9 @@ def from_config(config, tokenizer: Optional[tokenizer_lib.Tokenizer] = None) -> 
                            eos_ids=tuple(tokenizer.eos_ids), pad_id=tokenizer.pad_id)
   settings = Settings(
       seed=int(config.seed), init_from=config.init_from or None, model=model,
-      mesh=sections.build(MeshConfig, config.mesh, "mesh"), data=data, sampler=sampler,
+      mesh=sections.build(MeshConfig, config.mesh, "mesh"),
+      sampler_mesh=sections.build(MeshConfig, config.sampler_mesh, "sampler_mesh"),
+      data=data, sampler=sampler,
       objective=sections.build(objectives.ObjectiveConfig, config.objective, "objective"),
       rl=sections.build(RLConfig, config.rl, "rl"),
       sft=sections.build(SFTConfig, config.sft, "sft"), optim=_optim_section(config.optim),

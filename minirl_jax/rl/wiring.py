@@ -66,6 +66,8 @@ class RunSteps:
   programs: Jitted
   # Only training steps count towards stopping a run whose reward function keeps failing.
   streak: scoring.ErrorStreak
+  # Where `sample` runs: the sampler's own mesh (rl.placement=disaggregated), else `mesh`.
+  sampler_mesh: Any = None
 
   @property
   def optimizers(self) -> train_state.Optimizers:
@@ -76,7 +78,7 @@ class RunSteps:
     return rollout_lib.sample(sampler_params, prompts, key,
                               group_size=group_size or self.s.rl.group_size,
                               model_cfg=self.s.model, sampler_cfg=self.s.sampler,
-                              mesh=self.mesh)
+                              mesh=self.mesh if self.sampler_mesh is None else self.sampler_mesh)
 
   def score(self, rollout, prompts: dict, group_size: Optional[int] = None,
             count_errors: bool = True):
@@ -126,7 +128,7 @@ class RunSteps:
 
 
 def bind(s: settings_lib.Settings, mesh, tokenizer, reward_fn,
-         state_sharding=None) -> RunSteps:
+         state_sharding=None, sampler_mesh=None) -> RunSteps:
   """A run's step calls.
 
   Args:
@@ -136,8 +138,10 @@ def bind(s: settings_lib.Settings, mesh, tokenizer, reward_fn,
     reward_fn: R(prompt, completion, answer), run in worker processes under a timeout.
     state_sharding: the TrainState's shardings (the updates keep the state there); None
       for evaluation-only use.
+    sampler_mesh: the sampler's own mesh (rl.placement=disaggregated); None: `mesh`.
   """
   return RunSteps(s=s, mesh=mesh, tokenizer=tokenizer,
                   scorer=scoring.RewardScorer(reward_fn, timeout_s=s.data.reward_timeout_s),
                   programs=jitted(s, state_sharding),
-                  streak=scoring.ErrorStreak(s.data.reward_max_error_frac))
+                  streak=scoring.ErrorStreak(s.data.reward_max_error_frac),
+                  sampler_mesh=sampler_mesh)

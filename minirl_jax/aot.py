@@ -181,5 +181,5 @@ def compile_all(built: dict, mesh, names=None) -> dict[str, Compiled]:
   if unknown:
     raise errors.UserError(f"--programs: no program {sorted(unknown)[0]!r} in this run; "
                            f"its programs: {', '.join(built)}")
-  return {name: compile_program(name, program, mesh) for name, program in built.items()
-          if names is None or name in names}
+  return {name: compile_program(name, program, mesh if program.mesh is None else program.mesh)
+          for name, program in built.items() if names is None or name in names}

@@ -27,6 +27,7 @@ from minirl_jax import metrics
 from minirl_jax import plan
 from minirl_jax import roofline
 from minirl_jax import sharding
+from minirl_jax.rl import placement
 from minirl_jax.rl import programs
 from minirl_jax.rl import settings
 from minirl_jax.sampling import sampler as sampler_lib
@@ -46,12 +47,16 @@ def main(argv):
   config = _CONFIG.value
   topology = _TOPOLOGY.value or dict(config.get("hardware", {})).get("topology", "v5p:2x2x1")
   s = settings.from_config(config)
-  mesh = sharding.make_mesh(s.mesh, devices=aot.topology_devices(topology))
-  built = programs.build(s, mesh)
+  meshes = placement.meshes(s, devices=aot.topology_devices(topology))
+  mesh = meshes.trainer
+  built = programs.build(s, mesh, meshes.sampler if meshes.disaggregated else None)
   compiled = aot.compile_all(built, mesh, _PROGRAMS.value)
   chip = aot.chip_of(mesh.devices.flat[0])
-  print(f"{topology} ({chip.name}, {mesh.devices.size} chips); mesh {dict(mesh.shape)}")
-  planned = planned_peaks(s, mesh.devices.size)
+  where = (f"trainer mesh {dict(mesh.shape)} on {mesh.devices.size} chips, sampler mesh "
+           f"{dict(meshes.sampler.shape)} on {meshes.sampler.devices.size}"
+           if meshes.disaggregated else f"mesh {dict(mesh.shape)}")
+  print(f"{topology} ({chip.name}, {len(aot.topology_devices(topology))} chips); {where}")
+  planned = planned_peaks(s, meshes)
   mib = lambda b: f"{b / 2 ** 20:10.1f}"
   print("per chip, MiB:" + " " * 5 + "args   outputs     temps   aliased      peak      plan"
         "        GFLOP          GB  roofline s  compiler s")
@@ -65,33 +70,42 @@ def main(argv):
     for name, c in compiled.items():
       for label, seconds in c.slowest[:_SLOWEST.value]:
         print(f"  {name:<10}{seconds / c.roofline_seconds:7.1%}  {label}")
-  step = step_estimate(s, compiled, chip, mesh, built["decode"].args)
+  step = step_estimate(s, compiled, chip, meshes, built["decode"].args)
   for line in step.pop("lines"):
     print(line)
   print(json.dumps({"topology": topology, "chip": chip.name, "mesh": dict(mesh.shape),
+                    "sampler_mesh": dict(meshes.sampler.shape),
                     "programs": {n: {**dataclasses.asdict(c), "peak": c.peak}
                                  for n, c in compiled.items()},
                     "plan": planned,
                     **step}))
 
 
-def planned_peaks(s, chips: int) -> dict[str, int]:
-  """The memory plan's bytes of each program by its compiled name (scripts/plan.py)."""
-  programs_planned = plan.make(s, chips, "tpu").programs
-  return {"rl_step": programs_planned["train_step"], "pi_old": programs_planned["pi_old"],
-          "decode": programs_planned["decode"]}
+def planned_peaks(s, meshes: placement.Meshes) -> dict[str, int]:
+  """The memory plan's bytes of each program by its compiled name (scripts/plan.py), each
+  on the chips and axes it runs on."""
+  trainer = plan.make(s, meshes.trainer.devices.size, "tpu").programs
+  sampler = plan.make(dataclasses.replace(s, mesh=s.sampler_mesh),
+                      meshes.sampler.devices.size, "tpu").programs if (
+                          meshes.disaggregated) else trainer
+  return {"rl_step": trainer["train_step"], "pi_old": trainer["pi_old"],
+          "decode": sampler["decode"]}
 
 
-def step_estimate(s, compiled, chip, mesh, decode_args) -> dict:
+def step_estimate(s, compiled, chip, meshes: placement.Meshes, decode_args) -> dict:
   """One RL step from the programs' roofline times (a lower bound on each): the rollout with
   every response at the full budget (`decode` is one loop iteration, counted once), pi_old,
   and N updates. The update's MFU is the model's FLOPs (`roofline.train_flops`) over that
   time at peak; decode's bandwidth utilisation is the bytes a step must read (every weight
   but the embedding, and the whole KV cache: `roofline.decode_bytes`, as bench_device.py
-  measures it) over the slice's HBM bandwidth for that time."""
-  chips = mesh.devices.size
+  measures it) over the sampler's chips' HBM bandwidth for that time. Disaggregated, the
+  step is estimated both ways (`placement.overlap`): synchronous, and overlapped
+  (rl.max_staleness >= 1), where the longer side sets the pace."""
+  mesh = meshes.trainer
+  chips, sampler_chips = mesh.devices.size, meshes.sampler.devices.size
   r = lambda name: compiled[name].roofline_seconds if name in compiled else 0.0
-  slots = sampler_lib.num_slots(s.sampler, s.rl.global_batch, sharding.batch_size_multiple(mesh))
+  slots = sampler_lib.num_slots(s.sampler, s.rl.global_batch,
+                                sharding.batch_size_multiple(meshes.sampler))
   iterations = s.sampler.max_new_tokens * math.ceil(s.rl.global_batch / slots)
   rollout = r("prefill") + r("start") + r("decode") * iterations
   update = r("rl_step") * s.rl.num_minibatches
@@ -110,11 +124,21 @@ def step_estimate(s, compiled, chip, mesh, decode_args) -> dict:
     weights, carry, _ = decode_args
     must_read = roofline.decode_bytes(weights, carry.cache)
     out["decode_tokens_per_second"] = slots / r("decode")
-    out["decode_bandwidth_utilisation"] = must_read / (r("decode") * chips * chip.hbm_bandwidth)
+    out["decode_bandwidth_utilisation"] = must_read / (
+        r("decode") * sampler_chips * chip.hbm_bandwidth)
     lines.append(f"decode: {out['decode_tokens_per_second']:,.0f} tokens/s on the slice "
                  f"({slots} rows a step), {out['decode_bandwidth_utilisation']:.1%} of HBM "
                  f"bandwidth reading what a step must ({must_read / 2 ** 30:.1f} GiB: weights "
                  "but the embedding, and the KV cache)")
+  if meshes.disaggregated and {"decode", "rl_step"} <= set(compiled):
+    est = placement.overlap({"sample": rollout, "score": 0.0, "pi_old": r("pi_old"),
+                             "train": update, "publish": 0.0})
+    out["overlap"] = est
+    lines.append(f"disaggregated ({sampler_chips} sampling, {chips} training): synchronous "
+                 f"{est['synchronous_s']:.3g} s a step, overlapped (rl.max_staleness >= 1) "
+                 f"{est['overlapped_s']:.3g} s ({est['speedup']:.2f}x); the sampler waits "
+                 f"{est['sampler_idle_s']:.3g} s, the trainer {est['trainer_idle_s']:.3g} s "
+                 "(weight transfer and scoring not included)")
   return {"lines": lines, **out}
 
 

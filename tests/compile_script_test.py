@@ -51,3 +51,23 @@ def test_a_program_that_is_not_in_the_run_is_one_line():
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith(
       "error: --programs: no program 'update' in this run; its programs: ")
+
+
+def test_disaggregated_compiles_each_side_on_its_own_chips():
+  """Half the slice samples, half trains: decode on the sampler's 2 chips, the update and
+  pi_old (taking the rollout moved over) on the trainer's 2; the step estimated both ways."""
+  proc = _run("--config.rl.placement=disaggregated", "--programs=rl_step,decode,pi_old",
+              "--slowest=0")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["mesh"]["data"] == 2 and out["sampler_mesh"]["data"] == 2
+  s = settings.from_config(config_base.get_base_config())
+  slots = sampler.num_slots(s.sampler, s.rl.global_batch, 2)  # the sampler's 2 chips
+  assert out["decode_tokens_per_second"] == pytest.approx(
+      slots / out["programs"]["decode"]["roofline_seconds"])
+  est = out["overlap"]
+  assert est["synchronous_s"] == pytest.approx(est["sampler_s"] + est["trainer_s"])
+  assert est["overlapped_s"] == pytest.approx(max(est["sampler_s"], est["trainer_s"]))
+  assert est["trainer_s"] == pytest.approx(out["programs"]["pi_old"]["roofline_seconds"]
+                                           + out["update_seconds"])
+  assert "disaggregated (2 sampling, 2 training)" in proc.stdout

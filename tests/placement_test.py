@@ -110,10 +110,23 @@ def test_one_device_cannot_be_split():
 
 def test_train_refuses_a_split_beyond_the_devices_in_one_line(tmp_path):
   run = subprocess.run(
-      [sys.executable, str(ROOT / "scripts" / "train.py"), f"--config={ROOT / 'configs' / 'smoke.py'}",
+      [sys.executable, str(ROOT / "scripts" / "train.py"),
+       f"--config={ROOT / 'configs' / 'smoke.py'}",
        "--config.rl.placement=disaggregated", f"--workdir={tmp_path}"],
       cwd=ROOT / "tests", capture_output=True, text=True, timeout=600)
   assert run.returncode == 2 and "Traceback" not in run.stderr
   lines = [line for line in run.stderr.strip().splitlines()]
   assert lines[-1].endswith("rl.placement=disaggregated needs at least 2 devices (one to "
                             "sample, one to train), found 1"), run.stderr
+
+
+def test_overlap_estimate_takes_the_longer_side():
+  est = placement.overlap({"sample": 3.0, "score": 0.5, "pi_old": 0.5, "train": 1.5,
+                           "publish": 0.5})
+  assert est["synchronous_s"] == 6.0 and est["overlapped_s"] == 3.0
+  assert est["trainer_idle_s"] == 0.0 and est["sampler_idle_s"] == 0.0
+  assert est["speedup"] == 2.0
+  est = placement.overlap({"sample": 1.0, "score": 0.5, "pi_old": 0.5, "train": 2.0,
+                           "publish": 0.0})
+  assert est["overlapped_s"] == 3.0 and est["sampler_idle_s"] == 2.0
+  assert est["speedup"] == pytest.approx(4.0 / 3.0)

@@ -128,3 +128,38 @@ def test_grid_varies_one_factor_at_a_time_around_the_base():
   # points sharing a true gradient share checkpoint, staleness and length
   assert round3.Point(gap="int4").truth_key == base.truth_key != round3.Point(
       staleness=1).truth_key
+
+
+def _measured(point, bias, rng, kl):
+  """A point whose MiniRL has signal cosine ~cos(bias) against the truth; w/o IS worse."""
+  from minirl_jax.experiments import round3_report
+  d, chunks = 300, 24
+  g = rng.standard_normal(d)
+  off = rng.standard_normal(d)
+  truth = _chunks(rng, g, 1.0, chunks)
+  ests = [_chunks(rng, g + b * off, 1.0, chunks)
+          for b in (bias, bias * 2, 0.0, bias, bias, bias)]
+  gram = _gram(truth, *ests, names=round3.ESTIMATOR_NAMES)
+  stats = [{"mismatch/kl_k3": kl, "moe/routing_disagreement": 0.1,
+            "rollout/length_mean": 100.0, "reward/mean": 0.1}]
+  summary = {"stats": round3.summarise(gram, draws=50), "chunk_stats": stats}
+  return round3_report.Measured(point, summary, gram)
+
+
+def test_report_reads_the_predictions_from_the_points(tmp_path):
+  from minirl_jax.experiments import round3_report
+  rng = np.random.default_rng(6)
+  points = {p: _measured(p, bias, rng, kl) for p, bias, kl in (
+      (round3.Point(gap="zero"), 0.0, 0.0), (round3.Point(), 0.5, 1e-3),
+      (round3.Point(gap="int4"), 1.0, 1e-2))}
+  rows = round3_report.readings(points, draws=50)
+  by = {(r[0], r[1]): r for r in rows}
+  assert by[("P1 (extreme)", "minirl: zero - int4")][3] == "counts"
+  assert ("P1", "minirl: zero - fp8") in by and ("P1", "minirl: fp8 - int4") in by
+  assert by[("P3", "int4: minirl - minirl_no_is")][3] == "counts"
+  assert by[("P3", "zero: minirl - minirl_no_is")][3] == "equal"
+  assert by[("P6", "int4: seq_is signal cosine")][3].startswith("unbiased")
+  lines = round3_report.markdown(points, draws=50)
+  assert sum(line.startswith("| cold/k0/medium/") for line in lines) == 3 + 3 * 6
+  assert round3_report.plot_gap(points, str(tmp_path / "gap.png")) is not None
+  assert (tmp_path / "gap.png").stat().st_size > 1000

@@ -223,8 +223,15 @@ def _bind(s, mesh):
   return wiring.bind(s, mesh, data.tokenizer, data.reward_fn), data
 
 
-def group(config, workdir: str, point: round3.Point, truth_chunks: int) -> Group:
-  """Loads the checkpoint, makes the stale policy, and measures the true gradient."""
+def _truth_cache(out: str, point: round3.Point, chunks: int) -> str:
+  return os.path.join(out, "truth", point.truth_key.replace("/", "__") + f"_{chunks}.npz")
+
+
+def group(config, workdir: str, point: round3.Point, truth_chunks: int,
+          out: Optional[str] = None) -> Group:
+  """Loads the checkpoint, makes the stale policy, and measures the true gradient (read
+  back from `out`'s cache when an earlier call measured it: a session that ends mid-group
+  resumes without measuring it again)."""
   s = settings_for(config, truth_point(point))
   mesh = sharding.make_mesh(s.mesh)
   run_dir, rl_step = CHECKPOINT_DIRS[point.checkpoint]
@@ -239,6 +246,14 @@ def group(config, workdir: str, point: round3.Point, truth_chunks: int) -> Group
     params, updates = stale_params(stale_steps, state, stale_prompts,
                                    jax.random.key(_STALE_KEY), k=point.staleness)
     stale_steps.close()
+  cache = _truth_cache(out, point, truth_chunks) if out else None
+  if cache and os.path.exists(cache):
+    with np.load(cache) as f:
+      truth = Rows(0, 0)
+      truth.u, truth.scale = f["u"], f["scale"]
+      stats = json.loads(str(f["stats"]))
+    steps.close()
+    return Group(mesh, state.params, params, prompts, truth, truth.gram(), stats, updates)
   grad_fn = grad_program(s)
   est = tuple(estimators(s.objective, ("seq_is",)))
   sampler_params = steps.quantize(params)
@@ -255,6 +270,10 @@ def group(config, workdir: str, point: round3.Point, truth_chunks: int) -> Group
       logging.info("true gradient of %s: %d of %d chunks", point.truth_key, c + 1,
                    len(prompts))
   steps.close()
+  if cache:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    np.savez(cache + ".tmp.npz", u=truth.u, scale=truth.scale, stats=json.dumps(stats))
+    os.replace(cache + ".tmp.npz", cache)
   return Group(mesh, state.params, params, prompts, truth, truth.gram(), stats, updates)
 
 
@@ -333,7 +352,7 @@ def run(config, workdir: str, points: list, chunks: int, truth_chunks: int, out:
     if not todo:
       continue
     start = time.time()
-    g = group(config, workdir, todo[0], truth_chunks)
+    g = group(config, workdir, todo[0], truth_chunks, out)
     logging.info("true gradient of %s: %.0f s", todo[0].truth_key, time.time() - start)
     for point in todo:
       start = time.time()

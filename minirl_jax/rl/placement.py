@@ -48,6 +48,9 @@ def meshes(s: settings_lib.Settings, devices=None) -> Meshes:
   if s.rl.placement is Placement.COLOCATED:
     mesh = sharding.make_mesh(s.mesh, devices)
     return Meshes(mesh, mesh)
+  if jax.process_count() > 1:
+    raise errors.UserError(f"rl.placement=disaggregated runs in one process; this job has "
+                           f"{jax.process_count()} (docs/placement.md, 'Several processes')")
   if len(devices) < 2:
     raise errors.UserError(f"rl.placement=disaggregated needs at least 2 devices (one to "
                            f"sample, one to train), found {len(devices)}")
@@ -69,3 +72,23 @@ def sampler_shardings(s: settings_lib.Settings, abstract_params, mesh) -> Any:
 def to_sampler(sampler_params, shardings):
   """Quantised weights (on the trainer's devices) placed on the sampler's."""
   return jax.device_put(sampler_params, shardings)
+
+
+SAMPLER_PHASES = ("sample",)
+TRAINER_PHASES = ("score", "pi_old", "train", "publish")
+
+
+def overlap(phase_s: dict[str, float]) -> dict[str, float]:
+  """What overlapping would buy, from one synchronous step's phase times (seconds, keyed
+  by `time/<phase>_s`'s phase): the sampler's work (sampling) and the trainer's (scoring,
+  pi_old, the update, publishing the weights) run one after the other synchronously, side
+  by side with `rl.max_staleness` >= 1 on disjoint devices, where the step takes the
+  longer of the two and the other side waits the difference (an estimate: transfers and
+  host work beyond these phases are not in it)."""
+  sampler = sum(phase_s[p] for p in SAMPLER_PHASES)
+  trainer = sum(phase_s[p] for p in TRAINER_PHASES)
+  overlapped = max(sampler, trainer)
+  return {"sampler_s": sampler, "trainer_s": trainer, "synchronous_s": sampler + trainer,
+          "overlapped_s": overlapped, "sampler_idle_s": overlapped - sampler,
+          "trainer_idle_s": overlapped - trainer,
+          "speedup": (sampler + trainer) / overlapped if overlapped else float("nan")}

@@ -43,6 +43,7 @@ class Program:
   fn: Callable
   args: tuple
   kwargs: dict = dataclasses.field(default_factory=dict)
+  mesh: Any = None  # where it runs when not the run's mesh (the sampler's own devices)
 
   def __call__(self, *args):
     """Runs the program on concrete arguments shaped like `args`."""
@@ -125,9 +126,10 @@ def _sft_batch(s: settings_lib.Settings, mesh):
                         "loss_mask": jax.ShapeDtypeStruct((rows, length), jnp.float32)}, mesh)
 
 
-def build(s: settings_lib.Settings, mesh) -> dict[str, Program]:
+def build(s: settings_lib.Settings, mesh, sampler_mesh=None) -> dict[str, Program]:
   """The run's programs (module docstring) on `mesh`, from `s` alone: jitted as the run
-  jits them (`wiring.jitted`)."""
+  jits them (`wiring.jitted`). With `sampler_mesh` (rl.placement=disaggregated) the
+  sampler's programs run there, and pi_old takes the rollout moved to `mesh`."""
   rl = s.rl
   state = train_state.abstract_state(s, mesh)
   jits = wiring.jitted(s, jax.tree.map(lambda x: x.sharding, state))
@@ -136,8 +138,11 @@ def build(s: settings_lib.Settings, mesh) -> dict[str, Program]:
     programs["sft_step"] = Program(jits.sft_step, (state, _sft_batch(s, mesh)))
   programs["rl_step"] = Program(
       jits.rl_step, (state, _train_batch(s, rl.mini_batch_size, sequence_length(s), mesh)))
-  programs.update(_sampler_programs(s, state.params, mesh))
-  rollout = programs["start"].args[1]
+  sampling = _sampler_programs(s, state.params, mesh if sampler_mesh is None else sampler_mesh)
+  if sampler_mesh is not None:
+    sampling = {k: dataclasses.replace(p, mesh=sampler_mesh) for k, p in sampling.items()}
+  programs.update(sampling)
+  rollout = _rows_sharded(programs["start"].args[1], mesh)
   advantages = _struct(jax.ShapeDtypeStruct((rl.global_batch,), jnp.float32),
                        sharding.batch_sharding(mesh, 1))
   programs["pi_old"] = Program(jits.pi_old, (state.params, rollout, advantages))

@@ -40,8 +40,12 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
   sizes = mesh_sizes(axis_sizes, len(devices))
   # jax.make_mesh orders devices by the physical topology (TPU ICI rings). Auto axes: jit
   # propagates shardings from in/out_shardings (jax.make_mesh defaults to Explicit).
-  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  try:
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  except NotImplementedError as e:  # a TPU slice's physical axes cannot form these sizes
+    raise errors.UserError(f"mesh {sizes} cannot be laid out on these {len(devices)} "
+                           f"devices: {str(e).splitlines()[0]}") from None
 
 
 def mesh_sizes(axis_sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:

@@ -60,7 +60,7 @@ def main(argv):
   rows = report.write_table(runs, workdir, grid.scored, grid.sample_sd)
   result = {"table_csv": os.path.join(workdir, "table.csv"),
             "table_md": os.path.join(workdir, "table.md"),
-            "series_csv": series.write_series(runs, workdir), "rows": rows}
+            "series_csv": series.write_series(runs, workdir, grid.series), "rows": rows}
   result.update(early_warning.write(runs, workdir))
   readings = rules.write(grid, _SEEDS.value, runs, workdir)
   result.update(figures.write(runs, rows, readings, workdir,

@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 def test_every_rounds_grids_are_registered_by_name():
   assert sorted(grids.GRIDS) == ["async", "coldstart", "gap", "offpolicy", "onpolicy", "quick",
-                                 "round2"]
+                                 "round2", "round3"]
   assert grids.get("gap") is round1.GRIDS["gap"]
   assert grids.get("round2") is round2.GRIDS["round2"]
   assert [grids.round_of(g) for g in ("onpolicy", "gap", "offpolicy", "coldstart", "round2")] == [

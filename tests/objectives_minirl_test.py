@@ -108,3 +108,42 @@ class MiniRLTest(chex.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class ShuffledWeightsTest(absltest.TestCase):
+  """objective.is_shuffle: the token IS weights permuted among the loss tokens."""
+
+  def test_shuffled_permutes_only_the_masked_entries(self):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 9)).astype(np.float32)
+    mask = (rng.random((4, 9)) < 0.6).astype(np.float32)
+    tokens = rng.integers(0, 50, (4, 9)).astype(np.int32)
+    out = np.asarray(jax.jit(minirl.shuffled)(x, mask, tokens))
+    on = mask > 0
+    np.testing.assert_array_equal(np.sort(out[on]), np.sort(x[on]))  # the same weights
+    np.testing.assert_array_equal(out[~on], x[~on])                 # elsewhere unchanged
+    self.assertGreater(np.mean(out[on] != x[on]), 0.5)              # at other tokens
+    np.testing.assert_array_equal(out, minirl.shuffled(x, mask, tokens))  # a batch: alike
+    other = np.asarray(minirl.shuffled(x, mask, tokens + 1))
+    self.assertFalse(np.array_equal(other, out))                    # another: differently
+
+  def test_shuffled_minirl_is_minirl_with_the_weights_moved(self):
+    batch, logp = lib.hand_batch(), lib.hand_logp()
+    cfg = config.ObjectiveConfig(clip=False)
+    shuffled_cfg = config.ObjectiveConfig(clip=False, is_shuffle=True)
+    weight, _ = minirl.is_weight(logp, batch.old_logp, batch.mu_logp, cfg)
+    moved = minirl.shuffled(weight, batch.loss_mask, batch.tokens)
+    self.assertFalse(np.allclose(moved, weight))
+    grad = jax.grad(lambda lp: minirl.loss(lp, batch, shuffled_cfg)[0])(logp)
+    expected = -np.asarray(moved * batch.advantages[:, None] * batch.loss_mask) / 2
+    np.testing.assert_allclose(lib.response(grad), lib.response(expected), rtol=lib.RTOL)
+    # With no gap every weight is 1: shuffling changes nothing.
+    no_gap = batch.replace(mu_logp=logp)
+    np.testing.assert_allclose(minirl.loss(logp, no_gap, shuffled_cfg)[0],
+                               minirl.loss(logp, no_gap, cfg)[0], rtol=1e-6)
+
+  def test_is_shuffle_needs_token_level_minirl_with_is(self):
+    for bad in (dict(name="grpo"), dict(train_infer_is=False),
+                dict(is_level="sequence", is_bounds=(0.5, 2.0))):
+      with self.assertRaisesRegex(ValueError, "objective.is_shuffle"):
+        config.ObjectiveConfig(is_shuffle=True, **bad)

@@ -174,3 +174,18 @@ def test_user_reward_function_is_plugged_in_by_name():
   for bad in ("no_colon", f"{__name__}:missing", "no_such_module_xyz:f"):
     with pytest.raises(ValueError, match="data.reward"):
       data.build(settings.from_config(smoke_config(**{"data.reward": bad})))
+
+
+def test_eval_trainer_samples_the_trainers_own_policy(tmp_path):
+  """rl.eval_trainer: with a float32 sampler the sampler's policy is the trainer's, so the
+  two evaluations agree exactly; the sampler's Monte Carlo entropy is logged each step."""
+  overrides = {"rl.steps": 2, "rl.eval_every": 2, "rl.eval_trainer": True,
+               "sampler.dtype": "float32", "rl.full_eval_steps": (0, 2),
+               "data.full_eval_size": 32, "log.plots": False}
+  smoke_run(str(tmp_path / "run"), **overrides).run()
+  rl = [r for r in _records(str(tmp_path / "run")) if r["stage"] == "rl"]
+  for r in (rl[0], rl[2]):
+    assert r["eval/accuracy_trainer"] == r["eval/accuracy"]
+    assert r["eval/accuracy_full_trainer"] == r["eval/accuracy_full"]
+  assert "eval/accuracy_trainer" not in rl[1]
+  assert all(r["rollout/sampler_entropy"] > 0 for r in rl[1:])

@@ -163,3 +163,29 @@ def test_report_reads_the_predictions_from_the_points(tmp_path):
   assert sum(line.startswith("| cold/k0/medium/") for line in lines) == 3 + 3 * 6
   assert round3_report.plot_gap(points, str(tmp_path / "gap.png")) is not None
   assert (tmp_path / "gap.png").stat().st_size > 1000
+
+
+def test_part3_arms_are_valid_configs_scored_under_the_trainers_policy():
+  import pathlib
+  from minirl_jax import config_base
+  from minirl_jax.experiments import grids
+  from minirl_jax.experiments import report
+  from minirl_jax.rl import settings
+  grid = grids.get("round3")
+  assert [a.name for a in grid.arms] == ["minirl", "minirl_no_is", "minirl_shuffled",
+                                         "zero_gap"]
+  root = pathlib.Path(__file__).parents[1]
+  for arm in grid.arms:
+    config = config_base.sibling(str(root / grid.base_config), "paper_moe")
+    grids.apply(config, arm.overrides)
+    s = settings.from_config(config)
+    assert s.rl.eval_trainer and arm.seeds == 10
+    assert s.objective.is_shuffle == (arm.name == "minirl_shuffled")
+    assert (s.objective.behaviour_logp == "pi_old") == (arm.name == "zero_gap")
+    assert s.objective.use_train_infer_is == (arm.name != "minirl_no_is")
+  run = report.Run(arm="minirl", seed=0, wall_s=1.0, records=[
+      {"step": 190, "eval/accuracy_full": 0.1, "eval/accuracy_full_trainer": 0.3},
+      {"step": 200, "eval/accuracy_full": 0.2, "eval/accuracy_full_trainer": 0.4}],
+      collapse_step=None)
+  assert grid.scored(run) == [(190, 0.3), (200, 0.4)]
+  assert "eval/accuracy_full_trainer" in grid.series

@@ -42,6 +42,8 @@ class Grid:
   # the table's ± over seeds: the sample SD (ddof = 1) where True, else the population SD
   # (round 1's committed tables print it)
   sample_sd: bool = False
+  # metrics DIR/series.csv keeps beyond `series.SERIES` for this grid's readings
+  series: tuple[str, ...] = ()
 
 
 MINIRL = {"objective.name": "minirl"}

@@ -6,13 +6,15 @@ from minirl_jax.experiments import asynchrony
 from minirl_jax.experiments import design
 from minirl_jax.experiments import round1
 from minirl_jax.experiments import round2
+from minirl_jax.experiments import round3
 
 # Two arms, two RL steps on the smoke config: checks the machinery (tests), in no round.
 QUICK = design.Grid("quick", "configs/smoke.py",
                     (design.Arm("minirl", {**design.MINIRL, "rl.steps": 2}),
                      design.Arm("minirl_no_is", {**design.NO_IS, "rl.steps": 2})),
                     "two arms, two RL steps on the smoke config: checks the machinery (tests)")
-ROUNDS = {"round 1": round1.GRIDS, "round 2": round2.GRIDS, "async": asynchrony.GRIDS}
+ROUNDS = {"round 1": round1.GRIDS, "round 2": round2.GRIDS, "round 3": round3.GRIDS,
+          "async": asynchrony.GRIDS}
 GRIDS = {QUICK.name: QUICK,
          **{name: grid for grids in ROUNDS.values() for name, grid in grids.items()}}
 

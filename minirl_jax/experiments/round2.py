@@ -172,11 +172,11 @@ def reread_round1(results: str) -> list[tuple[str, str, str, str]]:
   return rows
 
 
-def scored_evaluations(run: report.Run) -> list[tuple[int, float]]:
-  """Round 2's score reads the last two full evaluations (`eval/accuracy_full`), before the
-  collapse step for a run that collapsed (step 0's when it collapsed before any other)."""
-  full = [(r["step"], r["eval/accuracy_full"]) for r in run.records
-          if "eval/accuracy_full" in r]
+def scored_evaluations(run: report.Run, key: str = "eval/accuracy_full"
+                       ) -> list[tuple[int, float]]:
+  """Round 2's score reads the last two full evaluations (`key`), before the collapse step
+  for a run that collapsed (step 0's when it collapsed before any other)."""
+  full = [(r["step"], r[key]) for r in run.records if key in r]
   if run.collapse_step is not None:
     full = [(s, a) for s, a in full if s < run.collapse_step] or full[:1]
   return full[-2:]

@@ -7,11 +7,19 @@ series is the Gram matrix of those chunk vectors, each row labelled by its set a
 chunk, so every figure here re-derives from the committed files without the vectors:
 means over chunks are weighted sums, and a bootstrap over prompt chunks only reweights the
 Gram matrix. No JAX here.
+
+Part 3 is a grid (`GRIDS["round3"]`): finding 3's mechanism arms, scored under the
+trainer's own policy.
 """
 import dataclasses
+import functools
 from typing import Optional
 
 import numpy as np
+
+from minirl_jax.experiments import design
+from minirl_jax.experiments import round2
+from minirl_jax.experiments import rules
 
 TRUE = "true"
 ESTIMATOR_NAMES = ("minirl", "minirl_no_is", "seq_is", "seq_tis", "grpo", "cispo")
@@ -241,3 +249,50 @@ def reading(diff: list[float], predicted_sign: int) -> str:
   if -EQUIVALENCE < low and high < EQUIVALENCE:
     return "equal"
   return "inconclusive"
+
+
+# ---------------------------------------------------------------------------------------
+# Part 3: finding 3's mechanism arms (round3.md part 1), round 2's regime and cold start.
+
+TRAINER_EVAL = {"rl.eval_trainer": True}
+PART3_SEEDS = 10
+
+
+def _part3_arms() -> tuple[design.Arm, ...]:
+  arms = (("minirl", design.MINIRL), ("minirl_no_is", design.NO_IS),
+          ("minirl_shuffled", {**design.MINIRL, "objective.is_shuffle": True}),
+          ("zero_gap", {**design.MINIRL, "objective.behaviour_logp": "pi_old"}))
+  return tuple(design.Arm(name, {**overrides, **TRAINER_EVAL}, seeds=PART3_SEEDS)
+               for name, overrides in arms)
+
+
+def read_part3(arms: dict[str, rules.ArmResult]) -> list[rules.Reading]:
+  """The primary endpoint (MiniRL - w/o IS, scored under the trainer's policy) and the
+  two explanations' contrasts, each as round 2's rules read accuracy and collapse."""
+  readings = []
+  pairs = (("primary: MiniRL ahead of w/o IS (trainer's policy)", "minirl", "minirl_no_is"),
+           ("variance from the weights: shuffled ahead of MiniRL", "minirl_shuffled",
+            "minirl"),
+           ("shuffled ahead of w/o IS", "minirl_shuffled", "minirl_no_is"),
+           ("zero gap ahead of MiniRL", "zero_gap", "minirl"))
+  for question, a, b in pairs:
+    if a in arms and b in arms:
+      readings.append(rules.accuracy(question, arms[a], arms[b], "ahead"))
+  if "minirl" in arms and "minirl_no_is" in arms:
+    readings.append(rules.collapse("w/o IS collapses, MiniRL does not",
+                                   arms["minirl_no_is"], arms["minirl"]))
+  return readings
+
+
+GRIDS = {
+    "round3": design.Grid(
+        "round3", "configs/paper_moe.py", _part3_arms(),
+        "round 3, part 3: finding 3's mechanism (MiniRL, w/o IS, shuffled weights, zero gap), "
+        "scored under the trainer's own policy (docs/results/round3.md)",
+        read=read_part3,
+        scored=functools.partial(round2.scored_evaluations, key="eval/accuracy_full_trainer"),
+        sample_sd=True,
+        series=("eval/accuracy_trainer", "eval/accuracy_full", "eval/accuracy_full_trainer",
+                "is/weight_mean", "is/weight_max", "rollout/sampler_entropy",
+                "mismatch/kl_mu_pi_old")),
+}

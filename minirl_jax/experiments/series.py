@@ -27,14 +27,16 @@ DIGITS = {"is/grad_cosine_token_seq_last": 9, "eval/accuracy": 12, "eval/accurac
 OPTIONAL_SERIES = ("eval/accuracy_full",)
 
 
-def write_series(runs: list[report.Run], workdir: str) -> str:
-  """DIR/series.csv: one row per (run, RL step) with the SERIES metrics (empty where a
-  step did not log one), so every per-seed number can be checked without the runs."""
+def write_series(runs: list[report.Run], workdir: str, extra: tuple[str, ...] = ()) -> str:
+  """DIR/series.csv: one row per (run, RL step) with the SERIES metrics and the grid's
+  `extra` ones (empty where a step did not log one), so every per-seed number can be
+  checked without the runs."""
   path = os.path.join(workdir, "series.csv")
   with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
     keys = SERIES + tuple(k for k in OPTIONAL_SERIES
-                          if any(k in r for run in runs for r in run.records))
+                          if any(k in r for run in runs for r in run.records)) + tuple(
+                              k for k in extra if k not in SERIES)
     writer.writerow(["run", "step", *keys])
     for run in runs:
       for r in run.records:

@@ -118,6 +118,9 @@ class ObjectiveConfig:
     is_level: "token", "sequence" or "geometric", see above (MiniRL only).
     is_bounds: (lo, hi) with 0 <= lo <= 1 <= hi (hi may be inf), lo < hi: the accepted
       range of the sequence statistic of `is_level`; None for no rejection.
+    is_shuffle: the shuffled-weight control (round 3, part 3): MiniRL's token IS weights
+      permuted across the batch's loss tokens, so they keep their spread but lose their
+      link to the tokens mu sampled (a permutation seeded by the batch's tokens).
   """
   name: Objective = Objective.MINIRL
   eps_low: float = 0.2
@@ -134,6 +137,7 @@ class ObjectiveConfig:
   behaviour_logp: BehaviourLogp = BehaviourLogp.PROCESSED
   is_level: ISLevel = ISLevel.TOKEN
   is_bounds: Optional[tuple[float, float]] = None
+  is_shuffle: bool = False
 
   def __post_init__(self):
     _choose(self, "name", Objective)
@@ -155,6 +159,11 @@ class ObjectiveConfig:
     _choose(self, "token_norm", TokenNorm)
     _choose(self, "behaviour_logp", BehaviourLogp)
     self._check_rollout_correction()
+    _check(isinstance(self.is_shuffle, bool), "is_shuffle", "must be a bool", self.is_shuffle)
+    _check(not self.is_shuffle or (self.name == "minirl" and self.is_level == "token"
+                                   and self.use_train_infer_is), "is_shuffle",
+           "is a control of MiniRL's token IS weights: it needs objective.name='minirl', "
+           "is_level='token' and train_infer_is on", self.is_shuffle)
 
   def _check_rollout_correction(self):
     _choose(self, "is_level", ISLevel)

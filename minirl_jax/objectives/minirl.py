@@ -38,6 +38,21 @@ def is_weight(logp_BT, old_logp_BT, mu_logp_BT, cfg: config_lib.ObjectiveConfig)
   return weight_BT * staleness_BT, truncated_BT
 
 
+def shuffled(x_BT: jax.Array, mask_BT: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+  """`x` with its entries on `mask` permuted among themselves (elsewhere unchanged): the
+  same values, at other tokens. The permutation is seeded by the batch's tokens, so a batch
+  is always shuffled alike (resume, micro-batches) and two batches differently."""
+  flat_x, valid = jnp.asarray(x_BT).reshape(-1), jnp.asarray(mask_BT).reshape(-1) > 0
+  n = flat_x.shape[0]
+  seed = jnp.sum(jnp.asarray(tokens_BT).reshape(-1).astype(jnp.uint32)
+                 * (jnp.arange(n, dtype=jnp.uint32) + 1))
+  draws = jax.random.uniform(jax.random.fold_in(jax.random.key(0), seed), (n,))
+  in_order = jnp.argsort(jnp.where(valid, jnp.arange(n), n))   # valid positions first
+  at_random = jnp.argsort(jnp.where(valid, draws, 2.0))       # valid positions, shuffled
+  out = flat_x.at[in_order].set(flat_x[at_random])
+  return jnp.where(valid, out, flat_x).reshape(x_BT.shape)
+
+
 def loss(logp_BT: jax.Array, batch: batch_lib.TrainBatch, cfg: config_lib.ObjectiveConfig):
   """Negated MiniRL objective and its metrics.
 
@@ -62,6 +77,8 @@ def loss(logp_BT: jax.Array, batch: batch_lib.TrainBatch, cfg: config_lib.Object
   keep_BT = ~(high_BT | low_BT) if cfg.clip else jnp.ones_like(high_BT)
   weight_BT, truncated_BT = is_weight(logp_BT, old_BT, mu_BT, cfg)
   applied_BT = weight_BT if cfg.use_train_infer_is else 1.0
+  if cfg.is_shuffle:
+    applied_BT = shuffled(weight_BT, batch.loss_mask, batch.tokens)
   seq_metrics = {}
   if cfg.is_level != "token":
     corr = rollout_correction.sequence_correction(old_BT, mu_BT, batch, cfg)

@@ -4,6 +4,7 @@ A thin loop over `rl.step`'s calls: SFT updates, RL steps, evaluation, checkpoin
 Every step's metrics go to DIR/metrics.jsonl and TensorBoard; orbax checkpoints make a rerun
 resume where it stopped.
 """
+import dataclasses
 import os
 import signal
 import time
@@ -213,8 +214,9 @@ class Run:
     cfg = self.s.rl
     eval_key = self.keys.rl_eval
     if self.progress.rl_step == 0:
-      acc = self.evaluate(self.s.data.eval_size, eval_key)["avg@1"]
-      self._record("rl", 0, {"eval/accuracy": acc, **self._full_evaluation(0, eval_key)})
+      m = self._evaluation(eval_key)
+      acc = m["eval/accuracy"]
+      self._record("rl", 0, {**m, **self._full_evaluation(0, eval_key)})
       self.progress.start_accuracy = acc
     self._start_rollouts()
     bar = self._bar(cfg.steps, self.progress.rl_step, "rl")
@@ -223,7 +225,8 @@ class Run:
       step = self.progress.rl_step + 1
       m = self._rl_step(step)
       if step % cfg.eval_every == 0 or step == cfg.steps:
-        acc = m["eval/accuracy"] = self.evaluate(self.s.data.eval_size, eval_key)["avg@1"]
+        m.update(self._evaluation(eval_key))
+        acc = m["eval/accuracy"]
       m.update(self._full_evaluation(step, eval_key))
       self.progress.rl_step = step
       self._advance(bar, m, ("reward/mean", "reward/zero_adv_frac", "eval/accuracy",
@@ -244,12 +247,33 @@ class Run:
             "accuracy_after_sft": self.progress.start_accuracy, "accuracy_after_rl": acc,
             "metrics": self.writer.path}
 
+  def _evaluation(self, key, size: Optional[int] = None, name: str = "eval/accuracy"):
+    """Held-out accuracy under the sampler's policy, and with `rl.eval_trainer` under the
+    trainer's own (`<name>_trainer`)."""
+    size = size or self.s.data.eval_size
+    m = {name: self.evaluate(size, key)["avg@1"]}
+    if self.s.rl.eval_trainer:
+      m[f"{name}_trainer"] = self.evaluate_trainer(size, key)
+    return m
+
+  def evaluate_trainer(self, size: int, key) -> float:
+    """Held-out accuracy (avg@1) sampled from the trainer's policy: the sampler without a
+    quantised format, computing in the trainer's dtype, on the trainer's devices."""
+    s = self.s
+    engine = dataclasses.replace(s.sampler, dtype=s.model.compute_dtype,
+                                 activation_dtype=None, kv_cache_dtype=None,
+                                 quantize_embeddings=False, logit_noise=0.0)
+    fns = dataclasses.replace(self.fns, s=dataclasses.replace(s, sampler=engine),
+                              sampler_mesh=None)
+    batches = self.data.eval_batches(s, size, rollout_lib.EVAL_BATCH)
+    return fns.evaluate(fns.quantize(self.state.params), batches, key)["avg@1"]
+
   def _full_evaluation(self, step: int, key) -> dict[str, float]:
     """`eval/accuracy_full` on `data.full_eval_size` problems at `rl.full_eval_steps`."""
     size = self.s.data.full_eval_size
     if not size or step not in self.s.rl.full_eval_steps:
       return {}
-    return {"eval/accuracy_full": self.evaluate(size, key)["avg@1"]}
+    return self._evaluation(key, size, "eval/accuracy_full")
 
   def _start_rollouts(self):
     """The sampler's queue at the current step: the current weights published, and on a

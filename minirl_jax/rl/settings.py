@@ -131,6 +131,10 @@ class RLConfig:
   # "disaggregated": the sampler on the first `sampler_devices` devices (0: half) with its
   # own mesh (`sampler_mesh`), the trainer on the rest (`mesh`); weights go one way after
   # each update, rollouts the other.
+  # Also evaluate under the trainer's own policy (`eval/accuracy_trainer`, and
+  # `eval/accuracy_full_trainer`): the same held-out problems sampled without the sampler's
+  # format, in the trainer's compute dtype.
+  eval_trainer: bool = False
   placement: Placement = Placement.COLOCATED
   sampler_devices: int = 0
   # Step s's rollouts are sampled with the weights of step s - 1 - max_staleness (those of
@@ -156,6 +160,8 @@ class RLConfig:
     _check_micro("rl", self.micro_batch_size, "mini_batch_size", self.mini_batch_size)
     sections.set_choice(self, "routing_replay", RoutingReplay, "rl.routing_replay")
     sections.set_choice(self, "placement", Placement, "rl.placement")
+    if not isinstance(self.eval_trainer, bool):
+      _fail("rl.eval_trainer", f"must be a bool, got {self.eval_trainer!r}")
     for field in ("sampler_devices", "max_staleness"):
       if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
         _fail(f"rl.{field}", f"must be an integer >= 0, got {getattr(self, field)!r}")

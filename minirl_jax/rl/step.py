@@ -122,6 +122,10 @@ def pi_old(params, rollout: sampler.Rollout, advantages: jax.Array, *,
   metrics = dict(objectives.diagnostics.mismatch_metrics(batch))
   metrics["rollout/tokens"] = jnp.sum(lengths_B)
   metrics["rollout/length_mean"] = jnp.mean(lengths_B)
+  # The sampler's token entropy, by Monte Carlo: its tokens' -log-prob under the
+  # distribution that drew them (policy/entropy is the trainer's, exact).
+  metrics["rollout/sampler_entropy"] = -(jnp.sum(rollout.sample_logp * rollout.completion_mask)
+                                         / jnp.maximum(jnp.sum(lengths_B), 1.0))
   metrics["moe/routing_disagreement"] = routing_disagreement(
       rollout.routing_mu, forward.live_routing, rollout.attn_mask)
   return batch, metrics

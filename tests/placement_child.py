@@ -120,8 +120,8 @@ def main(mode, workdir):
   else:
     split = {"rl.placement": "disaggregated"}
     out["k0"] = run(os.path.join(workdir, "k0"), **split)[1]
-    out["k1"] = run(os.path.join(workdir, "k1"), **split, **{"rl.max_staleness": 1})[1]
-    out["lag"] = lag_and_weights(os.path.join(workdir, "lag"))
+    out["lag"] = lag_and_weights(os.path.join(workdir, "k1"))
+    out["k1"] = records(os.path.join(workdir, "k1"))
     out["resumed"] = preempted_then_resumed(os.path.join(workdir, "resumed"), **split,
                                             **{"rl.max_staleness": 1})
   print(json.dumps(out))

@@ -295,6 +295,8 @@ def measure_point(config, point: round3.Point, g: Group, chunks: int,
     for e in range(len(ests)):
       rows.put(e * chunks + c, chunk.vectors[e], chunk.scales[e])
     stats.append(chunk.stats)
+    if (c + 1) % 16 == 0:
+      logging.info("%s: %d of %d chunks", point.name, c + 1, chunks)
   steps.close()
   t = len(g.prompts)
   K = np.block([[g.truth_gram, rows.gram(g.truth).T], [rows.gram(g.truth), rows.gram()]])

@@ -54,16 +54,24 @@ def point_row(m: Measured) -> list[str]:
           "holds" if ratio[0] >= round3.HOLDS else "does not hold"]
 
 
-def estimator_rows(m: Measured) -> list[list[str]]:
+def estimator_rows(m: Measured, zero: Optional[Measured]) -> list[list[str]]:
+  """Each estimator's bias and noise at a point; its variance also relative to the
+  on-policy MiniRL's (the zero gap at the same checkpoint, staleness and length)."""
   s = m.summary["stats"]
   rows = []
   for name in round3.ESTIMATOR_NAMES:
     r = s[f"{name}/ratio"]
+    relative = (f"{s[f'{name}/trace_rel'][0] / zero.summary['stats']['minirl/trace_rel'][0]:.2f}"
+                if zero is not None else "-")
     rows.append([m.point.name, name, f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]",
                  f"{s[f'{name}/cosine'][0]:.3f}", f"{s[f'{name}/ceiling'][0]:.3f}",
                  f"{s[f'{name}/split_half'][0]:.3f}", f"{s[f'{name}/trace_rel'][0]:.1f}",
-                 f"{s[f'{name}/proj_rel'][0]:.1f}"])
+                 relative, f"{s[f'{name}/proj_rel'][0]:.1f}"])
   return rows
+
+
+def _zero_of(points: dict, point: round3.Point) -> Optional[Measured]:
+  return points.get(dataclasses.replace(point, gap="zero", replay="none"))
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -129,7 +137,7 @@ def readings(points: dict[round3.Point, Measured], draws: int = 1000) -> list[li
   for g in ladder:
     m = have(gap=g)
     r = m.summary["stats"]["seq_is/ratio"]
-    out.append(["P6", f"{g}: seq_is signal cosine", _fmt(r),
+    out.append(["P6", f"{g}: seq_is signal cosine", f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]",
                 "unbiased (interval reaches 1 - margin)" if r[2] >= 1 - round3.EQUIVALENCE
                 else "biased"])
   return out
@@ -138,14 +146,16 @@ def readings(points: dict[round3.Point, Measured], draws: int = 1000) -> list[li
 POINT_HEAD = ["point", "KL k3", "routing differs", "tokens", "reward", "MiniRL signal cos [95%]",
               "MiniRL raw cos", "ceiling", "approximation (>= 0.9)"]
 ESTIMATOR_HEAD = ["point", "estimator", "signal cos [95%]", "raw cos", "ceiling",
-                  "split half", "trace / ||mean||^2", "proj. var / mean^2"]
+                  "split half", "trace / ||mean||^2", "vs on-policy MiniRL",
+                  "proj. var / mean^2"]
 
 
 def markdown(points: dict[round3.Point, Measured], draws: int = 1000) -> list[str]:
   ms = list(points.values())
   return (["### Points", ""] + _table(POINT_HEAD, [point_row(m) for m in ms])
           + ["", "### Estimators", ""]
-          + _table(ESTIMATOR_HEAD, [r for m in ms for r in estimator_rows(m)])
+          + _table(ESTIMATOR_HEAD, [r for m in ms
+                                    for r in estimator_rows(m, _zero_of(points, m.point))])
           + ["", "### Predictions, read by part 1's rules", ""]
           + _table(["prediction", "contrast (signal cosine)", "A - B [95%]", "reading"],
                    readings(points, draws)))

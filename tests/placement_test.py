@@ -27,7 +27,7 @@ def _same(a, b):
   for x, y in zip(_values(a), _values(b)):
     assert x.keys() == y.keys()
     for key in x:
-      if key.startswith(("rollout/", "reward/")):
+      if key.startswith(("rollout/", "reward/")) or isinstance(x[key], str):
         assert x[key] == y[key], key
       else:
         assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-6), key

@@ -26,6 +26,8 @@ def load(directory: str) -> dict[round3.Point, Measured]:
   """Every finished point of a series directory."""
   out = {}
   for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+    if path.endswith(".tmp.json"):
+      continue  # a point being written
     with open(path) as f:
       summary = json.load(f)
     if "point" not in summary:

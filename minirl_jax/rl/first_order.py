@@ -350,7 +350,8 @@ def run(config, workdir: str, points: list, chunks: int, truth_chunks: int, out:
   for point in points:  # in the grid's order, base group first
     groups.setdefault(point.truth_key, []).append(point)
   for members in groups.values():
-    todo = [p for p in members if not os.path.exists(path(out, p, ".npz"))]
+    # A point is finished once its .json (written last, after the .npz) exists.
+    todo = [p for p in members if not os.path.exists(path(out, p, ".json"))]
     if not todo:
       continue
     start = time.time()
@@ -360,16 +361,18 @@ def run(config, workdir: str, points: list, chunks: int, truth_chunks: int, out:
       start = time.time()
       noise = _noise(config, point, g, out)
       gram, stats = measure_point(config, point, g, chunks, noise)
-      np.savez_compressed(path(out, point, ".npz"), gram=gram.K, sets=gram.sets,
+      np.savez_compressed(path(out, point, ".tmp.npz"), gram=gram.K, sets=gram.sets,
                           prompts=gram.prompts)
+      os.replace(path(out, point, ".tmp.npz"), path(out, point, ".npz"))
       summary = {"point": point.name, **dataclasses.asdict(point), "chunks": chunks,
                  "truth_chunks": truth_chunks, "logit_noise": noise,
                  "responses_per_chunk": len(g.prompts[0]["prompt"]) * config.rl.group_size,
                  "updates": g.updates, "seconds": round(time.time() - start, 1),
                  "truth_chunk_stats": g.truth_stats, "chunk_stats": stats,
                  "stats": round3.summarise(gram)}
-      with open(path(out, point, ".json"), "w") as f:
+      with open(path(out, point, ".tmp.json"), "w") as f:
         json.dump(summary, f)
+      os.replace(path(out, point, ".tmp.json"), path(out, point, ".json"))
       logging.info("%s: %.0f s, minirl cosine %.3f (ceiling %.3f, signal cosine %.3f)",
                    point.name, time.time() - start, summary["stats"]["minirl/cosine"][0],
                    summary["stats"]["minirl/ceiling"][0], summary["stats"]["minirl/ratio"][0])
